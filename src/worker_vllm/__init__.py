@@ -1,0 +1,1 @@
+"""worker-vllm: a RunPod serverless worker that serves LLMs with vLLM."""

@@ -1,0 +1,83 @@
+"""job["input"] -> a validated request: native generation, or a call on the OpenAI route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidInput
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... pass to the chat template
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class BatchOverrides(BaseModel):
+    """Per-job stream batching overrides (names kept from the reference worker)."""
+
+    max_batch_size: int | None = Field(None, ge=1)
+    min_batch_size: int | None = Field(None, ge=1)
+    batch_size_growth_factor: float | None = Field(None, ge=1)
+
+
+class NativeInput(BatchOverrides):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
+    apply_chat_template: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> NativeInput:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        return self
+
+    def chat_messages(self) -> list[dict[str, Any]] | None:
+        """Messages to render with the chat template, or None for a raw prompt."""
+        if self.messages is not None:
+            return [m.model_dump(exclude_none=True) for m in self.messages]
+        if self.apply_chat_template:
+            return [{"role": "user", "content": self.prompt}]
+        return None
+
+
+class OpenAIInput(BatchOverrides):
+    model_config = ConfigDict(extra="forbid")
+
+    openai_route: str
+    openai_input: dict[str, Any] | None = None
+
+
+def _describe(exc: ValidationError) -> tuple[str, str | None]:
+    parts = []
+    param = None
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        param = param or loc or None
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+        else:
+            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "Invalid input: " + "; ".join(parts), param
+
+
+def parse_job_input(raw: Any) -> NativeInput | OpenAIInput:
+    if not isinstance(raw, dict):
+        raise InvalidInput("Job input must be a JSON object", param="input")
+    model: type[NativeInput] | type[OpenAIInput] = (
+        OpenAIInput if "openai_route" in raw else NativeInput
+    )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        message, param = _describe(exc)
+        raise InvalidInput(message, param=param) from None

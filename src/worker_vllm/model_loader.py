@@ -1,0 +1,95 @@
+"""MODEL_NAME -> a local directory vLLM can load without touching the network.
+
+A local directory is used as is. A hub id is downloaded with huggingface_hub into the HF cache
+under BASE_PATH (a network volume there caches it across workers), keeping ONE weights format
+plus config, tokenizer, chat template, generation config and ``*.py`` for trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+from .errors import WorkerError
+
+log = logging.getLogger(__name__)
+
+# Everything but weights that loading and serving can need.
+SUPPORT_PATTERNS = [
+    "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "tokenizer*", "*.tekken",
+]
+# Weight formats in order of preference; only the first one the repo has is downloaded.
+WEIGHT_FORMATS = [["*.safetensors"], ["*.bin"], ["*.pt", "*.pth"]]
+
+
+class ModelLoadError(WorkerError):
+    type = "model_load_error"
+
+
+def hf_cache_dir(base_path: str) -> Path:
+    return Path(base_path) / "huggingface-cache" / "hub"
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def allow_patterns(repo_files: list[str], *, weights: bool = True) -> list[str]:
+    """Support files plus the single preferred weights format present in `repo_files`."""
+    patterns: list[str] = list(SUPPORT_PATTERNS)
+    if weights:
+        for fmt in WEIGHT_FORMATS:
+            if any(fnmatch.fnmatch(f, p) for f in repo_files for p in fmt):
+                patterns += fmt
+                break
+    return patterns
+
+
+def resolve(
+    name: str,
+    *,
+    revision: str | None,
+    token: str | None,
+    base_path: str,
+    weights: bool = True,
+) -> Path:
+    """Return a local directory for `name` (local path, or hub id downloaded into the cache)."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    cache_dir = hf_cache_dir(base_path)
+    offline = is_offline()
+    try:
+        if offline:
+            # Nothing is fetched offline: the cached snapshot is used as it is.
+            patterns = None
+        else:
+            files = HfApi(token=token).list_repo_files(name, revision=revision)
+            patterns = allow_patterns(files, weights=weights)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Fetching %s (revision %s) into %s%s", name, revision or "default",
+                 cache_dir, " [offline]" if offline else "")
+        path = snapshot_download(
+            name,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"Model {name!r} is not in the cache at {cache_dir} and HF_HUB_OFFLINE is set"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        hint = " (gated or private: set HF_TOKEN)" if status in (401, 403) else ""
+        raise ModelLoadError(f"Cannot download model {name!r}: HTTP {status}{hint}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot fetch model {name!r}: {exc}") from None
+    return Path(path)

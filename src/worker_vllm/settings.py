@@ -1,0 +1,166 @@
+"""The one declaration of the worker's own settings.
+
+Every setting is a field here (env name = field name upper-cased) with its type, default,
+description and group. The env parser (pydantic-settings), the configuration docs,
+``worker-config.json`` and ``.runpod/hub.json`` are all derived from this module.
+vLLM engine settings are not repeated here: every ``AsyncEngineArgs`` field is settable by its
+upper-cased name (see ``engine_config``); ``ENGINE_SETTINGS`` only adds presentation metadata
+for the ones the deploy forms show.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import WorkerError
+
+# Where build-time model baking writes its args: outside /runpod-volume, so an attached
+# network volume cannot shadow a baked model.
+DEFAULT_BAKED_ARGS_FILE = "/opt/worker-vllm/baked-args.json"
+
+
+def is_unset(raw: str | None) -> bool:
+    """``""`` and ``"None"`` mean "not set", as users of the reference worker expect."""
+    return raw is None or raw.strip() in ("", "None")
+
+
+def _field(default: Any, group: str, description: str, **kwargs: Any) -> Any:
+    extra = {"group": group}
+    for key in ("advanced", "options", "title"):
+        if key in kwargs:
+            extra[key] = kwargs.pop(key)
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of the worker itself (not of the vLLM engine)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_prefix="")
+
+    # --- Worker ---
+    max_concurrency: int = _field(
+        30, "Worker", "Jobs one worker runs at once (vLLM batches them continuously).", ge=1
+    )
+    base_path: str = _field(
+        "/runpod-volume", "Worker",
+        "Directory for the Hugging Face cache; a network volume mounted here caches "
+        "downloaded models across workers.", advanced=True,
+    )
+    baked_args_file: str = _field(
+        DEFAULT_BAKED_ARGS_FILE, "Worker",
+        "JSON file of engine args written when a model is baked into the image; its values "
+        "win over env vars.", advanced=True,
+    )
+    vllm_config_file: str | None = _field(
+        None, "Worker",
+        "Optional YAML file of engine args (hyphen or underscore keys); env vars win over it.",
+        advanced=True,
+    )
+    hf_token: SecretStr | None = _field(
+        None, "Model", "Hugging Face token for gated or private models (never logged)."
+    )
+    log_job_text: bool = _field(
+        False, "Worker", "Log prompt and output text of each job (off: only sizes).",
+        advanced=True,
+    )
+    warmup: bool = _field(
+        True, "Worker", "Serve one short request before taking jobs, so the first job is not "
+        "slowed by lazy initialisation.", advanced=True,
+    )
+
+    # --- Streaming ---
+    default_batch_size: int = _field(
+        50, "Streaming", "Largest number of token deltas in one streamed chunk.", ge=1
+    )
+    default_min_batch_size: int = _field(
+        1, "Streaming", "Deltas in the first chunks; chunk size then grows by the factor.", ge=1
+    )
+    default_batch_size_growth_factor: float = _field(
+        3.0, "Streaming", "Factor by which the chunk size grows after each chunk.", ge=1.0
+    )
+    stream_flush_interval_ms: int = _field(
+        50, "Streaming",
+        "A chunk is sent when its oldest delta has waited this long, even if not full.", ge=0,
+    )
+
+
+def load_worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
+    """Parse the worker settings; an invalid value raises a WorkerError naming the variable."""
+    source = os.environ if env is None else env
+    values = {
+        name: raw
+        for name in WorkerSettings.model_fields
+        if not is_unset(raw := source.get(name.upper()))
+    }
+    try:
+        # model_validate reads only `values`, so an explicit env mapping is the whole input.
+        return WorkerSettings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper()
+        raise WorkerError(
+            f"Invalid value {values.get(name.lower())!r} for {name}: {first['msg']}",
+            type="configuration_error",
+        ) from None
+
+
+@dataclass(frozen=True)
+class EngineSetting:
+    """Presentation metadata for an engine arg shown in the deploy forms and docs."""
+
+    group: str
+    description: str
+    advanced: bool = False
+    options: tuple[str, ...] = ()
+
+
+# Names users know that are not AsyncEngineArgs field names.
+ENGINE_ALIASES: dict[str, str] = {
+    "MODEL_NAME": "model",
+    "MODEL_REVISION": "revision",
+    "TOKENIZER_NAME": "tokenizer",
+    "TOKENIZER_REVISION": "tokenizer_revision",
+}
+
+ENGINE_SETTINGS: dict[str, EngineSetting] = {
+    "MODEL_NAME": EngineSetting(
+        "Model", "Hugging Face model id or local directory of the model to serve."
+    ),
+    "MODEL_REVISION": EngineSetting("Model", "Model branch, tag or commit.", advanced=True),
+    "TOKENIZER_NAME": EngineSetting(
+        "Model", "Tokenizer id or directory, when it differs from the model.", advanced=True
+    ),
+    "TOKENIZER_REVISION": EngineSetting("Model", "Tokenizer revision.", advanced=True),
+    "MAX_MODEL_LEN": EngineSetting("Model", "Context length (prompt + output tokens)."),
+    "DTYPE": EngineSetting(
+        "Model", "Weights and activations dtype.",
+        options=("auto", "half", "float16", "bfloat16", "float", "float32"), advanced=True,
+    ),
+    "QUANTIZATION": EngineSetting(
+        "Model", "Quantization method of the weights (awq, gptq, fp8, ...).", advanced=True
+    ),
+    "TRUST_REMOTE_CODE": EngineSetting(
+        "Model", "Allow the model repository's own Python code.", advanced=True
+    ),
+    "TENSOR_PARALLEL_SIZE": EngineSetting(
+        "Parallelism", "GPUs to split the model over; default: all visible GPUs."
+    ),
+    "PIPELINE_PARALLEL_SIZE": EngineSetting(
+        "Parallelism", "Pipeline stages (multi-node with Ray).", advanced=True
+    ),
+    "GPU_MEMORY_UTILIZATION": EngineSetting(
+        "Memory", "Fraction of GPU memory vLLM may use (weights + KV cache).", advanced=True
+    ),
+    "MAX_NUM_SEQS": EngineSetting("Memory", "Most sequences in one engine step.", advanced=True),
+    "ENABLE_PREFIX_CACHING": EngineSetting(
+        "Memory", "Reuse the KV cache of shared prompt prefixes.", advanced=True
+    ),
+    "ENFORCE_EAGER": EngineSetting(
+        "Memory", "Skip CUDA graphs / compilation (faster start, slower steps).", advanced=True
+    ),
+}

@@ -1,0 +1,125 @@
+"""Start-up: settings -> engine args -> model -> engine -> warm-up, before any job is taken."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from . import demo_model, model_loader
+from .engine_config import (
+    ConfigError,
+    EngineArgsSpec,
+    near_miss_warnings,
+    redacted,
+    resolve_engine_args,
+)
+from .settings import WorkerSettings, load_worker_settings
+from .vllm_adapter import EngineRunner, make_sampling_params
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+# Defaults for the built-in demo model: a tiny model wants no compilation and a small KV cache.
+DEMO_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "max_model_len": demo_model.MAX_POSITION_EMBEDDINGS,
+    "kv_cache_memory_bytes": 256 * 1024 * 1024,
+}
+
+
+def is_production(env: Mapping[str, str]) -> bool:
+    """The platform's job-take webhook is only set on RunPod."""
+    return bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _apply_defaults(spec: EngineArgsSpec, env: Mapping[str, str]) -> None:
+    if not spec.is_set("model"):
+        if is_production(env):
+            raise ConfigError("MODEL_NAME is not set: set it to a Hugging Face model id or path")
+        path = demo_model.ensure_demo_model()
+        log.info("MODEL_NAME is not set: serving the built-in demo model %s (random weights, "
+                 "gibberish text; for trying the worker locally)", demo_model.DEMO_MODEL_ID)
+        spec.set("model", str(path), "demo")
+        spec.set("served_model_name", [demo_model.DEMO_MODEL_ID], "demo")
+        for name, value in DEMO_ENGINE_DEFAULTS.items():
+            if not spec.is_set(name):
+                spec.set(name, value, "demo")
+    gpus = _visible_gpus()
+    if gpus == 0 and not spec.is_set("dtype"):
+        # bfloat16 on CPU can die with SIGILL on AMX machines; float32 always works.
+        spec.set("dtype", "float32", "cpu default")
+    if gpus > 1 and not spec.is_set("tensor_parallel_size"):
+        spec.set("tensor_parallel_size", gpus, "visible GPUs")
+
+
+def _resolve_model(spec: EngineArgsSpec, settings: WorkerSettings) -> None:
+    """Turn hub ids into local paths; the served name stays the user's id."""
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    model = str(spec.values["model"])
+    path = model_loader.resolve(
+        model, revision=spec.values.get("revision"), token=token, base_path=settings.base_path
+    )
+    if str(path) != model:
+        if not spec.is_set("served_model_name"):
+            spec.set("served_model_name", [model], spec.sources["model"])
+        spec.set("model", str(path), spec.sources["model"])
+        # The snapshot is already at the requested revision.
+        spec.values.pop("revision", None)
+    tokenizer = spec.values.get("tokenizer")
+    if tokenizer:
+        tok_path = model_loader.resolve(
+            str(tokenizer), revision=spec.values.get("tokenizer_revision"), token=token,
+            base_path=settings.base_path, weights=False,
+        )
+        spec.set("tokenizer", str(tok_path), spec.sources["tokenizer"])
+        spec.values.pop("tokenizer_revision", None)
+
+
+def engine_args(env: Mapping[str, str], settings: WorkerSettings) -> dict[str, Any]:
+    for warning in near_miss_warnings(env):
+        log.warning(warning)
+    spec = resolve_engine_args(env, settings)
+    _apply_defaults(spec, env)
+    _resolve_model(spec, settings)
+    shown = {k: f"{v!r} ({spec.sources[k]})" for k, v in redacted(spec.values).items()}
+    log.info("Engine args: %s", ", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+    log.info("Worker settings: %s", settings.model_dump(mode="json", exclude={"hf_token"}))
+    return dict(spec.values)
+
+
+async def warm_up(runner: EngineRunner) -> None:
+    params = make_sampling_params({"max_tokens": 2, "ignore_eos": True}, stream=False)
+    prompt = {"prompt_token_ids": runner.get_tokenizer().encode("A short warm-up request.")}
+    async for _ in runner.generate(prompt, params, "warmup"):
+        pass
+
+
+def exit_when_engine_dies(runner: EngineRunner, grace: float = 3.0) -> None:
+    """A dead engine must not leave a worker that keeps taking jobs: exit so it is replaced."""
+
+    def on_dead() -> None:
+        log.error("The vLLM engine died; exiting in %.0f s so the platform replaces the worker",
+                  grace)
+        threading.Timer(grace, os._exit, args=(1,)).start()
+
+    runner.watch(on_dead)
+
+
+def build_worker(env: Mapping[str, str] | None = None) -> Worker:
+    env = os.environ if env is None else env
+    settings = load_worker_settings(dict(env))
+    runner = EngineRunner(engine_args(env, settings))
+    if settings.warmup:
+        asyncio.run(warm_up(runner))
+        log.info("Engine warmed up; ready for jobs")
+    return Worker(runner, settings)

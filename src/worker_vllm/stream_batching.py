@@ -1,0 +1,120 @@
+"""One policy for grouping streamed deltas into yields, used by every route.
+
+Each yield is one awaited HTTP POST to the platform, so single tokens are too many; batching by
+count alone makes slow streams choppy. A batch is flushed when it reaches the current size
+(min -> x growth -> max) OR when its oldest delta has waited `flush_interval` seconds; the very
+first delta leaves at once, so time-to-first-token is not delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_size: int = 50
+    min_size: int = 1
+    growth: float = 3.0
+    flush_interval: float = 0.05  # seconds
+
+    def __post_init__(self) -> None:
+        if self.min_size < 1 or self.max_size < 1:
+            raise ValueError("batch sizes must be at least 1")
+        if self.growth < 1:
+            raise ValueError("batch_size_growth_factor must be at least 1")
+        if self.flush_interval < 0:
+            raise ValueError("flush interval must not be negative")
+
+    def next_size(self, size: int) -> int:
+        return min(self.max_size, max(size + 1 if self.growth > 1 else size,
+                                      math.ceil(size * self.growth)))
+
+    @property
+    def first_size(self) -> int:
+        return min(self.min_size, self.max_size)
+
+
+class _End:
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+@dataclass
+class Batch(Generic[T]):
+    items: list[T]
+    # Seconds the oldest item waited in the batch before the flush (for tests and metrics).
+    oldest_wait: float
+
+
+async def batched(
+    source: AsyncIterator[T],
+    policy: BatchPolicy,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[Batch[T]]:
+    """Group the items of `source` into batches under `policy`.
+
+    The source is consumed by its own task, so a flush timeout never cancels the source's
+    pending step (which for vLLM would abort the request). Closing or cancelling this
+    generator cancels that task and waits for it.
+    """
+    queue: asyncio.Queue[tuple[T, float] | _End] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                queue.put_nowait((item, clock()))
+        except Exception as exc:
+            queue.put_nowait(_End(exc))
+        else:
+            queue.put_nowait(_End())
+
+    task = asyncio.ensure_future(pump())
+    size = policy.first_size
+    first = True
+    items: list[T] = []
+    oldest = 0.0
+    try:
+        while True:
+            if items and clock() - oldest >= policy.flush_interval:
+                yield Batch(items, clock() - oldest)
+                items = []
+            if not items or not queue.empty():
+                entry = await queue.get()
+            else:
+                remaining = oldest + policy.flush_interval - clock()
+                try:
+                    entry = await asyncio.wait_for(queue.get(), max(remaining, 0))
+                except TimeoutError:
+                    yield Batch(items, clock() - oldest)
+                    items = []
+                    continue
+            if isinstance(entry, _End):
+                if items:
+                    yield Batch(items, clock() - oldest)
+                    items = []
+                if entry.error is not None:
+                    raise entry.error
+                return
+            item, arrived = entry
+            if not items:
+                oldest = arrived
+            items.append(item)
+            if first or len(items) >= size:
+                yield Batch(items, clock() - oldest)
+                items = []
+                if first:
+                    first = False
+                else:
+                    size = policy.next_size(size)
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,189 @@
+"""The only module that imports vLLM beyond its top-level package.
+
+vLLM's internal API moves between releases; a vLLM upgrade should touch this file only.
+
+The engine lives on its own thread with its own event loop. The runpod SDK runs each phase
+(fitness checks, the job loop, local test mode) under a fresh ``asyncio.run``; vLLM's
+``AsyncLLM`` binds its output-handler task to the loop of its first request, so an engine
+shared between loops would break after the warm-up. Callers in any loop reach the engine
+through ``call`` / ``stream``, which cost one thread-safe hand-off per engine output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DONE = object()
+
+__all__ = [
+    "EngineDeadError",
+    "EngineGenerateError",
+    "EngineRunner",
+    "VLLMClientError",
+    "make_sampling_params",
+]
+
+
+def make_sampling_params(params: dict[str, Any], *, stream: bool) -> SamplingParams:
+    """SamplingParams from a job's dict; raises TypeError/ValueError/VLLMClientError if invalid."""
+    params = dict(params)
+    structured = params.get("structured_outputs")
+    if isinstance(structured, dict):
+        params["structured_outputs"] = StructuredOutputsParams(**structured)
+    # DELTA streams carry only new text, decoded by vLLM's incremental detokenizer, so a
+    # multi-byte character is never split; FINAL_ONLY skips per-step outputs when not streaming.
+    params["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    return SamplingParams(**params)
+
+
+class EngineRunner:
+    """An AsyncLLMEngine on a private thread and event loop, usable from any other loop."""
+
+    def __init__(self, engine_args: dict[str, Any]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="vllm-engine-loop", daemon=True
+        )
+        self._thread.start()
+        args = AsyncEngineArgs(**engine_args)
+        try:
+            self.engine = self._submit(self._build(args)).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.model_config = self.engine.model_config
+        self.max_model_len: int = self.model_config.max_model_len
+        self.served_model_names: list[str] = list(
+            self.model_config.served_model_name
+            if isinstance(self.model_config.served_model_name, list)
+            else [self.model_config.served_model_name]
+        )
+
+    @staticmethod
+    async def _build(args: AsyncEngineArgs) -> Any:
+        return AsyncLLMEngine.from_engine_args(args)
+
+    def _submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+
+    # ----- bridging into the engine loop -------------------------------------------------
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Await `make()` on the engine loop; cancelling the caller cancels it there."""
+
+        async def run() -> T:
+            return await make()
+
+        return await asyncio.wrap_future(self._submit(run()))
+
+    async def stream(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """Iterate `make()` on the engine loop and relay its items to the caller's loop.
+
+        Closing or cancelling the consumer cancels the producer on the engine loop (vLLM then
+        aborts the request) and waits until that has happened before returning.
+        """
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+
+        def put(item: Any, exc: BaseException | None = None) -> None:
+            caller.call_soon_threadsafe(queue.put_nowait, (item, exc))
+
+        async def pump() -> None:
+            try:
+                async for item in make():
+                    put(item)
+            except BaseException as exc:  # CancelledError too: the consumer must hear of it
+                put(_DONE, exc)
+                raise
+            put(_DONE)
+
+        future = self._submit(pump())
+        finished = False
+        try:
+            while True:
+                item, exc = await queue.get()
+                if item is _DONE:
+                    finished = True
+                    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                        raise exc
+                    return
+                yield item
+        finally:
+            if not finished:
+                future.cancel()
+                await self._drain_until_done(queue)
+
+    @staticmethod
+    async def _drain_until_done(queue: asyncio.Queue, limit: float = 10.0) -> None:
+        """Wait (shielded from our own cancellation) for the producer's end marker."""
+
+        async def wait() -> None:
+            while (await queue.get())[0] is not _DONE:
+                pass
+
+        try:
+            await asyncio.wait_for(asyncio.shield(wait()), limit)
+        except (TimeoutError, asyncio.CancelledError):
+            log.warning("Engine request did not confirm its abort within %.0f s", limit)
+
+    # ----- engine operations --------------------------------------------------------------
+    def generate(
+        self,
+        prompt: dict[str, Any],
+        params: SamplingParams,
+        request_id: str,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        return self.stream(lambda: self.engine.generate(prompt, params, request_id, **kwargs))
+
+    async def num_unfinished_requests(self) -> int:
+        async def count() -> int:
+            return self.engine.get_num_unfinished_requests()
+
+        return await self.call(count)
+
+    async def check_health(self) -> None:
+        await self.call(self.engine.check_health)
+
+    @property
+    def errored(self) -> bool:
+        return bool(self.engine.errored)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.get_tokenizer()
+
+    def watch(self, on_dead: Callable[[], None], interval: float = 1.0) -> None:
+        """Call `on_dead` (from the engine thread) once the engine has died."""
+
+        async def watchdog() -> None:
+            # vLLM offers no event for this; poll cheaply.
+            while not self.engine.errored:  # noqa: ASYNC110
+                await asyncio.sleep(interval)
+            on_dead()
+
+        self._submit(watchdog())
+
+    def shutdown(self) -> None:
+        try:
+            self.engine.shutdown()
+        finally:
+            self._stop_loop()
+            # Finalise now: AsyncLLM.__del__ fails noisily once the interpreter is exiting.
+            del self.engine
+            gc.collect()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

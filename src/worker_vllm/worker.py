@@ -1,0 +1,77 @@
+"""The job handler: one validated request in, a stream of results or ONE error shape out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
+from .job_input import BatchOverrides, NativeInput, OpenAIInput, parse_job_input
+from .logs import job_id_var
+from .native_route import build_sampling_params, run_native
+from .settings import WorkerSettings
+from .stream_batching import BatchPolicy
+from .vllm_adapter import EngineDeadError, EngineRunner, VLLMClientError
+
+log = logging.getLogger(__name__)
+
+
+def batch_policy(settings: WorkerSettings, overrides: BatchOverrides) -> BatchPolicy:
+    return BatchPolicy(
+        max_size=overrides.max_batch_size or settings.default_batch_size,
+        min_size=overrides.min_batch_size or settings.default_min_batch_size,
+        growth=overrides.batch_size_growth_factor or settings.default_batch_size_growth_factor,
+        flush_interval=settings.stream_flush_interval_ms / 1000,
+    )
+
+
+def prevalidate(raw_input: Any) -> None:
+    """Checks that need no engine (used to fail fast before the engine starts)."""
+    inp = parse_job_input(raw_input)
+    if isinstance(inp, NativeInput):
+        build_sampling_params(inp)
+
+
+def as_worker_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, WorkerError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return EngineUnavailable("The engine has stopped; this worker is being replaced")
+    if isinstance(exc, VLLMClientError):
+        return InvalidInput(str(exc), param=getattr(exc, "parameter", None))
+    return exc
+
+
+class Worker:
+    """Routes jobs to the engine. One instance per process, built before the job loop."""
+
+    def __init__(self, runner: EngineRunner, settings: WorkerSettings) -> None:
+        self.runner = runner
+        self.settings = settings
+
+    async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
+        job_id = str(job.get("id") or "local")
+        job_id_var.set(job_id)
+        try:
+            inp = parse_job_input(job.get("input"))
+            policy = batch_policy(self.settings, inp)
+            if isinstance(inp, OpenAIInput):
+                raise InvalidInput("The OpenAI route is not available", param="openai_route")
+            log.info("native job: %s, stream=%s", "messages" if inp.messages else "prompt",
+                     inp.stream)
+            if self.settings.log_job_text:
+                log.info("input: %s", inp.prompt if inp.prompt is not None else inp.messages)
+            async for item in run_native(self.runner, inp, job_id, policy):
+                yield item
+        except asyncio.CancelledError:
+            log.info("job cancelled; the engine request was aborted")
+            raise
+        except Exception as exc:
+            mapped = as_worker_error(exc)
+            if isinstance(mapped, WorkerError):
+                log.warning("job failed: %s", mapped.message)
+            else:
+                log.exception("job failed with an internal error")
+            yield error_result(mapped)

@@ -1,0 +1,64 @@
+"""Model loader: local paths, weight-format allow-list, offline cache laid out here (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker_vllm import model_loader
+from worker_vllm.model_loader import ModelLoadError, allow_patterns, resolve
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def lay_out_cache(base_path, repo: str, files: dict[str, str]):
+    """The HF hub cache layout huggingface_hub itself writes: refs/main -> snapshots/<commit>."""
+    root = model_loader.hf_cache_dir(str(base_path)) / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    snapshot = root / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
+def test_local_directory_is_used_as_is(tmp_path):
+    assert resolve(str(tmp_path), revision=None, token=None, base_path="/nonexistent") == tmp_path
+
+
+def test_allow_list_keeps_one_weights_format_and_support_files():
+    files = ["model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json",
+             "modeling_x.py", "original/consolidated.pth"]
+    patterns = allow_patterns(files)
+    assert "*.safetensors" in patterns and "*.bin" not in patterns and "*.pth" not in patterns
+    assert {"*.json", "*.py", "*.jinja", "tokenizer*"} <= set(patterns)
+    assert "*.bin" in allow_patterns(["pytorch_model.bin", "config.json"])
+    assert not any(p in allow_patterns(files, weights=False) for p in ("*.safetensors", "*.bin"))
+
+
+def test_offline_hub_id_resolves_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = lay_out_cache(tmp_path, "org/tiny", {"config.json": "{}", "model.safetensors": ""})
+    path = resolve("org/tiny", revision=None, token=None, base_path=str(tmp_path))
+    assert path == snapshot
+    assert (path / "config.json").is_file()
+
+
+def test_offline_missing_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="org/absent.*HF_HUB_OFFLINE"):
+        resolve("org/absent", revision=None, token=None, base_path=str(tmp_path))
+
+
+def test_hub_id_is_served_under_its_own_name(tmp_path, monkeypatch):
+    """The engine gets the cache path; clients keep seeing the model id."""
+    from worker_vllm import startup
+    from worker_vllm.settings import load_worker_settings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = lay_out_cache(tmp_path, "org/tiny", {"config.json": "{}"})
+    env = {"MODEL_NAME": "org/tiny", "BASE_PATH": str(tmp_path),
+           "BAKED_ARGS_FILE": str(tmp_path / "absent.json")}
+    args = startup.engine_args(env, load_worker_settings(env))
+    assert args["model"] == str(snapshot)
+    assert args["served_model_name"] == ["org/tiny"]

@@ -1,0 +1,181 @@
+"""Native route against the real vLLM engine (CPU build) on the demo model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import collect
+
+from worker_vllm.stream_batching import batched
+from worker_vllm.worker import Worker
+
+pytestmark = pytest.mark.slow
+
+SEEDED = {"temperature": 1.0, "seed": 11, "max_tokens": 12}
+
+
+def tokens_of(yields: list[dict], choice: int = 0) -> list[str]:
+    return [t for y in yields for t in y["choices"][choice]["tokens"]]
+
+
+async def test_prompt_not_streamed_returns_whole_text_in_one_yield(worker):
+    out = await collect(worker, {"prompt": "def main():", "sampling_params": SEEDED})
+    assert len(out) == 1
+    (choice,) = out[0]["choices"]
+    assert len(choice["tokens"]) == 1 and choice["tokens"][0]
+    assert choice["finish_reason"] == "length"
+    assert out[0]["usage"]["output"] == 12
+
+
+async def test_usage_counts_real_tokens(worker):
+    tokenizer = worker.runner.get_tokenizer()
+    prompt = "import os\nprint(os.getcwd())"
+    out = await collect(worker, {"prompt": prompt, "sampling_params": SEEDED})
+    assert out[0]["usage"] == {"input": len(tokenizer.encode(prompt)), "output": 12}
+    streamed = await collect(worker, {"prompt": prompt, "sampling_params": SEEDED,
+                                      "stream": True})
+    assert streamed[-1]["usage"] == {"input": len(tokenizer.encode(prompt)), "output": 12}
+    # Streaming and not give the same text for the same seed.
+    assert "".join(tokens_of(streamed)) == out[0]["choices"][0]["tokens"][0]
+
+
+async def test_default_max_tokens_is_100(worker):
+    out = await collect(worker, {"prompt": "x = ", "sampling_params": {"ignore_eos": True}})
+    assert out[0]["usage"]["output"] == 100
+
+
+async def test_messages_use_the_chat_template(worker):
+    messages = [{"role": "user", "content": "hello"}]
+    out = await collect(worker, {"messages": messages, "sampling_params": SEEDED})
+    tokenizer = worker.runner.get_tokenizer()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert out[0]["usage"]["input"] == len(tokenizer.encode(rendered, add_special_tokens=False))
+    # apply_chat_template wraps a prompt as one user message: same prompt, same output.
+    wrapped = await collect(
+        worker, {"prompt": "hello", "apply_chat_template": True, "sampling_params": SEEDED}
+    )
+    assert wrapped == out
+
+
+async def test_seeded_sampling_is_deterministic(worker):
+    job = {"prompt": "class Foo:", "sampling_params": SEEDED}
+    first, second = await collect(worker, job), await collect(worker, job)
+    assert first == second
+    other = await collect(worker, {"prompt": "class Foo:",
+                                   "sampling_params": {**SEEDED, "seed": 12}})
+    assert other[0]["choices"] != first[0]["choices"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_choices_are_merged_by_index(worker, stream):
+    params = {"temperature": 1.0, "seed": 3, "max_tokens": 10, "n": 3}
+    out = await collect(worker, {"prompt": "for i in", "sampling_params": params,
+                                 "stream": stream})
+    assert all(len(y["choices"]) == 3 for y in out)
+    texts = ["".join(tokens_of(out, i)) for i in range(3)]
+    assert len(set(texts)) == 3  # three different samples
+    assert out[-1]["usage"]["output"] == 30
+
+
+async def test_structured_output_on_native_route(worker):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}
+    params = {"temperature": 1.0, "seed": 1, "max_tokens": 40,
+              "structured_outputs": {"json": schema}}
+    out = await collect(worker, {"prompt": "answer:", "sampling_params": params})
+    value = json.loads(out[0]["choices"][0]["tokens"][0])
+    assert isinstance(value["ok"], bool)
+
+
+async def test_streamed_200_tokens_arrive_in_growing_batches(worker):
+    """Count bound: with a long flush interval the sizes follow min -> x growth -> max."""
+    settings = worker.settings.model_copy(update={"stream_flush_interval_ms": 60_000})
+    slow_flush = Worker(worker.runner, settings)
+    params = {"temperature": 1.0, "seed": 5, "max_tokens": 200, "ignore_eos": True}
+    out = await collect(slow_flush, {"prompt": "def f(x):", "sampling_params": params,
+                                     "stream": True, "min_batch_size": 2,
+                                     "batch_size_growth_factor": 2, "max_batch_size": 40})
+    sizes = [len(y["choices"][0]["tokens"]) for y in out]
+    # Each vLLM delta is one token here (no stop strings), so sizes count tokens.
+    assert sizes[:7] == [1, 2, 4, 8, 16, 32, 40]
+    assert sum(sizes) == 200 and out[-1]["usage"]["output"] == 200
+
+
+async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker):
+    """Time bound, measured on the real engine stream with the worker's default policy."""
+    from worker_vllm.job_input import NativeInput
+    from worker_vllm.native_route import build_sampling_params, tokenize_prompt
+    from worker_vllm.worker import batch_policy
+
+    inp = NativeInput(prompt="while True:", stream=True,
+                      sampling_params={"temperature": 1.0, "seed": 9, "max_tokens": 200,
+                                       "ignore_eos": True})
+    policy = batch_policy(worker.settings, inp)
+    params = build_sampling_params(inp)
+    ids = tokenize_prompt(worker.runner, inp, params.max_tokens)
+    stream = worker.runner.generate({"prompt_token_ids": ids}, params, "time-bound")
+    batches = [b async for b in batched(stream, policy)]
+    sizes = [len(b.items) for b in batches]
+    assert sizes[0] == 1 and sum(sizes) == 200
+    assert max(sizes) > 1  # batching happened
+    # The oldest delta of every batch left within the interval (+ 20 ms scheduling slack).
+    assert max(b.oldest_wait for b in batches) <= policy.flush_interval + 0.02, [
+        round(b.oldest_wait, 3) for b in batches]
+
+
+async def test_cancelled_job_leaves_no_running_request(worker):
+    job = {"prompt": "import", "stream": True,
+           "sampling_params": {"max_tokens": 1900, "ignore_eos": True}}
+    received = asyncio.Event()
+
+    async def run():
+        async for _ in worker.handle({"id": "to-cancel", "input": job}):
+            received.set()
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(received.wait(), 60)
+    assert await worker.runner.num_unfinished_requests() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await worker.runner.num_unfinished_requests() == 0
+
+
+ERROR_CASES = [
+    ({}, "exactly one of 'prompt' or 'messages'"),
+    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "a", "sampling_params": {"n": 0}}, "n must be at least 1"),
+    ({"prompt": "a", "sampling_params": {"temprature": 1}}, "temprature"),
+    ({"prompt": "a", "sampling_params": {"max_tokens": 5000}}, "max_tokens"),
+    ({"prompt": "a", "stream": "sometimes"}, "stream"),
+    ({"prompt": "a", "max_batch_size": 0}, "max_batch_size"),
+    ({"prompt": "a", "promt": "b"}, "unknown field 'promt'"),
+    ({"prompt": "word " * 3000}, "context"),
+]
+
+
+@pytest.mark.parametrize(("job_input", "expected"), ERROR_CASES)
+async def test_bad_input_fails_with_one_error_shape(worker, job_input, expected):
+    out = await collect(worker, job_input)
+    assert len(out) == 1
+    error = out[0]["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert error["type"] == "invalid_request_error" and error["code"] == 400
+    assert expected in error["message"]
+    assert "Traceback" not in str(error)
+    # The SDK stores str(error): it is JSON a client can parse.
+    assert json.loads(str(error))["message"] == error["message"]
+
+
+async def test_worker_keeps_serving_after_errors(worker):
+    await collect(worker, {"prompt": "a", "sampling_params": {"n": 0}})
+    out = await collect(worker, {"prompt": "ok", "sampling_params": SEEDED})
+    assert out[0]["usage"]["output"] == 12
+
+
+async def test_input_that_is_not_an_object(worker):
+    out = await collect(worker, "just a string")  # type: ignore[arg-type]
+    assert out[0]["error"]["param"] == "input"

@@ -1,0 +1,91 @@
+"""The batching policy as a pure unit: count bound, growth, time bound, first delta at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker_vllm.stream_batching import BatchPolicy, batched
+
+
+async def timed_source(gaps: list[float]):
+    """Yield i after sleeping gaps[i] seconds."""
+    for i, gap in enumerate(gaps):
+        if gap:
+            await asyncio.sleep(gap)
+        yield i
+
+
+async def sizes_of(source, policy) -> list[int]:
+    return [len(b.items) async for b in batched(source, policy)]
+
+
+async def test_fast_source_grows_from_first_to_max():
+    policy = BatchPolicy(max_size=10, min_size=2, growth=2.0, flush_interval=60)
+    sizes = await sizes_of(timed_source([0.0] * 40), policy)
+    # first delta alone, then min, x2, ... capped at max; the rest flushed at the end
+    assert sizes == [1, 2, 4, 8, 10, 10, 5]
+
+
+async def test_items_keep_order_and_nothing_is_lost():
+    policy = BatchPolicy(max_size=7, min_size=1, growth=3.0, flush_interval=60)
+    items = [i async for b in batched(timed_source([0.0] * 100), policy) for i in b.items]
+    assert items == list(range(100))
+
+
+async def test_slow_source_is_flushed_by_time():
+    # One item every 30 ms with a 50 ms interval: no batch may hold an item longer than 50 ms,
+    # although the count bound (100) is never reached.
+    policy = BatchPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.05)
+    batches = [b async for b in batched(timed_source([0.0] + [0.03] * 12), policy)]
+    assert len(batches[0].items) == 1
+    assert all(len(b.items) <= 2 for b in batches[1:])
+    assert max(b.oldest_wait for b in batches) <= 0.05 + 0.03  # interval + scheduling slack
+    assert sum(len(b.items) for b in batches) == 13
+
+
+async def test_zero_interval_flushes_every_item():
+    policy = BatchPolicy(max_size=50, min_size=50, growth=1.0, flush_interval=0)
+    assert await sizes_of(timed_source([0.01] * 5), policy) == [1, 1, 1, 1, 1]
+
+
+async def test_source_error_is_raised_after_pending_items():
+    async def failing():
+        yield 1
+        yield 2
+        raise RuntimeError("boom")
+
+    policy = BatchPolicy(max_size=10, min_size=10, growth=1.0, flush_interval=60)
+    got = []
+    with pytest.raises(RuntimeError, match="boom"):
+        async for b in batched(failing(), policy):
+            got.extend(b.items)
+    assert got == [1, 2]
+
+
+async def test_closing_the_consumer_cancels_the_source():
+    cancelled = asyncio.Event()
+
+    async def endless():
+        try:
+            i = 0
+            while True:
+                await asyncio.sleep(0.001)
+                yield i
+                i += 1
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    gen = batched(endless(), BatchPolicy(flush_interval=0.01))
+    await gen.__anext__()
+    await gen.aclose()
+    assert cancelled.is_set()
+
+
+def test_policy_rejects_nonsense():
+    with pytest.raises(ValueError):
+        BatchPolicy(min_size=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(growth=0.5)
