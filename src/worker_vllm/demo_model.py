@@ -7,6 +7,7 @@ can run a real vLLM engine anywhere. Its text is gibberish: it exercises the plu
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sysconfig
@@ -20,6 +21,13 @@ DEMO_MODEL_ID = "worker-vllm/tiny-demo-llama"
 RECIPE_VERSION = "1"
 VOCAB_SIZE = 2048
 MAX_POSITION_EMBEDDINGS = 2048
+
+# Engine defaults for the demo model: a tiny model wants no compilation and a small KV cache.
+ENGINE_DEFAULTS: dict[str, object] = {
+    "enforce_eager": True,
+    "max_model_len": MAX_POSITION_EMBEDDINGS,
+    "kv_cache_memory_bytes": 256 * 1024 * 1024,
+}
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -119,3 +127,11 @@ def fingerprint(model_dir: Path) -> str:
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def demo_env(env: dict[str, str]) -> dict[str, str]:
+    """Env that makes a worker serve the demo model (for a local endpoint's worker process)."""
+    out = {"MODEL_NAME": str(ensure_demo_model()), "SERVED_MODEL_NAME": DEMO_MODEL_ID}
+    for name, value in ENGINE_DEFAULTS.items():
+        out[name.upper()] = json.dumps(value)
+    return {k: v for k, v in out.items() if k not in env}

@@ -23,13 +23,6 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
-# Defaults for the built-in demo model: a tiny model wants no compilation and a small KV cache.
-DEMO_ENGINE_DEFAULTS: dict[str, Any] = {
-    "enforce_eager": True,
-    "max_model_len": demo_model.MAX_POSITION_EMBEDDINGS,
-    "kv_cache_memory_bytes": 256 * 1024 * 1024,
-}
-
 
 def is_production(env: Mapping[str, str]) -> bool:
     """The platform's job-take webhook is only set on RunPod."""
@@ -51,7 +44,7 @@ def _apply_defaults(spec: EngineArgsSpec, env: Mapping[str, str]) -> None:
                  "gibberish text; for trying the worker locally)", demo_model.DEMO_MODEL_ID)
         spec.set("model", str(path), "demo")
         spec.set("served_model_name", [demo_model.DEMO_MODEL_ID], "demo")
-        for name, value in DEMO_ENGINE_DEFAULTS.items():
+        for name, value in demo_model.ENGINE_DEFAULTS.items():
             if not spec.is_set(name):
                 spec.set(name, value, "demo")
     gpus = _visible_gpus()

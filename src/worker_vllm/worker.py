@@ -66,7 +66,9 @@ class Worker:
             async for item in run_native(self.runner, inp, job_id, policy):
                 yield item
         except asyncio.CancelledError:
-            log.info("job cancelled; the engine request was aborted")
+            # The engine request was aborted on the way out; report what the engine says.
+            running = await self.runner.num_unfinished_requests()
+            log.info("job cancelled; engine requests still running: %d", running)
             raise
         except Exception as exc:
             mapped = as_worker_error(exc)

@@ -1,0 +1,172 @@
+"""The local endpoint with a real worker process, driven by real clients over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, worker_env
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory, demo_model_dir):
+    port = free_port()
+    log_path = Path(tmp_path_factory.mktemp("endpoint")) / "endpoint.log"
+    env = worker_env(MAX_CONCURRENCY="4")
+    env.pop("MODEL_NAME", None)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "src" / "local_endpoint.py"), "--port", str(port),
+             "--api-key", API_KEY],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}/v2"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    deadline = time.time() + 300
+    while True:  # ready when the worker has called in (engine built and warmed up)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            health = requests.get(f"{base}/local/health", headers=headers, timeout=2).json()
+            if health["workers"]["idle"] or health["workers"]["running"]:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(1)
+    os.environ["RUNPOD_ENDPOINT_BASE_URL"] = base
+    yield {"base": base, "headers": headers, "log": log_path}
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture()
+def rp_endpoint(endpoint):
+    import runpod
+
+    runpod.endpoint_url_base = endpoint["base"]  # read from RUNPOD_ENDPOINT_BASE_URL at import
+    runpod.api_key = API_KEY
+    return runpod.Endpoint("local")
+
+
+SEEDED = {"temperature": 1.0, "seed": 4, "max_tokens": 16}
+
+
+def wait_for_log(endpoint, pattern: str, timeout: float = 30) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        match = re.search(pattern, endpoint["log"].read_text())
+        if match:
+            return match
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern!r} not in the log:\n{endpoint['log'].read_text()[-3000:]}")
+
+
+def test_run_sync(rp_endpoint):
+    output = rp_endpoint.run_sync({"input": {"prompt": "hello", "sampling_params": SEEDED}},
+                                  timeout=120)
+    assert output[0]["usage"] == {"input": 3, "output": 16}
+    assert output[0]["choices"][0]["tokens"][0]
+
+
+def test_run_status_output(rp_endpoint):
+    job = rp_endpoint.run({"input": {"prompt": "hello", "sampling_params": SEEDED}})
+    assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    output = job.output(timeout=120)
+    assert job.status() == "COMPLETED"
+    # Same seed, same text as runsync: the endpoint relays the worker's output unchanged.
+    again = rp_endpoint.run_sync({"input": {"prompt": "hello", "sampling_params": SEEDED}})
+    assert output == again
+
+
+def test_stream(rp_endpoint):
+    params = {**SEEDED, "max_tokens": 120, "ignore_eos": True}
+    job = rp_endpoint.run({"input": {"prompt": "hello", "sampling_params": params,
+                                     "stream": True}})
+    chunks = list(job.stream())
+    assert len(chunks) > 1
+    assert sum(len(c["choices"][0]["tokens"]) for c in chunks) == 120
+    assert chunks[-1]["usage"]["output"] == 120
+    assert job.status() == "COMPLETED"
+    # /status returns the aggregate of all yields.
+    assert job.output() == chunks
+
+
+def test_failed_job_is_failed_with_a_parsable_error(endpoint):
+    body = {"input": {"prompt": "hi", "sampling_params": {"n": 0}}}
+    r = requests.post(f"{endpoint['base']}/local/runsync", json=body,
+                      headers=endpoint["headers"], timeout=60).json()
+    assert r["status"] == "FAILED"
+    import json
+
+    assert "n must be at least 1" in json.loads(r["error"])["message"]
+
+
+def test_cancel_ends_cancelled_and_aborts_generation(rp_endpoint, endpoint):
+    params = {"max_tokens": 1900, "ignore_eos": True}
+    job = rp_endpoint.run({"input": {"prompt": "x", "sampling_params": params, "stream": True}})
+    while job.status() != "IN_PROGRESS":
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert job.cancel()["status"] == "CANCELLED"
+    assert job.status() == "CANCELLED"
+    match = wait_for_log(endpoint, rf"\[job {re.escape(job.job_id)}\].*engine requests still "
+                                   r"running: (\d+)")
+    assert match.group(1) == "0"
+
+
+def test_execution_timeout_ends_timed_out_and_aborts(endpoint):
+    body = {"input": {"prompt": "y", "stream": True,
+                      "sampling_params": {"max_tokens": 1900, "ignore_eos": True}},
+            "policy": {"executionTimeout": 1500}}
+    r = requests.post(f"{endpoint['base']}/local/run", json=body, headers=endpoint["headers"],
+                      timeout=10).json()
+    deadline = time.time() + 60
+    while (status := requests.get(f"{endpoint['base']}/local/status/{r['id']}",
+                                  headers=endpoint["headers"], timeout=10).json())[
+            "status"] not in ("TIMED_OUT", "COMPLETED", "FAILED"):
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert status["status"] == "TIMED_OUT"
+    match = wait_for_log(endpoint, rf"\[job {re.escape(r['id'])}\].*engine requests still "
+                                   r"running: (\d+)")
+    assert match.group(1) == "0"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])
+def test_missing_or_wrong_key_is_401(endpoint, headers):
+    r = requests.post(f"{endpoint['base']}/local/run", json={"input": {"prompt": "a"}},
+                      headers=headers, timeout=10)
+    assert r.status_code == 401
+    r = requests.get(f"{endpoint['base']}/local/openai/v1/models", headers=headers, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_oversize_payload_is_413(endpoint):
+    big = "x" * (10 * 1024 * 1024 + 1)
+    r = requests.post(f"{endpoint['base']}/local/run", json={"input": {"prompt": big}},
+                      headers=endpoint["headers"], timeout=30)
+    assert r.status_code == 413
+
+
+def test_health_counts_jobs(endpoint):
+    health = requests.get(f"{endpoint['base']}/local/health", headers=endpoint["headers"],
+                          timeout=10).json()
+    assert set(health["jobs"]) == {"completed", "failed", "inProgress", "inQueue", "retried"}
+    assert health["workers"]["idle"] + health["workers"]["running"] == 1
