@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("LOCAL_ENDPOINT_API_KEY"),
+    parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer <key>' (default: no auth)")
     parser.add_argument("--max-queue", type=int, default=1000,
                         help="jobs waiting at most; more get HTTP 429")

