@@ -170,3 +170,38 @@ def test_health_counts_jobs(endpoint):
                           timeout=10).json()
     assert set(health["jobs"]) == {"completed", "failed", "inProgress", "inQueue", "retried"}
     assert health["workers"]["idle"] + health["workers"]["running"] == 1
+
+
+@pytest.fixture()
+def oai(endpoint):
+    import openai
+
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{endpoint['base']}/local/openai/v1",
+                         timeout=120)
+
+
+def test_openai_client_chat_models_completions(oai):
+    from worker_vllm.demo_model import DEMO_MODEL_ID
+
+    assert [m.id for m in oai.models.list()] == [DEMO_MODEL_ID]
+    messages = [{"role": "user", "content": "hello"}]
+    chat = oai.chat.completions.create(model=DEMO_MODEL_ID, messages=messages, max_tokens=6,
+                                       seed=2, temperature=1.0)
+    assert chat.usage.completion_tokens == 6
+    stream = oai.chat.completions.create(model=DEMO_MODEL_ID, messages=messages, max_tokens=6,
+                                         seed=2, temperature=1.0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat.choices[0].message.content
+    completion = oai.completions.create(model=DEMO_MODEL_ID, prompt="def", max_tokens=4)
+    assert completion.usage.completion_tokens == 4
+
+
+def test_openai_client_gets_http_errors(oai):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="no-such-model", max_tokens=2,
+                                    messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="worker-vllm/tiny-demo-llama", max_tokens=100_000,
+                                    messages=[{"role": "user", "content": "x"}])

@@ -18,7 +18,7 @@ from .engine_config import (
     resolve_engine_args,
 )
 from .settings import WorkerSettings, load_worker_settings
-from .vllm_adapter import EngineRunner, make_sampling_params
+from .vllm_adapter import EngineRunner, OpenAIServing, make_sampling_params
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,11 @@ def exit_when_engine_dies(runner: EngineRunner, grace: float = 3.0) -> None:
 def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     env = os.environ if env is None else env
     settings = load_worker_settings(dict(env))
-    runner = EngineRunner(engine_args(env, settings))
+    args = engine_args(env, settings)
+    runner = EngineRunner(args)
+    # Built before the job loop, so concurrent first requests cannot race to build them.
+    openai = OpenAIServing.create(runner, str(args["model"]))
     if settings.warmup:
         asyncio.run(warm_up(runner))
         log.info("Engine warmed up; ready for jobs")
-    return Worker(runner, settings)
+    return Worker(runner, settings, openai)

@@ -187,3 +187,87 @@ class EngineRunner:
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+# ----- the OpenAI-compatible layer: vLLM's own serving classes, in-process ------------------
+def _openai_request_types() -> dict[str, tuple[str, str, Any]]:
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    # route -> (state attribute, method, request model)
+    return {
+        "/v1/chat/completions": ("openai_serving_chat", "create_chat_completion",
+                                 ChatCompletionRequest),
+        "/v1/completions": ("openai_serving_completion", "create_completion", CompletionRequest),
+        "/v1/responses": ("openai_serving_responses", "create_responses", ResponsesRequest),
+        "/v1/messages": ("anthropic_serving_messages", "create_messages",
+                         AnthropicMessagesRequest),
+    }
+
+
+def sse_event(item: Any) -> str:
+    """One whole SSE event: strings come framed from vLLM; Responses events are objects."""
+    if isinstance(item, str):
+        return item
+    return f"event: {item.type}\ndata: {item.model_dump_json()}\n\n"
+
+
+class OpenAIServing:
+    """The serving objects `vllm serve` builds, built once at start-up on the engine loop."""
+
+    def __init__(self, runner: EngineRunner, state: Any) -> None:
+        self.runner = runner
+        self.state = state
+        self.routes = {
+            route: spec for route, spec in _openai_request_types().items()
+            if getattr(state, spec[0], None) is not None
+        }
+
+    @classmethod
+    def create(cls, runner: EngineRunner, model_path: str) -> OpenAIServing:
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        argv = ["--model", model_path, "--served-model-name", *runner.served_model_names]
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+        state = State()
+
+        async def init() -> None:
+            tasks = await runner.engine.get_supported_tasks()
+            await init_app_state(runner.engine, state, args, supported_tasks=tasks)
+
+        runner._submit(init()).result()
+        return cls(runner, state)
+
+    def supported(self) -> list[str]:
+        return sorted([*self.routes, "/v1/models"])
+
+    def parse(self, route: str, body: dict[str, Any]) -> Any:
+        """The route's request object; raises pydantic.ValidationError for a bad body."""
+        return self.routes[route][2].model_validate(body)
+
+    async def models(self) -> dict[str, Any]:
+        models = await self.runner.call(self.state.openai_serving_models.show_available_models)
+        return models.model_dump(mode="json")
+
+    async def respond(self, route: str, request: Any) -> Any:
+        """A dict (response or {"error": ...}) or an async iterator of SSE event strings."""
+        attr, method, _ = self.routes[route]
+        serve = getattr(getattr(self.state, attr), method)
+
+        async def run() -> Any:
+            return await serve(request, None)
+
+        result = await self.runner.call(run)
+        if hasattr(result, "__aiter__"):
+            return self._relay(result)
+        return result.model_dump(mode="json", exclude_none=False)
+
+    async def _relay(self, generator: Any) -> AsyncIterator[str]:
+        # The generator was created on the engine loop; iterate it there.
+        async for item in self.runner.stream(lambda: generator):
+            yield sse_event(item)

@@ -11,9 +11,10 @@ from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
 from .job_input import BatchOverrides, NativeInput, OpenAIInput, parse_job_input
 from .logs import job_id_var
 from .native_route import build_sampling_params, run_native
+from .openai_route import run_openai
 from .settings import WorkerSettings
 from .stream_batching import BatchPolicy
-from .vllm_adapter import EngineDeadError, EngineRunner, VLLMClientError
+from .vllm_adapter import EngineDeadError, EngineRunner, OpenAIServing, VLLMClientError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ def as_worker_error(exc: BaseException) -> BaseException:
 class Worker:
     """Routes jobs to the engine. One instance per process, built before the job loop."""
 
-    def __init__(self, runner: EngineRunner, settings: WorkerSettings) -> None:
+    def __init__(self, runner: EngineRunner, settings: WorkerSettings,
+                 openai: OpenAIServing | None = None) -> None:
         self.runner = runner
         self.settings = settings
+        self.openai = openai
 
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id") or "local")
@@ -58,7 +61,13 @@ class Worker:
             inp = parse_job_input(job.get("input"))
             policy = batch_policy(self.settings, inp)
             if isinstance(inp, OpenAIInput):
-                raise InvalidInput("The OpenAI route is not available", param="openai_route")
+                if self.openai is None:
+                    raise InvalidInput("The OpenAI route is not available",
+                                       param="openai_route")
+                log.info("openai job: %s", inp.openai_route)
+                async for item in run_openai(self.openai, inp, policy):
+                    yield item
+                return
             log.info("native job: %s, stream=%s", "messages" if inp.messages else "prompt",
                      inp.stream)
             if self.settings.log_job_text:

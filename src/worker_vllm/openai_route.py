@@ -1,0 +1,68 @@
+"""The OpenAI route: {"openai_route", "openai_input"} jobs answered by vLLM's serving classes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import ErrorObject, InvalidInput, WorkerError
+from .job_input import OpenAIInput
+from .stream_batching import BatchPolicy, batched
+from .vllm_adapter import OpenAIServing, VLLMClientError
+
+
+class OpenAIError(WorkerError):
+    """An error in the OpenAI error object's shape (param always present)."""
+
+    def to_error(self) -> ErrorObject:
+        return ErrorObject(message=self.message, type=self.type, param=self.param,
+                           code=self.code)
+
+
+def normalise_route(route: str) -> str:
+    route = "/" + route.strip().strip("/")
+    return route if route.startswith("/v1/") else "/v1" + route
+
+
+def _from_vllm_error(result: dict[str, Any]) -> OpenAIError:
+    err = result["error"]
+    return OpenAIError(err.get("message", "error"), type=err.get("type", "invalid_request_error"),
+                       param=err.get("param"), code=int(err.get("code") or 400))
+
+
+async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPolicy
+                     ) -> AsyncIterator[Any]:
+    route = normalise_route(inp.openai_route)
+    if route == "/v1/models":
+        yield await serving.models()
+        return
+    if route not in serving.routes:
+        raise OpenAIError(f"Unknown openai_route {inp.openai_route!r}; supported: "
+                          f"{', '.join(serving.supported())}", type="invalid_request_error",
+                          param="openai_route", code=404)
+    if inp.openai_input is None:
+        raise OpenAIError("openai_input is required for this route", param="openai_input",
+                          type="invalid_request_error", code=400)
+    try:
+        request = serving.parse(route, inp.openai_input)
+        result = await serving.respond(route, request)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise OpenAIError(f"Invalid request: {param}: {first['msg']}", param=param,
+                          type="invalid_request_error", code=400) from None
+    except (VLLMClientError, ValueError) as exc:
+        raise OpenAIError(str(exc), param=getattr(exc, "parameter", None),
+                          type="invalid_request_error", code=400) from None
+    if isinstance(result, dict):
+        if "error" in result and isinstance(result["error"], dict):
+            raise _from_vllm_error(result)
+        yield result
+        return
+    async for batch in batched(result, policy):
+        yield "".join(batch.items)
+
+
+__all__ = ["InvalidInput", "run_openai"]
