@@ -246,28 +246,29 @@ def create_app(endpoint: Endpoint, api_key: str | None, worker_key: str,
         return job if job is not None else _error(404, f"Job {job_id} not found")
 
     # ----- public API --------------------------------------------------------------
-    @app.post("/v2/{endpoint_id}/run")
-    async def run(request: Request) -> Response:
-        body = await _json_body(request, RUN_LIMIT)
+    async def accept(request: Request, limit: int) -> Job | Response:
+        """Validate a /run or /runsync request and queue its job."""
+        body = await _json_body(request, limit)
         if isinstance(body, Response):
             return body
         if "input" not in body:
             return _error(400, 'The body needs an "input" field')
         if len(endpoint.queue) >= endpoint.max_queue:
             return _error(429, f"The queue is full ({endpoint.max_queue} jobs)")
-        job = endpoint.submit(body)
+        return endpoint.submit(body)
+
+    @app.post("/v2/{endpoint_id}/run")
+    async def run(request: Request) -> Response:
+        job = await accept(request, RUN_LIMIT)
+        if isinstance(job, Response):
+            return job
         return JSONResponse({"id": job.id, "status": job.status})
 
     @app.post("/v2/{endpoint_id}/runsync")
     async def runsync(request: Request, wait: int = RUNSYNC_DEFAULT_WAIT_MS) -> Response:
-        body = await _json_body(request, RUNSYNC_LIMIT)
-        if isinstance(body, Response):
-            return body
-        if "input" not in body:
-            return _error(400, 'The body needs an "input" field')
-        if len(endpoint.queue) >= endpoint.max_queue:
-            return _error(429, f"The queue is full ({endpoint.max_queue} jobs)")
-        job = endpoint.submit(body)
+        job = await accept(request, RUNSYNC_LIMIT)
+        if isinstance(job, Response):
+            return job
         deadline = time.monotonic() + wait / 1000
         while job.status not in FINAL and (left := deadline - time.monotonic()) > 0:
             await job.wait_change(left)
