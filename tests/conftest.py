@@ -33,11 +33,25 @@ def demo_model_dir() -> Path:
     return ensure_demo_model()
 
 
+LORA_NAME = "tiny-lora"
+
+
 @pytest.fixture(scope="session")
-def worker(demo_model_dir: Path) -> Iterator[Any]:
+def lora_dir(demo_model_dir: Path) -> Path:
+    from lora_adapter import build_lora_adapter
+
+    return build_lora_adapter(_RUN_DIR / "lora", demo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def worker(demo_model_dir: Path, lora_dir: Path) -> Iterator[Any]:
+    import json
+
     from worker_vllm.startup import build_worker
 
-    env = worker_env(BAKED_ARGS_FILE=str(_RUN_DIR / "no-baked-args.json"))
+    env = worker_env(BAKED_ARGS_FILE=str(_RUN_DIR / "no-baked-args.json"),
+                     LORA_MODULES=json.dumps([{"name": LORA_NAME, "path": str(lora_dir)}]),
+                     TOOL_CALL_PARSER="pythonic", ENABLE_AUTO_TOOL_CHOICE="true")
     env.pop("MODEL_NAME", None)
     w = build_worker(env)
     yield w

@@ -153,3 +153,46 @@ def test_cpu_defaults_to_float32_and_logs_no_secret(tmp_path, monkeypatch, caplo
     assert args["dtype"] == "float32"
     assert "hf_supersecret" not in caplog.text
     assert "Engine args:" in caplog.text
+
+
+# ----- OpenAI-route settings ------------------------------------------------------------
+def test_lora_modules_accepts_a_list_or_one_object(tmp_path):
+    from worker_vllm.openai_options import parse_lora_modules
+
+    one = parse_lora_modules(json.dumps({"name": "a", "path": str(tmp_path)}))
+    many = parse_lora_modules(json.dumps([{"name": "a", "path": str(tmp_path)},
+                                          {"name": "b", "path": str(tmp_path),
+                                           "base_model_name": "m"}]))
+    assert [m.name for m in one] == ["a"] and [m.name for m in many] == ["a", "b"]
+
+
+@pytest.mark.parametrize("raw", ["not json", '[{"name": "a"}]', '{"name": "a", "path": "/x", '
+                                 '"oops": 1}', '{"name": "a", "path": "/no/such/dir"}'])
+def test_invalid_lora_modules_stop_start_up_with_a_clear_message(raw):
+    from worker_vllm.openai_options import parse_lora_modules
+
+    with pytest.raises(ConfigError, match="LORA_MODULES"):
+        parse_lora_modules(raw)
+
+
+def test_openai_settings_become_engine_args_and_serving_flags(tmp_path):
+    from worker_vllm.openai_options import serving_cli_args
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    env = {"MODEL_NAME": str(tmp_path), "BAKED_ARGS_FILE": str(tmp_path / "absent.json"),
+           "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "my-model",
+           "LORA_MODULES": json.dumps({"name": "ad", "path": str(tmp_path)}),
+           "CUSTOM_CHAT_TEMPLATE": str(template), "ENABLE_AUTO_TOOL_CHOICE": "true",
+           "TOOL_CALL_PARSER": "hermes", "REASONING_PARSER": "qwen3",
+           "OPENAI_RESPONSE_ROLE": "bot"}
+    settings = load_worker_settings(env)
+    args = startup.engine_args(env, settings)
+    assert args["served_model_name"] == ["my-model"] and args["enable_lora"] is True
+    cli = serving_cli_args(settings, args)
+    assert cli[cli.index("--chat-template") + 1] == template.read_text()
+    assert cli[cli.index("--response-role") + 1] == "bot"
+    assert "--enable-auto-tool-choice" in cli
+    assert cli[cli.index("--tool-call-parser") + 1] == "hermes"
+    assert cli[cli.index("--reasoning-parser") + 1] == "qwen3"
+    assert json.loads(cli[cli.index("--lora-modules") + 1])["name"] == "ad"

@@ -179,3 +179,15 @@ async def test_worker_keeps_serving_after_errors(worker):
 async def test_input_that_is_not_an_object(worker):
     out = await collect(worker, "just a string")  # type: ignore[arg-type]
     assert out[0]["error"]["param"] == "input"
+
+
+async def test_custom_chat_template_applies_to_the_native_route(worker, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    settings = worker.settings.model_copy(update={"custom_chat_template": str(template)})
+    custom = Worker(worker.runner, settings, worker.openai)
+    job = {"messages": [{"role": "user", "content": "hello there"}], "sampling_params": SEEDED}
+    (out,) = await collect(custom, job)
+    tokenizer = worker.runner.get_tokenizer()
+    assert out["usage"]["input"] == len(tokenizer.encode("hello there",
+                                                         add_special_tokens=False))

@@ -32,6 +32,8 @@ class NativeInput(BatchOverrides):
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
     apply_chat_template: bool = False
+    # A LoRA adapter's name (LORA_MODULES) or the served model name.
+    model: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> NativeInput:

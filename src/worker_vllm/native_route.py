@@ -55,14 +55,16 @@ class _Choices:
         return choices
 
 
-def tokenize_prompt(runner: EngineRunner, inp: NativeInput, max_tokens: int | None) -> list[int]:
+def tokenize_prompt(runner: EngineRunner, inp: NativeInput, max_tokens: int | None,
+                    chat_template: str | None = None) -> list[int]:
     """Token ids of the prompt, checked against the context length (tokenised once only)."""
     tokenizer = runner.get_tokenizer()
     messages = inp.chat_messages()
     if messages is not None:
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True,
+                                                 chat_template=chat_template)
         except Exception as exc:
             raise InvalidInput(f"Cannot apply the chat template: {exc}", param="messages") from None
         # The template already holds any BOS token; do not add it twice.
@@ -90,12 +92,15 @@ async def run_native(
     inp: NativeInput,
     request_id: str,
     policy: BatchPolicy,
+    lora_request: Any = None,
+    chat_template: str | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     params = build_sampling_params(inp)
-    prompt_ids = tokenize_prompt(runner, inp, params.max_tokens)
+    prompt_ids = tokenize_prompt(runner, inp, params.max_tokens, chat_template)
     usage = {"input": len(prompt_ids), "output": 0}
     choices = _Choices(params.n)
-    outputs = runner.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+    outputs = runner.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                              lora_request=lora_request)
     if not inp.stream:
         collected = [out async for out in outputs]
         result = choices.take(collected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,8 +33,8 @@ def _from_vllm_error(result: dict[str, Any]) -> OpenAIError:
                        param=err.get("param"), code=int(err.get("code") or 400))
 
 
-async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPolicy
-                     ) -> AsyncIterator[Any]:
+async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPolicy,
+                     request_id: str, raw_output: bool = True) -> AsyncIterator[Any]:
     route = normalise_route(inp.openai_route)
     if route == "/v1/models":
         yield await serving.models()
@@ -47,7 +48,7 @@ async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPoli
                           type="invalid_request_error", code=400)
     try:
         request = serving.parse(route, inp.openai_input)
-        result = await serving.respond(route, request)
+        result = await serving.respond(route, request, request_id)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -62,7 +63,16 @@ async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPoli
         yield result
         return
     async for batch in batched(result, policy):
-        yield "".join(batch.items)
+        if raw_output:
+            yield "".join(batch.items)
+        else:
+            yield [chunk for event in batch.items if (chunk := parse_sse(event)) is not None]
+
+
+def parse_sse(event: str) -> Any:
+    """The JSON payload of one SSE event (None for the closing [DONE])."""
+    data = "".join(line[5:].strip() for line in event.splitlines() if line.startswith("data:"))
+    return None if data in ("", "[DONE]") else json.loads(data)
 
 
 __all__ = ["InvalidInput", "run_openai"]

@@ -73,6 +73,46 @@ class WorkerSettings(BaseSettings):
         "slowed by lazy initialisation.", advanced=True,
     )
 
+    # --- OpenAI route ---
+    openai_served_model_name_override: str | None = _field(
+        None, "OpenAI", "Model name clients use (in `model` and /v1/models) instead of "
+        "MODEL_NAME. SERVED_MODEL_NAME takes a JSON list for several names.",
+    )
+    openai_response_role: str = _field(
+        "assistant", "OpenAI", "Role of the generated chat message.", advanced=True
+    )
+    custom_chat_template: str | None = _field(
+        None, "OpenAI", "Jinja chat template (inline, or a file path) replacing the model's, "
+        "for both routes.", advanced=True,
+    )
+    trust_request_chat_template: bool = _field(
+        False, "OpenAI", "Let requests bring their own chat_template.", advanced=True
+    )
+    enable_auto_tool_choice: bool = _field(
+        False, "OpenAI", "Let the model decide to call tools (needs TOOL_CALL_PARSER)."
+    )
+    tool_call_parser: str | None = _field(
+        None, "OpenAI", "vLLM tool-call parser for the model family (hermes, llama3_json, "
+        "mistral, ...).",
+    )
+    lora_modules: str | None = _field(
+        None, "OpenAI", 'LoRA adapters served by name: a JSON list (or one object) of '
+        '{"name", "path", "base_model_name"}; select one with `model`.', advanced=True,
+    )
+    enable_prompt_tokens_details: bool = _field(
+        False, "OpenAI", "Report cached prompt tokens in usage.", advanced=True
+    )
+    enable_force_include_usage: bool = _field(
+        False, "OpenAI", "Include usage in every response, streamed ones too.", advanced=True
+    )
+    return_tokens_as_token_ids: bool = _field(
+        False, "OpenAI", "Return logprob tokens as 'token_id:N' strings.", advanced=True
+    )
+    raw_openai_output: bool = _field(
+        True, "OpenAI", "Stream OpenAI responses as SSE text (on) or as lists of parsed chunk "
+        "objects (off, the reference worker's other mode).", advanced=True,
+    )
+
     # --- Streaming ---
     default_batch_size: int = _field(
         50, "Streaming", "Largest number of token deltas in one streamed chunk.", ge=1
@@ -177,6 +217,13 @@ ENGINE_SETTINGS: dict[str, EngineSetting] = {
     "ENABLE_PREFIX_CACHING": EngineSetting(
         "Memory", "Reuse the KV cache of shared prompt prefixes.", advanced=True
     ),
+    "REASONING_PARSER": EngineSetting(
+        "OpenAI", "vLLM reasoning parser (deepseek_r1, qwen3, ...): separates reasoning from "
+        "the answer.", advanced=True,
+    ),
+    "ENABLE_LORA": EngineSetting("OpenAI", "Enable LoRA adapters (on when LORA_MODULES is set).",
+                                 advanced=True),
+    "MAX_LORA_RANK": EngineSetting("OpenAI", "Largest LoRA rank served.", advanced=True),
     "ENFORCE_EAGER": EngineSetting(
         "Memory", "Skip CUDA graphs / compilation (faster start, slower steps).", advanced=True
     ),

@@ -17,6 +17,7 @@ from .engine_config import (
     redacted,
     resolve_engine_args,
 )
+from .openai_options import parse_lora_modules, serving_cli_args
 from .settings import WorkerSettings, load_worker_settings
 from .vllm_adapter import EngineRunner, OpenAIServing, make_sampling_params
 from .worker import Worker
@@ -78,10 +79,19 @@ def _resolve_model(spec: EngineArgsSpec, settings: WorkerSettings) -> None:
         spec.values.pop("tokenizer_revision", None)
 
 
+def _apply_openai_settings(spec: EngineArgsSpec, settings: WorkerSettings) -> None:
+    if settings.openai_served_model_name_override:
+        spec.set("served_model_name", [settings.openai_served_model_name_override],
+                 "OPENAI_SERVED_MODEL_NAME_OVERRIDE")
+    if parse_lora_modules(settings.lora_modules) and not spec.is_set("enable_lora"):
+        spec.set("enable_lora", True, "LORA_MODULES")
+
+
 def engine_args(env: Mapping[str, str], settings: WorkerSettings) -> dict[str, Any]:
     for warning in near_miss_warnings(env):
         log.warning(warning)
     spec = resolve_engine_args(env, settings)
+    _apply_openai_settings(spec, settings)
     _apply_defaults(spec, env)
     _resolve_model(spec, settings)
     shown = {k: f"{v!r} ({spec.sources[k]})" for k, v in redacted(spec.values).items()}
@@ -91,6 +101,8 @@ def engine_args(env: Mapping[str, str], settings: WorkerSettings) -> dict[str, A
 
 
 async def warm_up(runner: EngineRunner) -> None:
+    if "generate" not in await runner.supported_tasks():
+        return  # a pooling model: its first request has no lazy set-up worth warming
     params = make_sampling_params({"max_tokens": 2, "ignore_eos": True}, stream=False)
     prompt = {"prompt_token_ids": runner.get_tokenizer().encode("A short warm-up request.")}
     async for _ in runner.generate(prompt, params, "warmup"):
@@ -114,7 +126,7 @@ def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     args = engine_args(env, settings)
     runner = EngineRunner(args)
     # Built before the job loop, so concurrent first requests cannot race to build them.
-    openai = OpenAIServing.create(runner, str(args["model"]))
+    openai = OpenAIServing.create(runner, str(args["model"]), serving_cli_args(settings, args))
     if settings.warmup:
         asyncio.run(warm_up(runner))
         log.info("Engine warmed up; ready for jobs")

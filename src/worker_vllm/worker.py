@@ -11,6 +11,7 @@ from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
 from .job_input import BatchOverrides, NativeInput, OpenAIInput, parse_job_input
 from .logs import job_id_var
 from .native_route import build_sampling_params, run_native
+from .openai_options import chat_template_text
 from .openai_route import run_openai
 from .settings import WorkerSettings
 from .stream_batching import BatchPolicy
@@ -65,14 +66,20 @@ class Worker:
                     raise InvalidInput("The OpenAI route is not available",
                                        param="openai_route")
                 log.info("openai job: %s", inp.openai_route)
-                async for item in run_openai(self.openai, inp, policy):
+                async for item in run_openai(self.openai, inp, policy, job_id,
+                                             self.settings.raw_openai_output):
                     yield item
                 return
             log.info("native job: %s, stream=%s", "messages" if inp.messages else "prompt",
                      inp.stream)
             if self.settings.log_job_text:
                 log.info("input: %s", inp.prompt if inp.prompt is not None else inp.messages)
-            async for item in run_native(self.runner, inp, job_id, policy):
+            try:
+                lora = self.openai.lora_request(inp.model) if self.openai else None
+            except LookupError as exc:
+                raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
+            async for item in run_native(self.runner, inp, job_id, policy, lora,
+                                         chat_template_text(self.settings)):
                 yield item
         except asyncio.CancelledError:
             # The engine request was aborted on the way out; report what the engine says.
