@@ -161,3 +161,24 @@ async def test_errors_use_the_openai_error_object(worker, inp, code, needle):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and needle in error["message"]
     assert json.loads(str(error)) == dict(error)
+
+
+async def test_job_id_is_the_request_id_and_cancel_aborts(worker):
+    import asyncio
+
+    body = {**CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+    started = asyncio.Event()
+
+    async def run():
+        async for _ in worker.handle({"id": "oa-job-42",
+                                      "input": job("/v1/chat/completions", body)}):
+            started.set()
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(started.wait(), 60)
+    ids = await worker.runner.running_request_ids()
+    assert len(ids) == 1 and "oa-job-42" in ids[0]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await worker.runner.num_unfinished_requests() == 0

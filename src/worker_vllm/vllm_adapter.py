@@ -155,6 +155,15 @@ class EngineRunner:
 
         return await self.call(count)
 
+    async def running_request_ids(self) -> list[str]:
+        """External ids of the requests the engine is working on (for logs and tests)."""
+
+        async def ids() -> list[str]:
+            states = self.engine.output_processor.request_states.values()
+            return [getattr(st, "external_req_id", None) or st.request_id for st in states]
+
+        return await self.call(ids)
+
     async def supported_tasks(self) -> tuple[str, ...]:
         return tuple(await self.call(self.engine.get_supported_tasks))
 
