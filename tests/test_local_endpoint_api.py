@@ -1,0 +1,115 @@
+"""Local endpoint API semantics that need no engine: queue bound, ttl, purge, webhook, and the
+worker-facing protocol spoken over real HTTP the way the runpod SDK speaks it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from fastapi.testclient import TestClient
+
+from worker_vllm.local_endpoint import Endpoint, create_app
+
+WORKER_KEY = "worker-secret"
+
+
+@pytest.fixture()
+def endpoint():
+    return Endpoint(max_queue=2)
+
+
+@pytest.fixture()
+def client(endpoint):
+    with TestClient(create_app(endpoint, api_key=None, worker_key=WORKER_KEY)) as c:
+        yield c
+
+
+WORKER = {"Authorization": WORKER_KEY}
+
+
+def test_queue_is_bounded(client):
+    for _ in range(2):
+        assert client.post("/v2/e/run", json={"input": {"prompt": "a"}}).status_code == 200
+    r = client.post("/v2/e/run", json={"input": {"prompt": "a"}})
+    assert r.status_code == 429 and "queue is full" in r.json()["error"]
+    assert client.post("/v2/e/purge-queue").json()["removed"] == 2
+    assert client.post("/v2/e/run", json={"input": {"prompt": "a"}}).status_code == 200
+
+
+def test_missing_input_is_400(client):
+    assert client.post("/v2/e/run", json={"prompt": "a"}).status_code == 400
+    assert client.post("/v2/e/run", content=b"not json").status_code == 400
+
+
+def test_queued_job_expires_after_its_ttl_and_results_are_dropped(client, endpoint):
+    job = client.post("/v2/e/run", json={"input": {}, "policy": {"ttl": 100}}).json()
+    time.sleep(0.15)
+    endpoint.expire()
+    status = client.get(f"/v2/e/status/{job['id']}").json()
+    assert status["status"] == "TIMED_OUT" and "ttl" in status["error"]
+    time.sleep(0.15)
+    endpoint.expire()
+    assert client.get(f"/v2/e/status/{job['id']}").status_code == 404
+
+
+def test_worker_protocol_stream_done_and_webhook(client):
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook_url = f"http://127.0.0.1:{server.server_port}/hook"
+    try:
+        job = client.post("/v2/e/run", json={"input": {"prompt": "a"}, "webhook": hook_url})
+        job_id = job.json()["id"]
+        # The worker side, as the SDK calls it (JSON sent with a form content type).
+        assert client.get("/_worker/job-take/w1?x=1").status_code == 401  # no worker key
+        taken = client.get("/_worker/job-take-batch/w1?x=1&batch_size=4", headers=WORKER)
+        assert taken.json() == [{"id": job_id, "input": {"prompt": "a"}}]
+        form = {**WORKER, "Content-Type": "application/x-www-form-urlencoded"}
+        for chunk in ("one", "two"):
+            client.post(f"/_worker/job-stream/w1/{job_id}?isStream=false",
+                        content=json.dumps({"output": chunk}), headers=form)
+        stream = client.get(f"/v2/e/stream/{job_id}").json()
+        assert stream == {"status": "IN_PROGRESS",
+                          "stream": [{"output": "one"}, {"output": "two"}]}
+        client.post(f"/_worker/job-done/w1/{job_id}?isStream=true",
+                    content=json.dumps({"output": ["one", "two"]}), headers=form)
+        status = client.get(f"/v2/e/status/{job_id}").json()
+        assert status["status"] == "COMPLETED" and status["output"] == ["one", "two"]
+        assert {"delayTime", "executionTime"} <= set(status)
+        assert client.get(f"/v2/e/stream/{job_id}").json()["stream"] == []  # nothing new
+        deadline = time.time() + 5
+        while not received and time.time() < deadline:
+            time.sleep(0.05)
+        assert received and received[0]["id"] == job_id and received[0]["status"] == "COMPLETED"
+    finally:
+        server.shutdown()
+
+
+def test_cancel_of_a_running_job_reaches_the_stop_channel(client):
+    job_id = client.post("/v2/e/run", json={"input": {}}).json()["id"]
+    client.get("/_worker/job-take/w1?x=1", headers=WORKER)
+    assert client.post(f"/v2/e/cancel/{job_id}").json()["status"] == "CANCELLED"
+    assert client.get("/_worker/job-stop/w1?x=1", headers=WORKER).json() == {
+        "jobsToStop": [job_id]}
+    # A late result of the cancelled job is dropped.
+    client.post(f"/_worker/job-done/w1/{job_id}", content=json.dumps({"output": 1}),
+                headers=WORKER)
+    assert client.get(f"/v2/e/status/{job_id}").json()["status"] == "CANCELLED"
+
+
+def test_unknown_job_is_404(client):
+    assert client.get("/v2/e/status/nope").status_code == 404
+    assert client.post("/v2/e/cancel/nope").status_code == 404
