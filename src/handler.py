@@ -40,7 +40,7 @@ def main() -> int:
     if local:
         assert job is not None
         code = local_run.run_job(handler, job)
-        worker.runner.shutdown()
+        worker.close()
         return code
 
     import runpod

@@ -55,7 +55,7 @@ def worker(demo_model_dir: Path, lora_dir: Path) -> Iterator[Any]:
     env.pop("MODEL_NAME", None)
     w = build_worker(env)
     yield w
-    w.runner.shutdown()
+    w.close()
 
 
 async def collect(worker: Any, job_input: dict[str, Any], job_id: str = "test-job") -> list[Any]:

@@ -26,7 +26,7 @@ def embedder():
                      BAKED_ARGS_FILE=str(_RUN_DIR / "no-baked-args.json"))
     worker = build_worker(env)
     yield worker
-    worker.runner.shutdown()
+    worker.close()
 
 
 async def test_embeddings_are_384_d_normalised_vectors(embedder):

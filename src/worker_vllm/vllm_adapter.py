@@ -189,6 +189,18 @@ class EngineRunner:
         self._submit(watchdog())
 
     def shutdown(self) -> None:
+        async def stop_output_handler() -> None:
+            # vLLM stops the engine core before this task, which then logs the core's death
+            # as an error; stopping it first makes a clean shutdown quiet.
+            task = getattr(self.engine, "output_handler", None)
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        try:
+            self._submit(stop_output_handler()).result(timeout=5)
+        except Exception:
+            log.debug("could not stop the output handler first", exc_info=True)
         try:
             self.engine.shutdown()
         finally:

@@ -55,6 +55,11 @@ class Worker:
         self.settings = settings
         self.openai = openai
 
+    def close(self) -> None:
+        """Shut the engine down (the serving layer holds the engine too: drop it first)."""
+        self.openai = None
+        self.runner.shutdown()
+
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
