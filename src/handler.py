@@ -19,7 +19,7 @@ log = logging.getLogger("worker_vllm.handler")
 def main() -> int:
     from worker_vllm import local_run
     from worker_vllm.errors import WorkerError
-    from worker_vllm.startup import build_worker, is_production
+    from worker_vllm.startup import build_worker, exit_when_engine_dies, is_production
     from worker_vllm.worker import prevalidate
 
     local = not is_production(os.environ) or "--test_input" in " ".join(sys.argv)
@@ -49,8 +49,6 @@ def main() -> int:
         await worker.runner.check_health()
 
     runpod.serverless.register_fitness_check(engine_is_healthy)
-    from worker_vllm.startup import exit_when_engine_dies
-
     exit_when_engine_dies(worker.runner)
     max_concurrency = worker.settings.max_concurrency
     runpod.serverless.start(
