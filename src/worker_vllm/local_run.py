@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,3 @@ def fail(job_id: str, exc: WorkerError) -> int:
 
 def run_job(handle: Any, job: dict[str, Any]) -> int:
     return print_result(asyncio.run(collect(handle, job)))
-
-
-def exit_code_for(code: int) -> None:
-    sys.stdout.flush()
-    sys.exit(code)

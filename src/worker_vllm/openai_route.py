@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import ErrorObject, InvalidInput, WorkerError
+from .errors import ErrorObject, WorkerError
 from .job_input import OpenAIInput
 from .stream_batching import BatchPolicy, batched
 from .vllm_adapter import OpenAIServing, VLLMClientError
@@ -74,5 +74,3 @@ def parse_sse(event: str) -> Any:
     data = "".join(line[5:].strip() for line in event.splitlines() if line.startswith("data:"))
     return None if data in ("", "[DONE]") else json.loads(data)
 
-
-__all__ = ["InvalidInput", "run_openai"]
