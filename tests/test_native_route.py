@@ -191,3 +191,29 @@ async def test_custom_chat_template_applies_to_the_native_route(worker, tmp_path
     tokenizer = worker.runner.get_tokenizer()
     assert out["usage"]["input"] == len(tokenizer.encode("hello there",
                                                          add_special_tokens=False))
+
+
+async def test_task_cancelled_between_yields_still_aborts_the_request(worker):
+    """The SDK awaits its stream POST between yields; a cancel landing there never enters the
+    handler's generator. The request must be aborted anyway, not left to garbage collection."""
+    gate = asyncio.Event()  # never set: the "POST" that is in flight when the cancel comes
+    job = {"prompt": "import", "stream": True,
+           "sampling_params": {"max_tokens": 1900, "ignore_eos": True}}
+    first = asyncio.Event()
+
+    async def sdk_like() -> None:
+        async for _ in worker.handle({"id": "between-yields", "input": job}):
+            first.set()
+            await gate.wait()
+
+    task = asyncio.create_task(sdk_like())
+    await asyncio.wait_for(first.wait(), 60)
+    assert await worker.runner.num_unfinished_requests() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if await worker.runner.num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await worker.runner.num_unfinished_requests() == 0

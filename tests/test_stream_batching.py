@@ -89,3 +89,22 @@ def test_policy_rejects_nonsense():
         BatchPolicy(min_size=0)
     with pytest.raises(ValueError):
         BatchPolicy(growth=0.5)
+
+
+async def test_cancelling_the_consumer_is_never_swallowed():
+    """A cancelled job must stop even when the cancel races with an item arriving (Python
+    3.11's wait_for could swallow such a cancel; the consumer would then run to the end)."""
+    import random
+
+    rng = random.Random(0)
+    policy = BatchPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.002)
+    for _ in range(200):
+        async def consume():
+            async for _ in batched(timed_source([0.0] + [0.0005] * 60), policy):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(rng.uniform(0.001, 0.01))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

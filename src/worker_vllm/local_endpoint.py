@@ -64,8 +64,9 @@ class Job:
         self._changed = asyncio.Event()
 
     async def wait_change(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     def view(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -148,8 +149,9 @@ class Endpoint:
         self.last_seen = time.monotonic()
         if not self.queue:
             self.queued.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.queued.wait(), LONG_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LONG_POLL_S):
+                    await self.queued.wait()
         taken = []
         while self.queue and len(taken) < batch_size:
             job = self.jobs.get(self.queue.popleft())
@@ -169,8 +171,9 @@ class Endpoint:
     async def stops(self) -> list[str]:
         if not self.to_stop:
             self.stop_requested.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop_requested.wait(), LONG_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LONG_POLL_S):
+                    await self.stop_requested.wait()
         ids, self.to_stop = sorted(self.to_stop), set()
         return ids
 

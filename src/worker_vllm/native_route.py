@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ async def run_native(
         usage["output"] = choices.output_tokens
         yield {"choices": result, "usage": usage}
         return
-    async for batch in batched(outputs, policy):
-        result = choices.take(batch.items)
-        usage["output"] = choices.output_tokens
-        yield {"choices": result, "usage": dict(usage)}
+    async with contextlib.aclosing(batched(outputs, policy)) as batches:
+        async for batch in batches:
+            result = choices.take(batch.items)
+            usage["output"] = choices.output_tokens
+            yield {"choices": result, "usage": dict(usage)}

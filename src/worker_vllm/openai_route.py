@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,11 +63,13 @@ async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPoli
             raise _from_vllm_error(result)
         yield result
         return
-    async for batch in batched(result, policy):
-        if raw_output:
-            yield "".join(batch.items)
-        else:
-            yield [chunk for event in batch.items if (chunk := parse_sse(event)) is not None]
+    async with contextlib.aclosing(batched(result, policy)) as batches:
+        async for batch in batches:
+            if raw_output:
+                yield "".join(batch.items)
+            else:
+                yield [chunk for event in batch.items
+                       if (chunk := parse_sse(event)) is not None]
 
 
 def parse_sse(event: str) -> Any:

@@ -91,7 +91,11 @@ async def batched(
             else:
                 remaining = oldest + policy.flush_interval - clock()
                 try:
-                    entry = await asyncio.wait_for(queue.get(), max(remaining, 0))
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                    # cancellation that races with a result, and a cancelled job must stop.
+                    # A timed-out Queue.get loses no item.
+                    async with asyncio.timeout(max(remaining, 0)):
+                        entry = await queue.get()
                 except TimeoutError:
                     yield Batch(items, clock() - oldest)
                     items = []

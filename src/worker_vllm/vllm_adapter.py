@@ -128,15 +128,12 @@ class EngineRunner:
 
     @staticmethod
     async def _drain_until_done(queue: asyncio.Queue, limit: float = 10.0) -> None:
-        """Wait (shielded from our own cancellation) for the producer's end marker."""
-
-        async def wait() -> None:
-            while (await queue.get())[0] is not _DONE:
-                pass
-
+        """Wait for the producer's end marker, i.e. until vLLM has aborted the request."""
         try:
-            await asyncio.wait_for(asyncio.shield(wait()), limit)
-        except (TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(limit):
+                while (await queue.get())[0] is not _DONE:
+                    pass
+        except TimeoutError:
             log.warning("Engine request did not confirm its abort within %.0f s", limit)
 
     # ----- engine operations --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,6 +47,12 @@ def as_worker_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _close_if_abandoned(results: Any) -> None:
+    """Close a job's result generator that its (now finished) task left suspended."""
+    if results.ag_frame is not None and not results.ag_running:
+        asyncio.get_running_loop().create_task(results.aclose())
+
+
 class Worker:
     """Routes jobs to the engine. One instance per process, built before the job loop."""
 
@@ -61,35 +68,54 @@ class Worker:
         self.runner.shutdown()
 
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
+        """The job's results. Stopping it, however it happens, aborts the engine request.
+
+        The SDK cancels a job's task; when that lands while the task awaits the SDK's own
+        stream POST (between two of our yields), the cancellation never enters this generator
+        and the generator is only closed when garbage-collected, leaving vLLM generating. So
+        the end of the task that drives us closes the generator (and its engine request) too.
+        """
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
+        results = self._results(job_id, job.get("input"))
+        owner = asyncio.current_task()
+        if owner is not None:
+            owner.add_done_callback(lambda _task: _close_if_abandoned(results))
+        async with contextlib.aclosing(results):
+            async for item in results:
+                yield item
+
+    async def _results(self, job_id: str, raw_input: Any) -> AsyncIterator[Any]:
         try:
-            inp = parse_job_input(job.get("input"))
+            inp = parse_job_input(raw_input)
             policy = batch_policy(self.settings, inp)
             if isinstance(inp, OpenAIInput):
                 if self.openai is None:
                     raise InvalidInput("The OpenAI route is not available",
                                        param="openai_route")
                 log.info("openai job: %s", inp.openai_route)
-                async for item in run_openai(self.openai, inp, policy, job_id,
-                                             self.settings.raw_openai_output):
+                items = run_openai(self.openai, inp, policy, job_id,
+                                   self.settings.raw_openai_output)
+            else:
+                log.info("native job: %s, stream=%s",
+                         "messages" if inp.messages else "prompt", inp.stream)
+                if self.settings.log_job_text:
+                    log.info("input: %s",
+                             inp.prompt if inp.prompt is not None else inp.messages)
+                try:
+                    lora = self.openai.lora_request(inp.model) if self.openai else None
+                except LookupError as exc:
+                    raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
+                items = run_native(self.runner, inp, job_id, policy, lora,
+                                   chat_template_text(self.settings))
+            # aclosing: closing this generator closes the route's, which aborts the request.
+            async with contextlib.aclosing(items):
+                async for item in items:
                     yield item
-                return
-            log.info("native job: %s, stream=%s", "messages" if inp.messages else "prompt",
-                     inp.stream)
-            if self.settings.log_job_text:
-                log.info("input: %s", inp.prompt if inp.prompt is not None else inp.messages)
-            try:
-                lora = self.openai.lora_request(inp.model) if self.openai else None
-            except LookupError as exc:
-                raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
-            async for item in run_native(self.runner, inp, job_id, policy, lora,
-                                         chat_template_text(self.settings)):
-                yield item
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             # The engine request was aborted on the way out; report what the engine says.
             running = await self.runner.num_unfinished_requests()
-            log.info("job cancelled; engine requests still running: %d", running)
+            log.info("job stopped; engine requests still running: %d", running)
             raise
         except Exception as exc:
             mapped = as_worker_error(exc)
