@@ -61,6 +61,8 @@ class Worker:
         self.runner = runner
         self.settings = settings
         self.openai = openai
+        # CUSTOM_CHAT_TEMPLATE may name a file: read it once, not on every job.
+        self.chat_template = chat_template_text(settings)
 
     def close(self) -> None:
         """Shut the engine down (the serving layer holds the engine too: drop it first)."""
@@ -107,7 +109,7 @@ class Worker:
                 except LookupError as exc:
                     raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
                 items = run_native(self.runner, inp, job_id, policy, lora,
-                                   chat_template_text(self.settings))
+                                   self.chat_template)
             # aclosing: closing this generator closes the route's, which aborts the request.
             async with contextlib.aclosing(items):
                 async for item in items:
