@@ -1,7 +1,10 @@
 # GPU image: vLLM's CUDA build at the same version as the CPU build the tests run
 # (tests/test_deploy_files.py checks VLLM_VERSION against requirements.txt).
+# VLLM_IMAGE_SUFFIX selects the CUDA build (builder/cuda_variants.py): "" is CUDA 13.0 (hosts
+# with CUDA 13.0 drivers), "-cu129" is CUDA 12.9 (hosts with CUDA 12.9 or newer drivers).
 ARG VLLM_VERSION=0.32.0
-FROM vllm/vllm-openai:v${VLLM_VERSION}
+ARG VLLM_IMAGE_SUFFIX=""
+FROM vllm/vllm-openai:v${VLLM_VERSION}${VLLM_IMAGE_SUFFIX}
 
 # Model baking (optional): docker build --build-arg MODEL_NAME=org/model \
 #   [--secret id=HF_TOKEN,env=HF_TOKEN] .   The token is a build secret, never an ARG or ENV.

@@ -17,14 +17,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "builder"))
+
+from cuda_variants import DEFAULT_VARIANT, allowed_cuda, cuda_of  # noqa: E402
 
 from worker_vllm.settings import DEV_ENV  # noqa: E402
 from worker_vllm.settings_catalog import SettingInfo, all_settings, other_engine_args  # noqa: E402
 
 IMAGE_NAME = "worker-vllm"
-# CUDA of the vllm/vllm-openai base image; check both when bumping vLLM.
-MINIMUM_CUDA = "12.8"
-ALLOWED_CUDA = ["12.8", "12.9"]
+# The default image's CUDA (builder/cuda_variants.py): hosts must run it or newer.
+MINIMUM_CUDA = cuda_of(DEFAULT_VARIANT)
+ALLOWED_CUDA = allowed_cuda(DEFAULT_VARIANT)
 HUB_TEST_MODEL = "Qwen/Qwen3-0.6B"
 GROUP_ORDER = ["Model", "Parallelism", "Memory", "OpenAI", "Streaming", "Worker"]
 

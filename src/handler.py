@@ -10,16 +10,43 @@ import logging
 import os
 import sys
 
+from worker_vllm.errors import WorkerError
 from worker_vllm.logs import setup_logging
 
 setup_logging()
 log = logging.getLogger("worker_vllm.handler")
 
 
+def serve(handler, concurrency: int, fitness_check=None) -> None:  # type: ignore[no-untyped-def]
+    """The runpod SDK's job loop (production) with a private job-state file."""
+    import runpod
+
+    from worker_vllm.sdk_state import use_private_job_state
+
+    use_private_job_state()
+    if fitness_check is not None:
+        runpod.serverless.register_fitness_check(fitness_check)
+    runpod.serverless.start(
+        {
+            "handler": handler,
+            # Must be constant: a changing value stalls the SDK's job intake.
+            "concurrency_modifier": lambda _current: concurrency,
+            "return_aggregate_stream": True,
+        }
+    )
+
+
 def main() -> int:
     from worker_vllm import local_run
-    from worker_vllm.errors import WorkerError
-    from worker_vllm.startup import build_worker, exit_when_engine_dies, is_production
+    from worker_vllm.errors import InvalidInput
+    from worker_vllm.process_tree import end_children
+    from worker_vllm.startup import (
+        build_worker,
+        exit_when_engine_dies,
+        is_production,
+        startup_error,
+        startup_failure_action,
+    )
     from worker_vllm.worker import prevalidate
 
     local = not is_production(os.environ) or "--test_input" in " ".join(sys.argv)
@@ -29,9 +56,18 @@ def main() -> int:
             job = local_run.read_test_job(sys.argv[1:])
             prevalidate(job["input"])  # fail fast, before the engine starts
         worker = build_worker()
-    except WorkerError as exc:
+    except InvalidInput as exc:
         log.error("%s", exc.message)
-        return local_run.fail(job["id"] if job else "local-test", exc) if local else 1
+        return local_run.fail(job["id"] if job else "local-test", exc)
+    except Exception as exc:
+        error = startup_error(exc)
+        log.error("Start-up failed: %s", error.message)
+        end_children()  # an engine core that half started
+        if local:
+            return local_run.fail(job["id"] if job else "local-test", error)
+        if startup_failure_action(os.environ) == "exit":
+            return 1
+        return serve_startup_error(error)
 
     async def handler(job: dict):
         async for item in worker.handle(job):
@@ -43,22 +79,31 @@ def main() -> int:
         worker.close()
         return code
 
-    import runpod
-
     async def engine_is_healthy() -> None:
         await worker.runner.check_health()
 
-    runpod.serverless.register_fitness_check(engine_is_healthy)
-    exit_when_engine_dies(worker.runner)
-    max_concurrency = worker.settings.max_concurrency
-    runpod.serverless.start(
-        {
-            "handler": handler,
-            # Must be constant: a changing value stalls the SDK's job intake.
-            "concurrency_modifier": lambda _current: max_concurrency,
-            "return_aggregate_stream": True,
-        }
-    )
+    exit_when_engine_dies(worker.runner, worker.settings)
+    try:
+        serve(handler, worker.settings.max_concurrency, engine_is_healthy)
+    finally:
+        worker.close()
+        end_children()
+    return 0
+
+
+def serve_startup_error(error: WorkerError) -> int:
+    """Keep the worker up and end every job FAILED with the start-up error: the user sees the
+    cause in the first job's output and the queue drains, instead of the platform restarting
+    workers that fail the same way (each start billed)."""
+    from worker_vllm.errors import error_result
+
+    log.error("Every job will fail with this error; fix the setting and redeploy "
+              "(ON_STARTUP_ERROR=exit makes the worker exit instead)")
+
+    async def failing_handler(job: dict):
+        yield error_result(error)
+
+    serve(failing_handler, 30)
     return 0
 
 

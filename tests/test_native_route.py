@@ -98,9 +98,10 @@ async def test_streamed_200_tokens_arrive_in_growing_batches(worker):
                                      "stream": True, "min_batch_size": 2,
                                      "batch_size_growth_factor": 2, "max_batch_size": 40})
     sizes = [len(y["choices"][0]["tokens"]) for y in out]
-    # Each vLLM delta is one token here (no stop strings), so sizes count tokens.
+    # Sizes count vLLM's deltas: one token each, unless vLLM merged the deltas of a consumer
+    # that fell behind (its output collector does), so there may be fewer than 200.
     assert sizes[:7] == [1, 2, 4, 8, 16, 32, 40]
-    assert sum(sizes) == 200 and out[-1]["usage"]["output"] == 200
+    assert sum(sizes) <= 200 and out[-1]["usage"]["output"] == 200
 
 
 async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker):

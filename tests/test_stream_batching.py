@@ -108,3 +108,40 @@ async def test_cancelling_the_consumer_is_never_swallowed():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+class CountingSource:
+    """Yields an item every `gap` seconds and counts what it has produced so far."""
+
+    def __init__(self, count: int, gap: float) -> None:
+        self.count, self.gap, self.produced = count, gap, 0
+
+    async def __aiter__(self):
+        for i in range(self.count):
+            await asyncio.sleep(self.gap)
+            self.produced += 1
+            yield i
+
+
+@pytest.mark.parametrize("consumer_delay", [0.02, 0.06, 0.1])
+async def test_a_backlog_behind_a_slow_consumer_leaves_whole(consumer_delay):
+    """Each yield is one awaited platform POST. When that is slower than the flush interval,
+    a backlog builds up; every flush must take all of it (up to the largest batch) instead of
+    one delta per round trip (which sent 200 deltas in 200 yields, long after generation)."""
+    policy = BatchPolicy(max_size=50, min_size=1, growth=3.0, flush_interval=0.05)
+    source = CountingSource(200, 0.01)
+    received = 0
+    yields = 0
+    async for batch in batched(source.__aiter__(), policy):
+        received += len(batch.items)
+        yields += 1
+        if consumer_delay >= policy.flush_interval and yields > 1:
+            # Every delta produced before this yield is in it or an earlier one, unless the
+            # batch is at the count bound (the rest then follows in the next yield).
+            assert received == source.produced or len(batch.items) == policy.max_size, (
+                f"yield {yields}: {len(batch.items)} sent, "
+                f"{source.produced - received} left waiting")
+        await asyncio.sleep(consumer_delay)  # the platform's round trip
+    assert received == 200
+    # Production takes 200 x 10 ms: about one yield per round trip, plus the tail.
+    assert yields <= 3 + 2.0 / max(consumer_delay, policy.flush_interval) + 200 / 50

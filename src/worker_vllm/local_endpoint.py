@@ -84,7 +84,10 @@ class Job:
 class Endpoint:
     """Job queue and state: the part of the platform one worker sees."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, stream_post_delay: float = 0.0) -> None:
+        # Seconds each job-stream POST is held before it is answered: the platform's round
+        # trip, which the worker's SDK awaits before it takes the next yield.
+        self.stream_post_delay = stream_post_delay
         self.jobs: dict[str, Job] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.max_queue = max_queue
@@ -193,14 +196,36 @@ def _openai_error(status: int, message: str, type_: str = "invalid_request_error
     )
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in `value` holds a lone surrogate (not encodable as UTF-8)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
 async def _json_body(request: Request, limit: int) -> dict[str, Any] | Response:
     raw = await request.body()
     if len(raw) > limit:
         return _error(413, f"Payload of {len(raw)} bytes exceeds the limit of {limit} bytes")
     try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        return _error(400, "The body is not valid JSON")
+        # Standard JSON only: NaN, Infinity and lone surrogates cannot be handed on.
+        body = json.loads(raw or b"{}", parse_constant=_reject_constant)
+    except ValueError as exc:
+        return _error(400, f"The body is not valid JSON: {exc}")
+    if _lone_surrogate(body):
+        return _error(400, "The body is not valid JSON: a string holds a lone surrogate")
     if not isinstance(body, dict):
         return _error(400, "The body must be a JSON object")
     return body
@@ -226,23 +251,35 @@ def _sse_text(chunk: Any) -> str:
     return chunk if isinstance(chunk, str) else f"data: {json.dumps(chunk)}\n\n"
 
 
+class _AuthMiddleware:
+    """Bearer-key check as a pure ASGI middleware: Starlette's @app.middleware("http") wraps
+    every request and streamed body in extra tasks, a large share of this server's CPU."""
+
+    def __init__(self, app: Any, api_key: str | None, worker_key: str) -> None:
+        self.app, self.api_key, self.worker_key = app, api_key, worker_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            given = dict(scope["headers"]).get(b"authorization", b"").decode(
+                "latin-1").removeprefix("Bearer ")
+            denied: Response | None = None
+            if path.startswith("/_worker/"):
+                if given != self.worker_key:
+                    denied = _error(401, "Unknown worker")
+            elif self.api_key and given != self.api_key:
+                denied = (_openai_error(401, "Invalid or missing API key", "authentication_error")
+                          if "/openai/" in path else _error(401, "Invalid or missing API key"))
+            if denied is not None:
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(endpoint: Endpoint, api_key: str | None, worker_key: str,
                lifespan: Any = None) -> FastAPI:
     app = FastAPI(title="worker-vllm local endpoint", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def check_auth(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if path.startswith("/_worker/"):
-            if request.headers.get("authorization", "").removeprefix("Bearer ") != worker_key:
-                return _error(401, "Unknown worker")
-        elif api_key and request.headers.get("authorization", "").removeprefix(
-            "Bearer "
-        ) != api_key:
-            if "/openai/" in path:
-                return _openai_error(401, "Invalid or missing API key", "authentication_error")
-            return _error(401, "Invalid or missing API key")
-        return await call_next(request)
+    app.add_middleware(_AuthMiddleware, api_key=api_key, worker_key=worker_key)
 
     def job_or_404(job_id: str) -> Job | Response:
         job = endpoint.jobs.get(job_id)
@@ -345,33 +382,45 @@ def create_app(endpoint: Endpoint, api_key: str | None, worker_key: str,
             job_input["openai_input"] = body
         job = endpoint.submit({"input": job_input})
         if body is not None and body.get("stream"):
-            return await _stream_openai(job)
+            return await _stream_openai(job, request)
         while job.status not in FINAL:
-            await job.wait_change(30)
+            if await request.is_disconnected():
+                # vLLM's own server aborts a request whose client went away; so does this.
+                endpoint.stop(job, "CANCELLED")
+                return Response(status_code=499)
+            await job.wait_change(1.0)
         if job.status != "COMPLETED":
             return _job_error_to_openai(job.error or f"The job ended {job.status}")
         outputs = job.output if isinstance(job.output, list) else [job.output]
         return JSONResponse(outputs[0] if outputs else None)
 
-    async def _stream_openai(job: Job) -> Response:
+    async def _stream_openai(job: Job, request: Request) -> Response:
         # Wait for the first chunk (or the end) so an error can still get its HTTP status.
         while not job.chunks and job.status not in FINAL:
-            await job.wait_change(30)
+            if await request.is_disconnected():
+                endpoint.stop(job, "CANCELLED")
+                return Response(status_code=499)
+            await job.wait_change(1.0)
         if not job.chunks and job.status != "COMPLETED":
             return _job_error_to_openai(job.error or f"The job ended {job.status}")
 
         async def relay():
             sent = 0
-            while True:
-                while sent < len(job.chunks):
-                    yield _sse_text(job.chunks[sent])
-                    sent += 1
-                if job.status in FINAL:
-                    if job.status != "COMPLETED":
-                        err = json.loads(_job_error_to_openai(job.error or job.status).body)
-                        yield f"data: {json.dumps(err)}\n\n"
-                    return
-                await job.wait_change(30)
+            try:
+                while True:
+                    while sent < len(job.chunks):
+                        yield _sse_text(job.chunks[sent])
+                        sent += 1
+                    if job.status in FINAL:
+                        if job.status != "COMPLETED":
+                            err = json.loads(_job_error_to_openai(job.error or job.status).body)
+                            yield f"data: {json.dumps(err)}\n\n"
+                        return
+                    await job.wait_change(30)
+            finally:
+                # The client went away (the response was closed early): cancel its job.
+                if job.status not in FINAL:
+                    endpoint.stop(job, "CANCELLED")
 
         return StreamingResponse(relay(), media_type="text/event-stream")
 
@@ -406,6 +455,8 @@ def create_app(endpoint: Endpoint, api_key: str | None, worker_key: str,
         if job is not None and job.status == "IN_PROGRESS" and "output" in body:
             job.chunks.append(body["output"])
             job.notify()
+        if endpoint.stream_post_delay:
+            await asyncio.sleep(endpoint.stream_post_delay)
         return Response(status_code=200)
 
     @app.post("/_worker/job-done/{worker_id}/{job_id}")
@@ -452,12 +503,47 @@ async def _housekeeping(endpoint: Endpoint) -> None:
         endpoint.expire()
 
 
-async def _supervise(proc: subprocess.Popen, endpoint: Endpoint) -> None:
-    while proc.poll() is None:
-        await asyncio.sleep(0.5)
-    log.error("The worker process exited with code %s", proc.returncode)
-    for job in endpoint.in_progress():
-        endpoint.finish(job, "FAILED", error=f"The worker exited with code {proc.returncode}")
+class WorkerProcess:
+    """The worker process, restarted when it exits (as the platform replaces workers)."""
+
+    def __init__(self, env: dict[str, str], endpoint: Endpoint, restart: bool) -> None:
+        self.env, self.endpoint, self.restart = env, endpoint, restart
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.starts = 0
+
+    def start(self) -> None:
+        handler = Path(__file__).resolve().parents[1] / "handler.py"
+        self.proc = subprocess.Popen([sys.executable, str(handler)], env=self.env)
+        self.starts += 1
+        log.info("Worker pid %s is starting", self.proc.pid)
+
+    async def supervise(self) -> None:
+        while not self.stopping:
+            assert self.proc is not None
+            while self.proc.poll() is None:
+                await asyncio.sleep(0.5)
+            if self.stopping:
+                return
+            code = self.proc.returncode
+            self.endpoint.last_seen = 0.0  # no worker until the next one calls in
+            log.error("The worker process exited with code %s", code)
+            for job in self.endpoint.in_progress():
+                self.endpoint.finish(job, "FAILED", error=f"The worker exited with code {code}")
+            if not self.restart:
+                return
+            await asyncio.sleep(min(30, 2 ** min(self.starts, 5)))  # back off on repeated exits
+            if not self.stopping:
+                self.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -470,6 +556,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="jobs waiting at most; more get HTTP 429")
     parser.add_argument("--no-worker", action="store_true",
                         help="start no worker; print the env for one started separately")
+    parser.add_argument("--stream-post-delay-ms", type=float, default=0.0,
+                        help="hold each job-stream POST this long before answering "
+                             "(simulates the platform's round trip; default 0)")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="do not restart the worker when it exits (the platform does)")
     parser.add_argument("--worker-key", default=None,
                         help="key the worker authenticates with (default: random)")
     args = parser.parse_args(argv)
@@ -478,12 +569,12 @@ def main(argv: list[str] | None = None) -> None:
                         "%(message)s")
     worker_key = args.worker_key or secrets.token_urlsafe(16)
     base_url = f"http://{args.host}:{args.port}"
-    endpoint = Endpoint(args.max_queue)
-    proc: subprocess.Popen | None = None
+    endpoint = Endpoint(args.max_queue, args.stream_post_delay_ms / 1000)
+    worker: WorkerProcess | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
-        nonlocal proc
+        nonlocal worker
         housekeeping = asyncio.get_running_loop().create_task(_housekeeping(endpoint))
         env = worker_env(base_url, worker_key)
         if args.no_worker:
@@ -494,19 +585,14 @@ def main(argv: list[str] | None = None) -> None:
             if not env.get("MODEL_NAME") and not env.get("MODEL"):
                 log.info("MODEL_NAME is not set: the worker serves the built-in demo model")
                 env.update(demo_model.demo_env(env))
-            handler = Path(__file__).resolve().parents[1] / "handler.py"
-            proc = subprocess.Popen([sys.executable, str(handler)], env=env)
-            asyncio.get_running_loop().create_task(_supervise(proc, endpoint))
-            log.info("Worker pid %s is starting", proc.pid)
+            worker = WorkerProcess(env, endpoint, restart=not args.no_restart)
+            worker.start()
+            asyncio.get_running_loop().create_task(worker.supervise())
         log.info("Endpoint: %s/v2/local (any endpoint id works)", base_url)
         yield
         housekeeping.cancel()
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if worker is not None:
+            worker.stop()
 
     app = create_app(endpoint, args.api_key, worker_key, lifespan)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

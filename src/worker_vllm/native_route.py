@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -10,6 +12,8 @@ from typing import Any
 
 from .errors import InvalidInput
 from .job_input import NativeInput
+from .job_limits import check_counts
+from .settings import WorkerSettings
 from .stream_batching import BatchPolicy, batched
 from .vllm_adapter import EngineRunner, VLLMClientError, make_sampling_params
 
@@ -17,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # The reference worker's users rely on 100, not vLLM's 16.
 DEFAULT_MAX_TOKENS = 100
+# One thread: the tokenizer is shared, and one caller at a time keeps it safe.
+_TOKENIZER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
 
 def build_sampling_params(inp: NativeInput) -> Any:
@@ -24,15 +30,33 @@ def build_sampling_params(inp: NativeInput) -> Any:
     params = {"max_tokens": DEFAULT_MAX_TOKENS, **inp.sampling_params}
     try:
         return make_sampling_params(params, stream=inp.stream)
-    except TypeError as exc:
-        # SamplingParams reports unknown keywords as TypeError("Unexpected keyword argument 'x'")
-        raise InvalidInput(f"Invalid sampling_params: {exc}", param="sampling_params") from None
-    except (ValueError, VLLMClientError) as exc:
-        param = getattr(exc, "parameter", None)
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        param = getattr(exc, "parameter", None) or _named_field(str(exc), params)
         raise InvalidInput(
             f"Invalid sampling_params: {exc}",
             param=f"sampling_params.{param}" if param else "sampling_params",
         ) from None
+
+
+def _named_field(message: str, params: dict[str, Any]) -> str | None:
+    """The field a vLLM range error speaks of, when it does not say so itself."""
+    names = sorted((k for k in params if k in message), key=message.index)
+    return names[0] if names else None
+
+
+def _logprob_entries(position: dict[int, Any] | None, chosen: int | None = None
+                     ) -> dict[str, Any] | None:
+    """One token position's logprobs: the chosen token and the top alternatives."""
+    if position is None:
+        return None
+    top = [{"token_id": tid, "token": lp.decoded_token, "logprob": lp.logprob, "rank": lp.rank}
+           for tid, lp in position.items()]
+    entry: dict[str, Any] = {"top_logprobs": sorted(top, key=lambda t: -t["logprob"])}
+    if chosen is not None and chosen in position:
+        lp = position[chosen]
+        entry = {"token_id": chosen, "token": lp.decoded_token, "logprob": lp.logprob,
+                 "rank": lp.rank, **entry}
+    return entry
 
 
 @dataclass
@@ -42,18 +66,61 @@ class _Choices:
     n: int
     output_tokens: int = 0
     finish: dict[int, str] = field(default_factory=dict)
+    prompt_logprobs: list[Any] | None = None  # not yet sent
+    prompt_logprobs_seen: bool = False
 
     def take(self, outputs: list[Any]) -> list[dict[str, Any]]:
         choices: list[dict[str, Any]] = [{"tokens": []} for _ in range(self.n)]
         for request_output in outputs:
+            if request_output.prompt_logprobs is not None and not self.prompt_logprobs_seen:
+                self.prompt_logprobs_seen = True
+                self.prompt_logprobs = [
+                    _logprob_entries(pos, tid) for pos, tid in
+                    zip(request_output.prompt_logprobs, request_output.prompt_token_ids or [],
+                        strict=False)]
             for out in request_output.outputs:
                 choice = choices[out.index]
                 choice["tokens"].append(out.text)
+                if out.logprobs is not None:
+                    choice.setdefault("logprobs", []).extend(
+                        _logprob_entries(pos, tid)
+                        for pos, tid in zip(out.logprobs, out.token_ids, strict=False))
                 self.output_tokens += len(out.token_ids)
                 if out.finish_reason is not None:
                     self.finish[out.index] = out.finish_reason
                     choice["finish_reason"] = out.finish_reason
         return choices
+
+    def result(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        """One yield; the prompt's logprobs go with the first one that has them."""
+        out: dict[str, Any] = {"choices": choices, "usage": dict(usage)}
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"], self.prompt_logprobs = self.prompt_logprobs, None
+        return out
+
+
+def _as_template_content(messages: list[dict[str, Any]], content_format: str
+                         ) -> list[dict[str, Any]]:
+    """Content given as parts: text joined for a template that expects a string (as vLLM's
+    chat route does), kept as parts for one that iterates over them."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidInput(
+                        "The native route takes text content parts only "
+                        '({"type": "text", "text": "..."}); use the OpenAI route for other '
+                        "kinds", param=f"messages.{i}.content.{j}")
+                texts.append(part["text"])
+            if content_format == "string":
+                message = {**message, "content": "\n".join(texts)}
+            else:
+                message = {**message, "content": [{"type": "text", "text": t} for t in texts]}
+        out.append(message)
+    return out
 
 
 def tokenize_prompt(runner: EngineRunner, inp: NativeInput, max_tokens: int | None,
@@ -62,6 +129,7 @@ def tokenize_prompt(runner: EngineRunner, inp: NativeInput, max_tokens: int | No
     tokenizer = runner.get_tokenizer()
     messages = inp.chat_messages()
     if messages is not None:
+        messages = _as_template_content(messages, runner.chat_content_format(chat_template))
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=True,
@@ -95,9 +163,15 @@ async def run_native(
     policy: BatchPolicy,
     lora_request: Any = None,
     chat_template: str | None = None,
+    settings: WorkerSettings | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     params = build_sampling_params(inp)
-    prompt_ids = tokenize_prompt(runner, inp, params.max_tokens, chat_template)
+    if settings is not None:
+        check_counts(settings, params.n, inp.sampling_params.get("max_tokens"),
+                     "sampling_params.")
+    # A long prompt takes seconds to tokenise: never on the job loop, which serves every job.
+    prompt_ids = await asyncio.get_running_loop().run_in_executor(
+        _TOKENIZER_THREAD, tokenize_prompt, runner, inp, params.max_tokens, chat_template)
     usage = {"input": len(prompt_ids), "output": 0}
     choices = _Choices(params.n)
     outputs = runner.generate({"prompt_token_ids": prompt_ids}, params, request_id,
@@ -108,10 +182,10 @@ async def run_native(
         for choice in result:
             choice["tokens"] = ["".join(choice["tokens"])]
         usage["output"] = choices.output_tokens
-        yield {"choices": result, "usage": usage}
+        yield choices.result(result, usage)
         return
     async with contextlib.aclosing(batched(outputs, policy)) as batches:
         async for batch in batches:
             result = choices.take(batch.items)
             usage["output"] = choices.output_tokens
-            yield {"choices": result, "usage": dict(usage)}
+            yield choices.result(result, usage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,9 +68,36 @@ class WorkerSettings(BaseSettings):
         False, "Worker", "Log prompt and output text of each job (off: only sizes).",
         advanced=True,
     )
+    on_startup_error: Literal["fail_jobs", "exit"] = _field(
+        "fail_jobs", "Worker", "When start-up fails: `fail_jobs` keeps the worker up and ends "
+        "every job FAILED with the cause (no restart loop); `exit` exits with code 1.",
+        advanced=True, options=("fail_jobs", "exit"),
+    )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "
         "slowed by lazy initialisation.", advanced=True,
+    )
+
+    engine_probe_interval_s: float = _field(
+        30.0, "Worker", "Seconds between health probes (a one-token request) of the engine; "
+        "0 turns them off.", ge=0, advanced=True,
+    )
+    engine_probe_timeout_s: float = _field(
+        120.0, "Worker", "A probe unanswered for this long means the engine is stuck: the "
+        "worker exits so the platform replaces it.", gt=0, advanced=True,
+    )
+
+    # --- Limits of one job ---
+    job_max_input_bytes: int = _field(
+        10 * 1024 * 1024, "Limits", "Largest job input (its JSON size, bytes).", ge=1,
+        advanced=True,
+    )
+    job_max_n: int = _field(
+        16, "Limits", "Most choices (`n`) one job may ask for.", ge=1, advanced=True
+    )
+    job_max_tokens: int | None = _field(
+        None, "Limits", "Most output tokens one job may ask for (default: the context "
+        "length).", ge=1, advanced=True,
     )
 
     # --- OpenAI route ---

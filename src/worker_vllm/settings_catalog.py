@@ -49,6 +49,7 @@ def worker_settings() -> list[SettingInfo]:
             env=name.upper(), kind=_kind(field.annotation), default=field.default,
             description=field.description or "", group=str(extra["group"]),
             advanced=bool(extra.get("advanced", False)), secret=secret,
+            options=tuple(extra.get("options", ())),  # type: ignore[arg-type]
         ))
     return out
 

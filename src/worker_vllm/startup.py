@@ -17,12 +17,38 @@ from .engine_config import (
     redacted,
     resolve_engine_args,
 )
+from .errors import WorkerError
 from .openai_options import parse_lora_modules, serving_cli_args
-from .settings import WorkerSettings, load_worker_settings
+from .process_tree import exit_now
+from .settings import WorkerSettings, is_unset, load_worker_settings
 from .vllm_adapter import EngineRunner, OpenAIServing, make_sampling_params
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(WorkerError):
+    type = "startup_error"
+    code = 500
+
+
+def startup_error(exc: BaseException) -> StartupError:
+    """The error every job reports when start-up failed: the cause, no traceback."""
+    if isinstance(exc, WorkerError):
+        return StartupError(f"The worker could not start: {exc.message}")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return StartupError(f"The worker could not start: {type(exc).__name__}"
+                        + (f": {detail}" if detail else "") + " (see the worker log)")
+
+
+def startup_failure_action(env: Mapping[str, str]) -> str:
+    """ON_STARTUP_ERROR; read on its own when the settings themselves are what failed."""
+    try:
+        return load_worker_settings(dict(env)).on_startup_error
+    except WorkerError:
+        pass
+    raw = env.get("ON_STARTUP_ERROR")
+    return "exit" if not is_unset(raw) and str(raw).strip().lower() == "exit" else "fail_jobs"
 
 
 def is_production(env: Mapping[str, str]) -> bool:
@@ -109,15 +135,17 @@ async def warm_up(runner: EngineRunner) -> None:
         pass
 
 
-def exit_when_engine_dies(runner: EngineRunner, grace: float = 3.0) -> None:
+def exit_when_engine_dies(runner: EngineRunner, settings: WorkerSettings,
+                          grace: float = 3.0) -> None:
     """A dead engine must not leave a worker that keeps taking jobs: exit so it is replaced."""
 
-    def on_dead() -> None:
-        log.error("The vLLM engine died; exiting in %.0f s so the platform replaces the worker",
-                  grace)
-        threading.Timer(grace, os._exit, args=(1,)).start()
+    def on_dead(reason: str) -> None:
+        log.error("The vLLM engine died (%s); exiting in %.0f s so the platform replaces the "
+                  "worker", reason, grace)
+        threading.Timer(grace, exit_now, args=(1,)).start()
 
-    runner.watch(on_dead)
+    runner.watch(on_dead, probe_every=settings.engine_probe_interval_s,
+                 probe_timeout=settings.engine_probe_timeout_s)
 
 
 def build_worker(env: Mapping[str, str] | None = None) -> Worker:

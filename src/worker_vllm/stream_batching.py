@@ -81,43 +81,56 @@ async def batched(
     first = True
     items: list[T] = []
     oldest = 0.0
+    ended: _End | None = None
+
+    def take(entry: tuple[T, float] | _End) -> None:
+        nonlocal oldest, ended
+        if isinstance(entry, _End):
+            ended = entry
+            return
+        item, arrived = entry
+        if not items:
+            oldest = arrived
+        items.append(item)
+
+    def take_queued(limit: int) -> None:
+        """Move what is already queued into the batch, without waiting, up to `limit`."""
+        while ended is None and len(items) < limit and not queue.empty():
+            take(queue.get_nowait())
+
     try:
         while True:
-            if items and clock() - oldest >= policy.flush_interval:
-                yield Batch(items, clock() - oldest)
-                items = []
-            if not items or not queue.empty():
-                entry = await queue.get()
-            else:
-                remaining = oldest + policy.flush_interval - clock()
+            if not items:
+                take(await queue.get())
+            elif (remaining := oldest + policy.flush_interval - clock()) > 0:
                 try:
                     # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                     # cancellation that races with a result, and a cancelled job must stop.
                     # A timed-out Queue.get loses no item.
-                    async with asyncio.timeout(max(remaining, 0)):
-                        entry = await queue.get()
+                    async with asyncio.timeout(remaining):
+                        take(await queue.get())
                 except TimeoutError:
-                    yield Batch(items, clock() - oldest)
-                    items = []
-                    continue
-            if isinstance(entry, _End):
+                    pass
+            by_time = bool(items) and clock() - oldest >= policy.flush_interval
+            # A flush takes what is already queued: the consumer (one platform round trip per
+            # yield) may have let a backlog build up, and it leaves whole (up to the largest
+            # batch) instead of one delta per round trip. The first delta leaves alone, at once.
+            take_queued(1 if first else policy.max_size if by_time else size)
+            if ended is not None:
                 if items:
                     yield Batch(items, clock() - oldest)
-                    items = []
-                if entry.error is not None:
-                    raise entry.error
+                if ended.error is not None:
+                    raise ended.error
                 return
-            item, arrived = entry
-            if not items:
-                oldest = arrived
-            items.append(item)
-            if first or len(items) >= size:
-                yield Batch(items, clock() - oldest)
-                items = []
-                if first:
-                    first = False
-                else:
-                    size = policy.next_size(size)
+            if not (first or by_time or len(items) >= size):
+                continue
+            yield Batch(items, clock() - oldest)
+            full = len(items) >= size
+            items = []
+            if first:
+                first = False
+            elif full:
+                size = policy.next_size(size)
     finally:
         if not task.done():
             task.cancel()

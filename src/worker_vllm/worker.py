@@ -10,13 +10,21 @@ from typing import Any
 
 from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
 from .job_input import BatchOverrides, NativeInput, OpenAIInput, parse_job_input
+from .job_limits import check_openai_body, check_size
+from .job_summary import JobSummary
 from .logs import job_id_var
 from .native_route import build_sampling_params, run_native
 from .openai_options import chat_template_text
 from .openai_route import run_openai
 from .settings import WorkerSettings
 from .stream_batching import BatchPolicy
-from .vllm_adapter import EngineDeadError, EngineRunner, OpenAIServing, VLLMClientError
+from .vllm_adapter import (
+    EngineDeadError,
+    EngineGenerateError,
+    EngineRunner,
+    OpenAIServing,
+    VLLMClientError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,14 @@ def as_worker_error(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, EngineDeadError):
         return EngineUnavailable("The engine has stopped; this worker is being replaced")
-    if isinstance(exc, VLLMClientError):
-        return InvalidInput(str(exc), param=getattr(exc, "parameter", None))
+    if isinstance(exc, EngineGenerateError):
+        return WorkerError(f"The engine failed this request ({exc}); other jobs are unaffected",
+                           type="engine_error", code=500)
+    if isinstance(exc, (VLLMClientError, ValueError)):
+        # vLLM checks a request against the model (vocabulary, logprob limits, schemas) as it
+        # is added and raises ValueError subclasses with messages meant for the client.
+        param = getattr(exc, "parameter", None)
+        return InvalidInput(str(exc), param=f"sampling_params.{param}" if param else None)
     return exc
 
 
@@ -79,37 +93,55 @@ class Worker:
         """
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
-        results = self._results(job_id, job.get("input"))
+        summary = JobSummary()
+        results = self._results(job_id, job.get("input"), summary)
         owner = asyncio.current_task()
         if owner is not None:
             owner.add_done_callback(lambda _task: _close_if_abandoned(results))
-        async with contextlib.aclosing(results):
-            async for item in results:
-                yield item
-
-    async def _results(self, job_id: str, raw_input: Any) -> AsyncIterator[Any]:
+        outcome = "stopped"
         try:
-            inp = parse_job_input(raw_input)
-            policy = batch_policy(self.settings, inp)
-            if isinstance(inp, OpenAIInput):
-                if self.openai is None:
-                    raise InvalidInput("The OpenAI route is not available",
-                                       param="openai_route")
-                log.info("openai job: %s", inp.openai_route)
-                items = run_openai(self.openai, inp, policy, job_id,
-                                   self.settings.raw_openai_output)
-            else:
-                log.info("native job: %s, stream=%s",
-                         "messages" if inp.messages else "prompt", inp.stream)
-                if self.settings.log_job_text:
-                    log.info("input: %s",
-                             inp.prompt if inp.prompt is not None else inp.messages)
-                try:
-                    lora = self.openai.lora_request(inp.model) if self.openai else None
-                except LookupError as exc:
-                    raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
-                items = run_native(self.runner, inp, job_id, policy, lora,
-                                   self.chat_template)
+            async with contextlib.aclosing(results):
+                async for item in results:
+                    if isinstance(item, dict) and item.get("error"):
+                        outcome = f"failed:{item['error'].get('type', 'error')}"
+                    else:
+                        summary.saw(item)
+                    yield item
+            if outcome == "stopped":
+                outcome = "completed"
+        finally:
+            summary.log(outcome)
+
+    def _request(self, raw_input: Any) -> NativeInput | OpenAIInput:
+        """The validated request, within this worker's limits (nothing reaches the engine)."""
+        check_size(self.settings, raw_input)
+        inp = parse_job_input(raw_input)
+        if isinstance(inp, OpenAIInput):
+            check_openai_body(self.settings, inp.openai_input)
+        return inp
+
+    def _route(self, inp: NativeInput | OpenAIInput, job_id: str, summary: JobSummary
+               ) -> AsyncIterator[Any]:
+        policy = batch_policy(self.settings, inp)
+        if isinstance(inp, OpenAIInput):
+            if self.openai is None:
+                raise InvalidInput("The OpenAI route is not available", param="openai_route")
+            summary.route = inp.openai_route
+            return run_openai(self.openai, inp, policy, job_id, self.settings.raw_openai_output)
+        summary.route = "native" + ("/stream" if inp.stream else "")
+        if self.settings.log_job_text:
+            log.info("input: %s", inp.prompt if inp.prompt is not None else inp.messages)
+        try:
+            lora = self.openai.lora_request(inp.model) if self.openai else None
+        except LookupError as exc:
+            raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
+        return run_native(self.runner, inp, job_id, policy, lora, self.chat_template,
+                          self.settings)
+
+    async def _results(self, job_id: str, raw_input: Any, summary: JobSummary
+                       ) -> AsyncIterator[Any]:
+        try:
+            items = self._route(self._request(raw_input), job_id, summary)
             # aclosing: closing this generator closes the route's, which aborts the request.
             async with contextlib.aclosing(items):
                 async for item in items:

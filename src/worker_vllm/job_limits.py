@@ -1,0 +1,47 @@
+"""Per-job limits (JOB_MAX_*): checked before a request reaches the engine."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import InvalidInput
+from .settings import WorkerSettings
+
+
+def input_size(raw_input: Any) -> int:
+    """The job input's size as JSON (what the platform received), in bytes."""
+    try:
+        return len(json.dumps(raw_input, ensure_ascii=False, allow_nan=False).encode(
+            "utf-8", "surrogatepass"))
+    except (TypeError, ValueError):
+        raise InvalidInput("Job input must be plain JSON (no NaN or Infinity)",
+                           param="input") from None
+
+
+def check_size(settings: WorkerSettings, raw_input: Any) -> None:
+    size = input_size(raw_input)
+    if size > settings.job_max_input_bytes:
+        raise InvalidInput(f"Job input is {size} bytes; this worker takes at most "
+                           f"{settings.job_max_input_bytes} (JOB_MAX_INPUT_BYTES)",
+                           param="input", code=413)
+
+
+def check_counts(settings: WorkerSettings, n: Any, max_tokens: Any, prefix: str) -> None:
+    """`n` and the output-token bound of one request against the worker's limits."""
+    if isinstance(n, int) and not isinstance(n, bool) and n > settings.job_max_n:
+        raise InvalidInput(f"n={n} exceeds this worker's limit of {settings.job_max_n} "
+                           "(JOB_MAX_N)", param=f"{prefix}n")
+    limit = settings.job_max_tokens
+    if (limit is not None and isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+            and max_tokens > limit):
+        raise InvalidInput(f"max_tokens={max_tokens} exceeds this worker's limit of {limit} "
+                           "(JOB_MAX_TOKENS)", param=f"{prefix}max_tokens")
+
+
+def check_openai_body(settings: WorkerSettings, body: dict[str, Any] | None) -> None:
+    if not body:
+        return
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens",
+                                                           body.get("max_output_tokens")))
+    check_counts(settings, body.get("n"), max_tokens, "")
