@@ -1,14 +1,27 @@
-"""What the worker adds per token, measured against vLLM itself, in one run on the demo model.
+"""What the worker adds, measured against vLLM itself, in one run on the demo model.
 
     .venv/bin/python scripts/benchmark.py [--tokens 256] [--jobs 8] [--repeat 3]
+        [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
 
-Prints a table: wall time, output tokens/s, time to first output and yields per job for
+Table 1, in-process: wall time, output tokens/s, time to first output and yields per job for
   engine     vLLM's AsyncLLM.generate consumed on the engine's own loop (the baseline)
   bridge     the same stream relayed to another event loop (the worker's engine thread)
   native     a streamed native job through the handler (bridge + batching + output shaping)
   native-ns  the same job not streamed
-each for one job and for --jobs concurrent jobs. Compare ratios within one run only: these
-machines are noisy, absolute figures are not comparable between runs.
+each for one job and for --jobs concurrent jobs.
+
+Table 2 (--full-path), the path users run: --path-jobs streamed jobs of --path-tokens tokens at
+concurrency 16 and 32, native and OpenAI chat, through a platform stand-in (the local endpoint)
+and a real worker process on the runpod SDK's job loop, with stream POSTs answered at once and
+after --rtt-ms (the platform's round trip); the raw engine (in-process) and `vllm serve` with an
+HTTP client under the same load. Columns: tok/s and its ratio to the raw engine, time to first
+token p50/p95 (from submission, and from the worker's take), messages per job, token staleness
+p95 (how long a message's oldest token waited for it), the longest wait of a stream's last
+message, process-tree CPU seconds per 1,000 tokens and its ratio to `vllm serve`'s, and the
+platform stand-in's CPU as a share of the worker's.
+
+Compare ratios within one run only: these machines are noisy, absolute figures are not
+comparable between runs. --smoke runs everything at tiny sizes (for CI: no figures asserted).
 """
 
 from __future__ import annotations
@@ -91,12 +104,103 @@ async def measure(name: str, worker: Any, args: argparse.Namespace, jobs: int) -
             "ttft": statistics.median(ttfts), "yields": statistics.median(yields)}
 
 
+async def raw_engine_row(worker: Any, load: Any) -> dict:
+    """vLLM's own generator on the engine loop under the full path's load."""
+    import psutil
+    from bench_full_path import pct, tree_cpu
+
+    from worker_vllm.job_input import NativeInput
+    from worker_vllm.native_route import build_sampling_params
+
+    semaphore = asyncio.Semaphore(load.concurrency)
+    tokenizer = worker.runner.get_tokenizer()
+
+    async def one(i: int) -> float:
+        inp = NativeInput(prompt=f"def job_{i}():", stream=True, sampling_params={
+            "max_tokens": load.tokens, "ignore_eos": True, "temperature": 1.0, "seed": i})
+        params = build_sampling_params(inp)
+        async with semaphore:
+            first, _ = await run_engine(worker, params, tokenizer.encode(inp.prompt),
+                                        f"raw-{load.concurrency}-{i}")
+        return first
+
+    cpu0 = tree_cpu(psutil.Process().pid)
+    start = time.perf_counter()
+    ttfts = await asyncio.gather(*(one(i) for i in range(load.jobs)))
+    wall = time.perf_counter() - start
+    tokens = load.jobs * load.tokens
+    return {"path": "raw engine (in-process)", "rtt": "-", "c": load.concurrency,
+            "tps": tokens / wall, "ttft_p50": pct(list(ttfts), 0.5),
+            "ttft_p95": pct(list(ttfts), 0.95), "take_ttft_p50": None, "msgs": load.tokens,
+            "stale_p95": None, "last_wait_max": None,
+            "cpu_per_1k": (tree_cpu(psutil.Process().pid) - cpu0) / tokens * 1000,
+            "endpoint_cpu_share": None}
+
+
+def full_path_rows(args: argparse.Namespace, raw: list[dict]) -> list[dict]:
+    import bench_full_path as fp
+
+    run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
+    rows = list(raw)
+    concurrencies = (2,) if args.smoke else (16, 32)
+    for rtt in (0.0, args.rtt_ms / 1000):
+        platform = fp.Platform(rtt, run_dir / f"worker-rtt{int(rtt * 1000)}.log")
+        try:
+            for route in ("native", "openai"):
+                for c in concurrencies:
+                    load = fp.Load(args.path_jobs, args.path_tokens, c)
+                    row = fp.measure_platform(platform, load, route,
+                                              f"full path, {route}")
+                    rows.append({**row, "rtt": f"{rtt * 1000:.0f} ms"})
+        finally:
+            platform.close()
+    with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid):
+        for c in concurrencies:
+            rows.append({**fp.measure_vllm_serve(url, pid,
+                                                 fp.Load(args.path_jobs, args.path_tokens, c)),
+                         "rtt": "-"})
+    return rows
+
+
+def print_full_path(rows: list[dict], args: argparse.Namespace) -> None:
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v * 1000:.0f}"
+
+    print(f"\nThe full path: {args.path_jobs} streamed jobs x {args.path_tokens} tokens "
+          "(demo model, CPU build)\n")
+    print("| path | RTT | c | tok/s | x raw engine | TTFT p50/p95 ms | from take p50 ms | "
+          "msgs/job | staleness p95 ms | last msg wait max ms | CPU s/1k tok | "
+          "x vllm serve | endpoint CPU / worker |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        raw = next(r for r in rows if r["path"].startswith("raw") and r["c"] == row["c"])
+        serve = next((r for r in rows if r["path"].startswith("vllm serve")
+                      and r["c"] == row["c"]), None)
+        share = row["endpoint_cpu_share"]
+        print(f"| {row['path']} | {row['rtt']} | {row['c']} | {row['tps']:.0f} | "
+              f"{row['tps'] / raw['tps']:.2f} | {ms(row['ttft_p50'])}/{ms(row['ttft_p95'])} | "
+              f"{ms(row['take_ttft_p50'])} | {row['msgs']:.0f} | {ms(row['stale_p95'])} | "
+              f"{ms(row['last_wait_max'])} | {row['cpu_per_1k']:.2f} | "
+              f"{row['cpu_per_1k'] / serve['cpu_per_1k']:.2f} | "
+              + ("-" if share is None else f"{share:.0%}") + " |"
+              if serve else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--full-path", action="store_true")
+    parser.add_argument("--path-jobs", type=int, default=64)
+    parser.add_argument("--path-tokens", type=int, default=128)
+    parser.add_argument("--rtt-ms", type=float, default=100.0)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.jobs, args.repeat = 8, 2, 1
+        args.full_path, args.path_jobs, args.path_tokens = True, 4, 8
+    sys.path.insert(0, str(ROOT / "scripts"))
 
     run_dir = tempfile.mkdtemp(prefix="worker-vllm-bench-")
     os.environ.setdefault("VLLM_RPC_BASE_PATH", run_dir)
@@ -118,6 +222,13 @@ def main() -> None:
         return rows
 
     rows = asyncio.run(all_rows())
+    raw: list[dict] = []
+    if args.full_path:
+        from bench_full_path import Load
+
+        for c in ((2,) if args.smoke else (16, 32)):
+            raw.append(asyncio.run(raw_engine_row(worker, Load(args.path_jobs,
+                                                                args.path_tokens, c))))
     worker.close()
     print(f"\n{args.tokens} output tokens per job, median of {args.repeat} runs "
           f"(demo model, CPU build)\n")
@@ -128,6 +239,8 @@ def main() -> None:
         print(f"{row['name']:<10} {row['jobs']:>4} {row['wall']:>8.2f} {row['tps']:>8.0f} "
               f"{row['tps'] / base['tps']:>9.2f} {row['ttft'] * 1000:>8.1f} "
               f"{row['yields']:>10.0f}")
+    if args.full_path:
+        print_full_path(full_path_rows(args, raw), args)
 
 
 if __name__ == "__main__":

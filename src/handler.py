@@ -10,6 +10,9 @@ import logging
 import os
 import sys
 
+# huggingface_hub reads this at import: use its high-throughput (Xet) transfer for downloads.
+os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
+
 from worker_vllm.errors import WorkerError
 from worker_vllm.logs import setup_logging
 
@@ -55,7 +58,7 @@ def main() -> int:
         if local:
             job = local_run.read_test_job(sys.argv[1:])
             prevalidate(job["input"])  # fail fast, before the engine starts
-        worker = build_worker()
+        worker = build_worker(read_engine_log=True)
     except InvalidInput as exc:
         log.error("%s", exc.message)
         return local_run.fail(job["id"] if job else "local-test", exc)

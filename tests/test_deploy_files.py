@@ -10,7 +10,7 @@ import dockerfile
 import pytest
 from conftest import ROOT
 
-from worker_vllm.engine_config import known_env_names
+from worker_vllm.config import known_env_names
 from worker_vllm.settings import DEV_ENV, FOREIGN_ENV, WorkerSettings
 
 spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "generate_deploy_files.py")

@@ -84,6 +84,15 @@ class Endpoint:
         (worker,) = children
         return worker
 
+    def worker_exit_code(self, timeout: float) -> int:
+        """The worker's exit code, as the endpoint (its parent) logs it."""
+        deadline = time.time() + timeout
+        while not (m := re.search(r"The worker process exited with code (-?\d+)",
+                                  self.log.read_text())):
+            assert time.time() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.2)
+        return int(m.group(1))
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=120)
@@ -132,7 +141,7 @@ def test_sigterm_lets_jobs_in_flight_finish_then_exits_0_leaving_no_process(tmp_
         tree = worker.children(recursive=True)
         assert tree  # the engine core and the SDK's heartbeat
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=180) == 0
+        assert ep.worker_exit_code(timeout=180) == 0
         assert [ep.wait(job)["status"] for job in jobs] == ["COMPLETED"] * 4
         assert not wait_gone(tree, 10), "processes left behind after SIGTERM"
     finally:

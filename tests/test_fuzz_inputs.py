@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from typing import Any
 
 import msgspec.inspect as mi
@@ -20,11 +21,14 @@ from hypothesis import strategies as st
 from vllm import SamplingParams
 
 from worker_vllm.demo_model import DEMO_MODEL_ID
-from worker_vllm.vllm_adapter import sampling_param_names
+from worker_vllm.engine import sampling_param_names
 
 pytestmark = pytest.mark.slow
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+# FUZZ_SCALE multiplies the examples (docs/reliability.md reports a run with FUZZ_SCALE=10);
+# CI runs 550 in all. Derandomized: CI sees the same inputs every run, a scaled run more.
+SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
+FUZZ = settings(max_examples=150 * SCALE, deadline=None, database=None, derandomize=SCALE == 1,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 KINDS = ("bool", "int", "float", "str", "null", "list", "dict")
@@ -118,7 +122,7 @@ def extreme_sampling_param(draw: Any) -> tuple[str, Any]:
     return name, value
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=100 * SCALE)
 @given(bad=extreme_sampling_param())
 def test_extreme_numbers_fail_cleanly_or_run(worker, bad):
     name, value = bad

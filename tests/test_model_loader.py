@@ -59,6 +59,54 @@ def test_hub_id_is_served_under_its_own_name(tmp_path, monkeypatch):
     snapshot = lay_out_cache(tmp_path, "org/tiny", {"config.json": "{}"})
     env = {"MODEL_NAME": "org/tiny", "BASE_PATH": str(tmp_path),
            "BAKED_ARGS_FILE": str(tmp_path / "absent.json")}
-    args = startup.engine_args(env, load_worker_settings(env))
-    assert args["model"] == str(snapshot)
-    assert args["served_model_name"] == ["org/tiny"]
+    args = startup.serve_config(env, load_worker_settings(env)).args
+    assert args.model == str(snapshot)
+    assert args.served_model_name == ["org/tiny"]
+
+
+FAKE_HUB = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {src!r})
+from worker_vllm import model_loader
+
+class FakeApi:
+    def __init__(self, token=None):
+        pass
+    def list_repo_files(self, name, revision=None):
+        return ["config.json", "model.safetensors"]
+
+def fake_snapshot_download(name, revision, token, cache_dir, allow_patterns,
+                           local_files_only):
+    snapshot = Path(cache_dir) / "models--org--big" / "snapshots" / "abc"
+    weights = snapshot / "model.safetensors"
+    if not weights.exists():  # what a real download does: fetch only what is missing
+        with open({log!r}, "a") as log:
+            log.write("download\\n")
+        time.sleep(1.0)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        weights.write_bytes(b"x" * 1000)
+    return str(snapshot)
+
+model_loader.HfApi = FakeApi
+model_loader.snapshot_download = fake_snapshot_download
+print(model_loader.resolve("org/big", revision=None, token=None, base_path={base!r}))
+"""
+
+
+def test_two_workers_on_one_volume_download_a_model_once(tmp_path):
+    """Both resolve the same model at once; the per-repository lock makes the second wait
+    and find the snapshot complete (huggingface_hub's transfer is faked: no network here)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    log = tmp_path / "downloads.log"
+    code = FAKE_HUB.format(src=str(ROOT / "src"), log=str(log), base=str(tmp_path / "volume"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outputs[0] == outputs[1] and outputs[0].endswith("snapshots/abc")
+    assert log.read_text().splitlines() == ["download"]

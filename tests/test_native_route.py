@@ -185,8 +185,11 @@ async def test_input_that_is_not_an_object(worker):
 async def test_custom_chat_template_applies_to_the_native_route(worker, tmp_path):
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    settings = worker.settings.model_copy(update={"custom_chat_template": str(template)})
-    custom = Worker(worker.runner, settings, worker.openai)
+    # CUSTOM_CHAT_TEMPLATE (vLLM's --chat-template) may name a file; the worker reads it once.
+    from worker_vllm.engine import chat_template_text
+
+    custom = Worker(worker.runner, worker.settings, worker.openai,
+                    chat_template=chat_template_text(str(template)))
     job = {"messages": [{"role": "user", "content": "hello there"}], "sampling_params": SEEDED}
     (out,) = await collect(custom, job)
     tokenizer = worker.runner.get_tokenizer()

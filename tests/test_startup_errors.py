@@ -45,7 +45,7 @@ def test_exit_setting_exits_1_and_leaves_no_process(tmp_path):
             with contextlib.suppress(psutil.Error):
                 seen.update((c.pid, c) for c in worker.children(recursive=True))
             time.sleep(0.2)
-        assert worker.wait(timeout=10) == 1
+        assert ep.worker_exit_code(timeout=30) == 1
         assert seen, "the engine core never started: the test did not reach its subject"
         _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"

@@ -9,8 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import InvalidInput
 
 
+# strict: JSON values are taken as they are (0 is no boolean, "5" no number), as vLLM's own
+# types are checked for sampling_params.
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... pass to the chat template
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_calls, ... pass on
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -19,16 +21,18 @@ class Message(BaseModel):
 class BatchOverrides(BaseModel):
     """Per-job stream batching overrides (names kept from the reference worker)."""
 
+    model_config = ConfigDict(strict=True)
+
     max_batch_size: int | None = Field(None, ge=1)
     min_batch_size: int | None = Field(None, ge=1)
     batch_size_growth_factor: float | None = Field(None, ge=1)
 
 
 class NativeInput(BatchOverrides):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str | None = None
-    messages: list[Message] | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
     apply_chat_template: bool = False
@@ -39,8 +43,6 @@ class NativeInput(BatchOverrides):
     def _one_prompt(self) -> NativeInput:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
-        if self.messages is not None and not self.messages:
-            raise ValueError("'messages' must not be empty")
         return self
 
     def chat_messages(self) -> list[dict[str, Any]] | None:
@@ -53,7 +55,7 @@ class NativeInput(BatchOverrides):
 
 
 class OpenAIInput(BatchOverrides):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     openai_route: str
     openai_input: dict[str, Any] | None = None
@@ -64,7 +66,8 @@ def _describe(exc: ValidationError) -> tuple[str, str | None]:
     param = None
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        param = param or loc or None
+        # The prompt check spans two fields: it is about the prompt.
+        param = param or loc or ("prompt" if "prompt" in err["msg"] else None)
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field '{loc}'")
         else:

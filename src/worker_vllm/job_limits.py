@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .errors import InvalidInput
 from .settings import WorkerSettings
+
+
+def _not_json(value: Any, path: str) -> str | None:
+    """The path of the first value JSON cannot carry (NaN, Infinity, a non-JSON type)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _not_json(item, f"{path}.{key}" if path else str(key))) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _not_json(item, f"{path}.{i}" if path else str(i))) is not None:
+                return found
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        return path
+    return None
 
 
 def input_size(raw_input: Any) -> int:
@@ -15,8 +33,11 @@ def input_size(raw_input: Any) -> int:
         return len(json.dumps(raw_input, ensure_ascii=False, allow_nan=False).encode(
             "utf-8", "surrogatepass"))
     except (TypeError, ValueError):
-        raise InvalidInput("Job input must be plain JSON (no NaN or Infinity)",
-                           param="input") from None
+        path = _not_json(raw_input, "") or "input"
+        # An OpenAI body's fields are named as the OpenAI API names them.
+        path = path.removeprefix("openai_input.")
+        raise InvalidInput(f"{path} is not a JSON value (NaN and Infinity are not JSON)",
+                           param=path) from None
 
 
 def check_size(settings: WorkerSettings, raw_input: Any) -> None:

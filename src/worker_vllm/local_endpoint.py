@@ -56,6 +56,7 @@ class Job:
     output: Any = None
     error: Any = None
     chunks: list[Any] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each (monotonic)
     streamed: int = 0  # chunks already returned by /stream
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -454,6 +455,7 @@ def create_app(endpoint: Endpoint, api_key: str | None, worker_key: str,
         body = await _worker_body(request)
         if job is not None and job.status == "IN_PROGRESS" and "output" in body:
             job.chunks.append(body["output"])
+            job.chunk_times.append(time.monotonic())
             job.notify()
         if endpoint.stream_post_delay:
             await asyncio.sleep(endpoint.stream_post_delay)

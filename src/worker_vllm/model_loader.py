@@ -10,8 +10,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import time
 from pathlib import Path
 
+from filelock import FileLock
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -50,6 +52,10 @@ def allow_patterns(repo_files: list[str], *, weights: bool = True) -> list[str]:
     return patterns
 
 
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 def resolve(
     name: str,
     *,
@@ -58,11 +64,38 @@ def resolve(
     base_path: str,
     weights: bool = True,
 ) -> Path:
-    """Return a local directory for `name` (local path, or hub id downloaded into the cache)."""
+    """Return a local directory for `name` (local path, or hub id downloaded into the cache).
+
+    Two workers sharing a network volume take turns (a file lock per repository), so a
+    snapshot is downloaded once; the second finds it complete. huggingface_hub resumes an
+    interrupted download and shows its progress.
+    """
     local = Path(name).expanduser()
     if local.is_dir():
         return local
     cache_dir = hf_cache_dir(base_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cache_dir / f".worker-vllm-{name.replace('/', '--')}.lock"))
+    with lock:
+        repo_dir = cache_dir / f"models--{name.replace('/', '--')}"
+        before, started = _size(repo_dir), time.monotonic()
+        path = _download(name, revision=revision, token=token, cache_dir=cache_dir,
+                         weights=weights)
+        fetched = _size(repo_dir) - before
+    seconds = time.monotonic() - started
+    if fetched > 0:
+        log.info("Downloaded %s: %.1f MB in %.1f s (%.1f MB/s)", name, fetched / 1e6, seconds,
+                 fetched / 1e6 / max(seconds, 1e-6))
+        last_download.update(name=name, bytes=fetched, seconds=round(seconds, 2))
+    return path
+
+
+# The last download's figures, for the start-up summary.
+last_download: dict[str, object] = {}
+
+
+def _download(name: str, *, revision: str | None, token: str | None, cache_dir: Path,
+              weights: bool) -> Path:
     offline = is_offline()
     try:
         if offline:
@@ -71,7 +104,6 @@ def resolve(
         else:
             files = HfApi(token=token).list_repo_files(name, revision=revision)
             patterns = allow_patterns(files, weights=weights)
-        cache_dir.mkdir(parents=True, exist_ok=True)
         log.info("Fetching %s (revision %s) into %s%s", name, revision or "default",
                  cache_dir, " [offline]" if offline else "")
         path = snapshot_download(

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engine import EngineRunner, VLLMClientError, make_sampling_params
 from .errors import InvalidInput
 from .job_input import NativeInput
 from .job_limits import check_counts
 from .settings import WorkerSettings
 from .stream_batching import BatchPolicy, batched
-from .vllm_adapter import EngineRunner, VLLMClientError, make_sampling_params
 
 log = logging.getLogger(__name__)
 

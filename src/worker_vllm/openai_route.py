@@ -9,10 +9,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .engine import OpenAIServing, VLLMClientError
 from .errors import ErrorObject, WorkerError
 from .job_input import OpenAIInput
 from .stream_batching import BatchPolicy, batched
-from .vllm_adapter import OpenAIServing, VLLMClientError
 
 
 class OpenAIError(WorkerError):
@@ -48,7 +48,7 @@ async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPoli
         raise OpenAIError("openai_input is required for this route", param="openai_input",
                           type="invalid_request_error", code=400)
     try:
-        request = serving.parse(route, inp.openai_input)
+        request = _parse(serving, route, inp.openai_input)
         result = await serving.respond(route, request, request_id)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -70,6 +70,29 @@ async def run_openai(serving: OpenAIServing, inp: OpenAIInput, policy: BatchPoli
             else:
                 yield [chunk for event in batch.items
                        if (chunk := parse_sse(event)) is not None]
+
+
+def _parse(serving: OpenAIServing, route: str, body: dict[str, Any]) -> Any:
+    """The route's request object. Some of vLLM's validators raise TypeError on a value of the
+    wrong kind (its own server then answers 500); here that is a 400 naming the field."""
+    try:
+        return serving.parse(route, body)
+    except (TypeError, AttributeError) as exc:
+        param = next((key for key in body if _fails_without(serving, route, body, key)), None)
+        raise OpenAIError(f"Invalid request: {param or 'body'}: a value of the wrong kind "
+                          f"({exc})", param=param, type="invalid_request_error",
+                          code=400) from None
+
+
+def _fails_without(serving: OpenAIServing, route: str, body: dict[str, Any], key: str) -> bool:
+    """Whether removing `key` makes the TypeError go away (it then was the culprit)."""
+    try:
+        serving.parse(route, {k: v for k, v in body.items() if k != key})
+    except (TypeError, AttributeError):
+        return False
+    except Exception:
+        return True
+    return True
 
 
 def parse_sse(event: str) -> Any:

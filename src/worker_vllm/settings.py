@@ -1,11 +1,11 @@
 """The one declaration of the worker's own settings.
 
 Every setting is a field here (env name = field name upper-cased) with its type, default,
-description and group. The env parser (pydantic-settings), the configuration docs,
-``worker-config.json`` and ``.runpod/hub.json`` are all derived from this module.
-vLLM engine settings are not repeated here: every ``AsyncEngineArgs`` field is settable by its
-upper-cased name (see ``engine_config``); ``ENGINE_SETTINGS`` only adds presentation metadata
-for the ones the deploy forms show.
+description and group. The parser, the configuration docs, ``worker-config.json`` and
+``.runpod/hub.json`` are all derived from this module. vLLM's settings are not repeated here:
+every `vllm serve` flag is settable by its upper-cased name and parsed by vLLM's own parser
+(see ``config``); ``ENGINE_SETTINGS`` only adds presentation metadata for the ones the deploy
+forms show first.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import WorkerError
 
@@ -24,9 +23,19 @@ from .errors import WorkerError
 DEFAULT_BAKED_ARGS_FILE = "/opt/worker-vllm/baked-args.json"
 
 
-def is_unset(raw: str | None) -> bool:
-    """``""`` and ``"None"`` mean "not set", as users of the reference worker expect."""
-    return raw is None or raw.strip() in ("", "None")
+# worker-vllm's forms send 0 for "vLLM's default" in these (0 is no valid value for them).
+ZERO_MEANS_UNSET = frozenset({
+    "MAX_NUM_BATCHED_TOKENS", "NUM_GPU_BLOCKS_OVERRIDE", "MAX_PARALLEL_LOADING_WORKERS",
+    "MAX_CPU_LORAS", "MAX_LOG_LEN", "MAX_NUM_PARTIAL_PREFILLS", "MAX_LONG_PARTIAL_PREFILLS",
+})
+
+
+def is_unset(raw: str | None, name: str | None = None) -> bool:
+    """The one rule for "not set": absent, ``""`` or ``"None"`` (what the console and Hub
+    forms send for empty fields), and ``0`` where worker-vllm's forms meant vLLM's default."""
+    if raw is None or raw.strip() in ("", "None"):
+        return True
+    return name in ZERO_MEANS_UNSET and raw.strip() in ("0", "0.0")
 
 
 def _field(default: Any, group: str, description: str, **kwargs: Any) -> Any:
@@ -37,10 +46,10 @@ def _field(default: Any, group: str, description: str, **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
-class WorkerSettings(BaseSettings):
-    """Settings of the worker itself (not of the vLLM engine)."""
+class WorkerSettings(BaseModel):
+    """Settings of the worker itself (not of vLLM). Reads only the mapping it is given."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_prefix="")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     # --- Worker ---
     max_concurrency: int = _field(
@@ -58,8 +67,13 @@ class WorkerSettings(BaseSettings):
     )
     vllm_config_file: str | None = _field(
         None, "Worker",
-        "Optional YAML file of engine args (hyphen or underscore keys); env vars win over it.",
+        "YAML file of `vllm serve` options (vLLM's own `--config`); env vars win over it.",
         advanced=True,
+    )
+    vllm_extra_args: str | None = _field(
+        None, "Worker",
+        "Raw `vllm serve` flags (e.g. `--max-num-seqs 64 --enable-chunked-prefill`), applied "
+        "after the env settings.", advanced=True,
     )
     hf_token: SecretStr | None = _field(
         None, "Model", "Hugging Face token for gated or private models (never logged)."
@@ -72,6 +86,10 @@ class WorkerSettings(BaseSettings):
         "fail_jobs", "Worker", "When start-up fails: `fail_jobs` keeps the worker up and ends "
         "every job FAILED with the cause (no restart loop); `exit` exits with code 1.",
         advanced=True, options=("fail_jobs", "exit"),
+    )
+    startup_summary_file: str | None = _field(
+        None, "Worker", "Write the start-up phase timings as JSON to this file.",
+        advanced=True,
     )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "
@@ -101,40 +119,6 @@ class WorkerSettings(BaseSettings):
     )
 
     # --- OpenAI route ---
-    openai_served_model_name_override: str | None = _field(
-        None, "OpenAI", "Model name clients use (in `model` and /v1/models) instead of "
-        "MODEL_NAME. SERVED_MODEL_NAME takes a JSON list for several names.",
-    )
-    openai_response_role: str = _field(
-        "assistant", "OpenAI", "Role of the generated chat message.", advanced=True
-    )
-    custom_chat_template: str | None = _field(
-        None, "OpenAI", "Jinja chat template (inline, or a file path) replacing the model's, "
-        "for both routes.", advanced=True,
-    )
-    trust_request_chat_template: bool = _field(
-        False, "OpenAI", "Let requests bring their own chat_template.", advanced=True
-    )
-    enable_auto_tool_choice: bool = _field(
-        False, "OpenAI", "Let the model decide to call tools (needs TOOL_CALL_PARSER)."
-    )
-    tool_call_parser: str | None = _field(
-        None, "OpenAI", "vLLM tool-call parser for the model family (hermes, llama3_json, "
-        "mistral, ...).",
-    )
-    lora_modules: str | None = _field(
-        None, "OpenAI", 'LoRA adapters served by name: a JSON list (or one object) of '
-        '{"name", "path", "base_model_name"}; select one with `model`.', advanced=True,
-    )
-    enable_prompt_tokens_details: bool = _field(
-        False, "OpenAI", "Report cached prompt tokens in usage.", advanced=True
-    )
-    enable_force_include_usage: bool = _field(
-        False, "OpenAI", "Include usage in every response, streamed ones too.", advanced=True
-    )
-    return_tokens_as_token_ids: bool = _field(
-        False, "OpenAI", "Return logprob tokens as 'token_id:N' strings.", advanced=True
-    )
     raw_openai_output: bool = _field(
         True, "OpenAI", "Stream OpenAI responses as SSE text (on) or as lists of parsed chunk "
         "objects (off, the reference worker's other mode).", advanced=True,
@@ -162,10 +146,9 @@ def load_worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
     values = {
         name: raw
         for name in WorkerSettings.model_fields
-        if not is_unset(raw := source.get(name.upper()))
+        if not is_unset(raw := source.get(name.upper()), name.upper())
     }
     try:
-        # model_validate reads only `values`, so an explicit env mapping is the whole input.
         return WorkerSettings.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -183,7 +166,9 @@ FOREIGN_ENV: dict[str, str] = {
     "RUNPOD_LOG_LEVEL": "the runpod SDK's log level; the worker's too (default INFO)",
     "HF_HUB_OFFLINE": "huggingface_hub's offline switch: use the cache, fetch nothing",
     "XDG_CACHE_HOME": "base of the demo model's cache",
+    "VLLM_CACHE_ROOT": "vLLM's cache directory (compile caches); set under BASE_PATH",
     "VLLM_LOGGING_STREAM": "vLLM's log stream; the worker sends it to stderr",
+    "HF_XET_HIGH_PERFORMANCE": "huggingface_hub's high-throughput transfer; on by default",
 }
 
 # Local development only (not shown in the deploy forms).
@@ -203,12 +188,14 @@ class EngineSetting:
     options: tuple[str, ...] = ()
 
 
-# Names users know that are not AsyncEngineArgs field names.
-ENGINE_ALIASES: dict[str, str] = {
-    "MODEL_NAME": "model",
-    "MODEL_REVISION": "revision",
-    "TOKENIZER_NAME": "tokenizer",
-    "TOKENIZER_REVISION": "tokenizer_revision",
+# worker-vllm's names for `vllm serve` flags: alias -> the flag's env name.
+ALIASES: dict[str, str] = {
+    "MODEL_NAME": "MODEL",
+    "MODEL_REVISION": "REVISION",
+    "TOKENIZER_NAME": "TOKENIZER",
+    "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "SERVED_MODEL_NAME",
+    "CUSTOM_CHAT_TEMPLATE": "CHAT_TEMPLATE",
+    "OPENAI_RESPONSE_ROLE": "RESPONSE_ROLE",
 }
 
 ENGINE_SETTINGS: dict[str, EngineSetting] = {
@@ -253,5 +240,27 @@ ENGINE_SETTINGS: dict[str, EngineSetting] = {
     "MAX_LORA_RANK": EngineSetting("OpenAI", "Largest LoRA rank served.", advanced=True),
     "ENFORCE_EAGER": EngineSetting(
         "Memory", "Skip CUDA graphs / compilation (faster start, slower steps).", advanced=True
+    ),
+    "OPENAI_SERVED_MODEL_NAME_OVERRIDE": EngineSetting(
+        "OpenAI", "Model name clients use (in `model` and /v1/models) instead of MODEL_NAME "
+        "(SERVED_MODEL_NAME takes several names)."
+    ),
+    "OPENAI_RESPONSE_ROLE": EngineSetting("OpenAI", "Role of the generated chat message.",
+                                          advanced=True),
+    "CUSTOM_CHAT_TEMPLATE": EngineSetting(
+        "OpenAI", "Jinja chat template (inline, or a file path) replacing the model's, for "
+        "both routes.", advanced=True,
+    ),
+    "ENABLE_AUTO_TOOL_CHOICE": EngineSetting(
+        "OpenAI", "Let the model decide to call tools (needs TOOL_CALL_PARSER)."
+    ),
+    "TOOL_CALL_PARSER": EngineSetting(
+        "OpenAI", "vLLM tool-call parser for the model family (hermes, llama3_json, mistral, "
+        "...)."
+    ),
+    "LORA_MODULES": EngineSetting(
+        "OpenAI", 'LoRA adapters served by name: a JSON list (or one object) of {"name", '
+        '"path", "base_model_name"}, or name=path pairs; select one with `model`.',
+        advanced=True,
     ),
 }

@@ -6,22 +6,32 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
 
 from . import demo_model, model_loader
-from .engine_config import (
+from .config import (
     ConfigError,
-    EngineArgsSpec,
+    ServeConfig,
+    describe,
     near_miss_warnings,
-    redacted,
-    resolve_engine_args,
+    resolve,
+    server_only_warnings,
+)
+from .engine import (
+    EngineLogPhases,
+    EngineRunner,
+    OpenAIServing,
+    cache_key,
+    chat_template_text,
+    engine_args_from,
+    make_sampling_params,
 )
 from .errors import WorkerError
-from .openai_options import parse_lora_modules, serving_cli_args
 from .process_tree import exit_now
 from .settings import WorkerSettings, is_unset, load_worker_settings
-from .vllm_adapter import EngineRunner, OpenAIServing, make_sampling_params
+from .startup_phases import StartupPhases
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -32,10 +42,17 @@ class StartupError(WorkerError):
     code = 500
 
 
+# vLLM's engine processes report the root cause of a failed start only in their log.
+ENGINE_LOG = EngineLogPhases()
+
+
 def startup_error(exc: BaseException) -> StartupError:
     """The error every job reports when start-up failed: the cause, no traceback."""
     if isinstance(exc, WorkerError):
         return StartupError(f"The worker could not start: {exc.message}")
+    if ENGINE_LOG.root_cause:
+        return StartupError(f"The worker could not start: the vLLM engine failed to "
+                            f"initialise: {ENGINE_LOG.root_cause}")
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return StartupError(f"The worker could not start: {type(exc).__name__}"
                         + (f": {detail}" if detail else "") + " (see the worker log)")
@@ -62,68 +79,62 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _apply_defaults(spec: EngineArgsSpec, env: Mapping[str, str]) -> None:
-    if not spec.is_set("model"):
+def _apply_defaults(config: ServeConfig, env: Mapping[str, str]) -> None:
+    """The worker's defaults, for what no source set."""
+    args = config.args
+    if not args.model or not config.is_set("model"):
         if is_production(env):
             raise ConfigError("MODEL_NAME is not set: set it to a Hugging Face model id or path")
         path = demo_model.ensure_demo_model()
         log.info("MODEL_NAME is not set: serving the built-in demo model %s (random weights, "
                  "gibberish text; for trying the worker locally)", demo_model.DEMO_MODEL_ID)
-        spec.set("model", str(path), "demo")
-        spec.set("served_model_name", [demo_model.DEMO_MODEL_ID], "demo")
+        config.set("model", str(path), "demo")
+        config.set("served_model_name", [demo_model.DEMO_MODEL_ID], "demo")
         for name, value in demo_model.ENGINE_DEFAULTS.items():
-            if not spec.is_set(name):
-                spec.set(name, value, "demo")
+            if not config.is_set(name):
+                config.set(name, value, "demo")
     gpus = _visible_gpus()
-    if gpus == 0 and not spec.is_set("dtype"):
+    if gpus == 0 and not config.is_set("dtype"):
         # bfloat16 on CPU can die with SIGILL on AMX machines; float32 always works.
-        spec.set("dtype", "float32", "cpu default")
-    if gpus > 1 and not spec.is_set("tensor_parallel_size"):
-        spec.set("tensor_parallel_size", gpus, "visible GPUs")
+        config.set("dtype", "float32", "cpu default")
+    if gpus > 1 and not config.is_set("tensor_parallel_size"):
+        config.set("tensor_parallel_size", gpus, "visible GPUs")
+    if args.lora_modules and not config.is_set("enable_lora"):
+        config.set("enable_lora", True, "LORA_MODULES")
 
 
-def _resolve_model(spec: EngineArgsSpec, settings: WorkerSettings) -> None:
+def _resolve_model(config: ServeConfig, settings: WorkerSettings) -> None:
     """Turn hub ids into local paths; the served name stays the user's id."""
+    args = config.args
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    model = str(spec.values["model"])
-    path = model_loader.resolve(
-        model, revision=spec.values.get("revision"), token=token, base_path=settings.base_path
-    )
+    model = str(args.model)
+    path = model_loader.resolve(model, revision=args.revision, token=token,
+                                base_path=settings.base_path)
     if str(path) != model:
-        if not spec.is_set("served_model_name"):
-            spec.set("served_model_name", [model], spec.sources["model"])
-        spec.set("model", str(path), spec.sources["model"])
-        # The snapshot is already at the requested revision.
-        spec.values.pop("revision", None)
-    tokenizer = spec.values.get("tokenizer")
-    if tokenizer:
-        tok_path = model_loader.resolve(
-            str(tokenizer), revision=spec.values.get("tokenizer_revision"), token=token,
-            base_path=settings.base_path, weights=False,
-        )
-        spec.set("tokenizer", str(tok_path), spec.sources["tokenizer"])
-        spec.values.pop("tokenizer_revision", None)
+        if not args.served_model_name:
+            config.set("served_model_name", [model], config.sources["model"])
+        config.set("model", str(path), config.sources["model"])
+        config.set("revision", None, "downloaded")  # the snapshot is at that revision
+    if args.tokenizer:
+        tok_path = model_loader.resolve(str(args.tokenizer), revision=args.tokenizer_revision,
+                                        token=token, base_path=settings.base_path,
+                                        weights=False)
+        config.set("tokenizer", str(tok_path), config.sources.get("tokenizer", "env"))
+        config.set("tokenizer_revision", None, "downloaded")
 
 
-def _apply_openai_settings(spec: EngineArgsSpec, settings: WorkerSettings) -> None:
-    if settings.openai_served_model_name_override:
-        spec.set("served_model_name", [settings.openai_served_model_name_override],
-                 "OPENAI_SERVED_MODEL_NAME_OVERRIDE")
-    if parse_lora_modules(settings.lora_modules) and not spec.is_set("enable_lora"):
-        spec.set("enable_lora", True, "LORA_MODULES")
-
-
-def engine_args(env: Mapping[str, str], settings: WorkerSettings) -> dict[str, Any]:
-    for warning in near_miss_warnings(env):
+def serve_config(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfig:
+    """The parsed `vllm serve` arguments the engine and the serving layer are built from."""
+    for warning in near_miss_warnings(env) + server_only_warnings(env):
         log.warning(warning)
-    spec = resolve_engine_args(env, settings)
-    _apply_openai_settings(spec, settings)
-    _apply_defaults(spec, env)
-    _resolve_model(spec, settings)
-    shown = {k: f"{v!r} ({spec.sources[k]})" for k, v in redacted(spec.values).items()}
-    log.info("Engine args: %s", ", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+    config = resolve(env, settings)
+    for warning in config.warnings:
+        log.warning(warning)
+    _apply_defaults(config, env)
+    _resolve_model(config, settings)
+    log.info("vLLM settings (besides vLLM's defaults): %s", describe(config))
     log.info("Worker settings: %s", settings.model_dump(mode="json", exclude={"hf_token"}))
-    return dict(spec.values)
+    return config
 
 
 async def warm_up(runner: EngineRunner) -> None:
@@ -148,14 +159,48 @@ def exit_when_engine_dies(runner: EngineRunner, settings: WorkerSettings,
                  probe_timeout=settings.engine_probe_timeout_s)
 
 
-def build_worker(env: Mapping[str, str] | None = None) -> Worker:
+def use_volume_cache(settings: WorkerSettings, env: Mapping[str, str]) -> str | None:
+    """vLLM's cache (compiled graphs and more) on the network volume, keyed by vLLM version
+    and device, so a new worker reuses what an earlier one compiled on the same GPU."""
+    if env.get("VLLM_CACHE_ROOT") or not Path(settings.base_path).is_dir():
+        return None
+    root = Path(settings.base_path) / "vllm-cache" / cache_key()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("Cannot use %s for vLLM's cache: %s", root, exc)
+        return None
+    os.environ["VLLM_CACHE_ROOT"] = str(root)
+    return str(root)
+
+
+def build_worker(env: Mapping[str, str] | None = None, *,
+                 read_engine_log: bool = False) -> Worker:
+    """The worker, its engine warmed up. `read_engine_log` picks vLLM's own phase figures out
+    of this process's stderr (for a worker process, not for a test harness)."""
     env = os.environ if env is None else env
-    settings = load_worker_settings(dict(env))
-    args = engine_args(env, settings)
-    runner = EngineRunner(args)
-    # Built before the job loop, so concurrent first requests cannot race to build them.
-    openai = OpenAIServing.create(runner, str(args["model"]), serving_cli_args(settings, args))
+    phases = StartupPhases()
+    engine_log = ENGINE_LOG
+    with phases.phase("settings"):
+        settings = load_worker_settings(dict(env))
+        cache = use_volume_cache(settings, env)
+        if cache:
+            log.info("vLLM's cache: %s", cache)
+            phases.details["vllm_cache"] = cache
+        config = serve_config(env, settings)
+    if model_loader.last_download:
+        phases.details["download"] = dict(model_loader.last_download)
+    if read_engine_log:
+        engine_log.start()
+    with phases.phase("engine (load, profile, compile, KV cache)"):
+        runner = EngineRunner(engine_args_from(config.args))
+    # Built before the job loop, so concurrent first requests cannot race to build them; from
+    # the same parsed arguments as the engine.
+    with phases.phase("OpenAI serving layer"):
+        openai = OpenAIServing.create(runner, config.args)
     if settings.warmup:
-        asyncio.run(warm_up(runner))
-        log.info("Engine warmed up; ready for jobs")
-    return Worker(runner, settings, openai)
+        with phases.phase("warm-up request"):
+            asyncio.run(warm_up(runner))
+    time.sleep(0.2)  # let the last engine log lines pass the copy
+    phases.ready(engine_log.snapshot(), settings.startup_summary_file)
+    return Worker(runner, settings, openai, chat_template_text(config.args.chat_template))

@@ -9,6 +9,7 @@ first delta leaves at once, so time-to-first-token is not delayed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,11 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+# The waits of a job's flushed batches (seconds the oldest delta of each waited), collected
+# for the job's summary line when the job sets a list here.
+batch_waits: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "batch_waits", default=None)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,11 @@ class Batch(Generic[T]):
     items: list[T]
     # Seconds the oldest item waited in the batch before the flush (for tests and metrics).
     oldest_wait: float
+
+    def __post_init__(self) -> None:
+        waits = batch_waits.get()
+        if waits is not None:
+            waits.append(self.oldest_wait)
 
 
 async def batched(

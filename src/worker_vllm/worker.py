@@ -8,23 +8,23 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .engine import (
+    EngineDeadError,
+    EngineGenerateError,
+    EngineRunner,
+    OpenAIServing,
+    VLLMClientError,
+    sampling_param_names,
+)
 from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
 from .job_input import BatchOverrides, NativeInput, OpenAIInput, parse_job_input
 from .job_limits import check_openai_body, check_size
 from .job_summary import JobSummary
 from .logs import job_id_var
 from .native_route import build_sampling_params, run_native
-from .openai_options import chat_template_text
 from .openai_route import run_openai
 from .settings import WorkerSettings
-from .stream_batching import BatchPolicy
-from .vllm_adapter import (
-    EngineDeadError,
-    EngineGenerateError,
-    EngineRunner,
-    OpenAIServing,
-    VLLMClientError,
-)
+from .stream_batching import BatchPolicy, batch_waits
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ def as_worker_error(exc: BaseException) -> BaseException:
     if isinstance(exc, (VLLMClientError, ValueError)):
         # vLLM checks a request against the model (vocabulary, logprob limits, schemas) as it
         # is added and raises ValueError subclasses with messages meant for the client.
-        param = getattr(exc, "parameter", None)
-        return InvalidInput(str(exc), param=f"sampling_params.{param}" if param else None)
+        message = str(exc)
+        param = getattr(exc, "parameter", None) or next(
+            (name for name in sorted(sampling_param_names(), key=message.find)
+             if name in message), None)
+        return InvalidInput(message, param=f"sampling_params.{param}" if param else None)
     return exc
 
 
@@ -71,12 +74,13 @@ class Worker:
     """Routes jobs to the engine. One instance per process, built before the job loop."""
 
     def __init__(self, runner: EngineRunner, settings: WorkerSettings,
-                 openai: OpenAIServing | None = None) -> None:
+                 openai: OpenAIServing | None = None, chat_template: str | None = None
+                 ) -> None:
         self.runner = runner
         self.settings = settings
         self.openai = openai
-        # CUSTOM_CHAT_TEMPLATE may name a file: read it once, not on every job.
-        self.chat_template = chat_template_text(settings)
+        # The --chat-template text (read once from a file if it named one).
+        self.chat_template = chat_template
 
     def close(self) -> None:
         """Shut the engine down (the serving layer holds the engine too: drop it first)."""
@@ -94,6 +98,7 @@ class Worker:
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
         summary = JobSummary()
+        batch_waits.set(summary.batch_waits)
         results = self._results(job_id, job.get("input"), summary)
         owner = asyncio.current_task()
         if owner is not None:

@@ -1,0 +1,246 @@
+"""The path users run, for scripts/benchmark.py: a platform stand-in (the local endpoint, in this
+process) and a real worker process on its real runpod SDK job loop; and `vllm serve` with an
+HTTP client as the peer. Each measurement returns one row of the benchmark's table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from worker_vllm import local_endpoint as le  # noqa: E402
+from worker_vllm.demo_model import DEMO_MODEL_ID, ENGINE_DEFAULTS, ensure_demo_model  # noqa: E402
+
+STALENESS = re.compile(r"staleness_p95=(\d+)ms")
+LAST_WAIT = re.compile(r"last_wait=(\d+)ms")
+
+
+@dataclass
+class Load:
+    jobs: int
+    tokens: int
+    concurrency: int
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))] if values else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants."""
+    total = 0.0
+    proc = psutil.Process(pid)
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def thread_cpu(native_id: int) -> float:
+    for t in psutil.Process().threads():
+        if t.id == native_id:
+            return t.user_time + t.system_time
+    return 0.0
+
+
+class Platform:
+    """The local endpoint's app on a thread of this process, with one worker process."""
+
+    def __init__(self, stream_post_delay: float, log_path: Path) -> None:
+        self.port = free_port()
+        self.endpoint = le.Endpoint(100_000, stream_post_delay)
+        self.log_path = log_path
+        base = f"http://127.0.0.1:{self.port}"
+        env = le.worker_env(base, "bench-worker-key")
+        env.pop("MODEL_NAME", None)
+        env.update({k: v for k, v in _demo_env().items() if k not in env})
+        env.update(MAX_CONCURRENCY="64", RUNPOD_LOG_LEVEL="INFO")
+        self.env = env
+        app = le.create_app(self.endpoint, None, "bench-worker-key")
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.base = f"{base}/v2/bench"
+        with open(log_path, "w") as log_file:
+            self.worker = subprocess.Popen([sys.executable, str(ROOT / "src" / "handler.py")],
+                                           env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while time.monotonic() - self.endpoint.last_seen > 5:
+            if self.worker.poll() is not None or time.time() > deadline:
+                raise RuntimeError(log_path.read_text()[-3000:])
+            time.sleep(0.5)
+
+    def _serve(self) -> None:
+        self.native_id = threading.get_native_id()
+        asyncio.run(self.server.serve())
+
+    def close(self) -> None:
+        self.worker.terminate()
+        self.worker.wait(timeout=120)
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _demo_env() -> dict[str, str]:
+    env = {"MODEL_NAME": str(ensure_demo_model()), "SERVED_MODEL_NAME": DEMO_MODEL_ID}
+    env.update({k.upper(): json.dumps(v) for k, v in ENGINE_DEFAULTS.items()})
+    return env
+
+
+def _native_body(load: Load, i: int) -> dict[str, Any]:
+    return {"input": {"prompt": f"def job_{i}():", "stream": True, "sampling_params": {
+        "max_tokens": load.tokens, "ignore_eos": True, "temperature": 1.0, "seed": i}}}
+
+
+def _chat_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
+    return {"model": DEMO_MODEL_ID, "messages": [{"role": "user", "content": f"job {i}"}],
+            "max_tokens": load.tokens, "ignore_eos": True, "stream": stream, "seed": i,
+            "temperature": 1.0}
+
+
+async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le.Job]:
+    semaphore = asyncio.Semaphore(load.concurrency)
+    limits = httpx.Limits(max_connections=load.concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one(i: int) -> None:
+            async with semaphore:
+                if route == "openai":  # the client reads the SSE stream to its end
+                    async with client.stream("POST", f"{platform.base}/openai/v1/chat/"
+                                             "completions", json=_chat_body(load, i)) as r:
+                        async for _ in r.aiter_bytes():
+                            pass
+                    return
+                job_id = (await client.post(f"{platform.base}/run",
+                                            json=_native_body(load, i))).json()["id"]
+                # The platform's side of the job (this process) says when it is final.
+                while platform.endpoint.jobs[job_id].status not in le.FINAL:
+                    await asyncio.sleep(0.02)
+
+        before = set(platform.endpoint.jobs)
+        await asyncio.gather(*(one(i) for i in range(load.jobs)))
+    return [j for k, j in platform.endpoint.jobs.items() if k not in before]
+
+
+def measure_platform(platform: Platform, load: Load, route: str, label: str) -> dict[str, Any]:
+    log_mark = platform.log_path.stat().st_size
+    cpu0 = tree_cpu(platform.worker.pid)
+    ep0 = thread_cpu(platform.native_id)
+    started = time.monotonic()
+    jobs = asyncio.run(_drive_platform(platform, load, route))
+    wall = time.monotonic() - started
+    cpu = tree_cpu(platform.worker.pid) - cpu0
+    endpoint_cpu = thread_cpu(platform.native_id) - ep0
+    bad = [j for j in jobs if j.status != "COMPLETED"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} jobs ended {bad[0].status}: {bad[0].error}")
+    tokens = load.jobs * load.tokens
+    with open(platform.log_path) as log_file:
+        log_file.seek(log_mark)
+        text = log_file.read()
+    staleness = [float(m.group(1)) for m in STALENESS.finditer(text)]
+    last_waits = [float(m.group(1)) for m in LAST_WAIT.finditer(text)]
+    return {
+        "path": label, "c": load.concurrency, "tps": tokens / wall,
+        "ttft_p50": pct([j.chunk_times[0] - j.created for j in jobs], 0.5),
+        "ttft_p95": pct([j.chunk_times[0] - j.created for j in jobs], 0.95),
+        "take_ttft_p50": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs], 0.5),
+        "msgs": statistics.median(len(j.chunks) for j in jobs),
+        "stale_p95": pct(staleness, 0.95) / 1000 if staleness else None,
+        "last_wait_max": max(last_waits) / 1000 if last_waits else None,
+        "cpu_per_1k": cpu / tokens * 1000, "endpoint_cpu_share": endpoint_cpu / max(cpu, 1e-9),
+    }
+
+
+@contextlib.contextmanager
+def vllm_serve(log_path: Path) -> Iterator[tuple[str, int]]:
+    """vLLM's own server on the demo model with the worker's engine settings."""
+    port = free_port()
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+            str(ensure_demo_model()), "--served-model-name", DEMO_MODEL_ID, "--port", str(port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len",
+            str(ENGINE_DEFAULTS["max_model_len"]), "--kv-cache-memory-bytes",
+            str(ENGINE_DEFAULTS["kv_cache_memory_bytes"]), "--disable-uvicorn-access-log"]
+    env = dict(os.environ, VLLM_RPC_BASE_PATH=tempfile.mkdtemp(prefix="bench-rpc-"))
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(log_path.read_text()[-3000:])
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+async def _drive_vllm_serve(url: str, load: Load) -> tuple[list[float], list[int]]:
+    semaphore = asyncio.Semaphore(load.concurrency)
+    ttfts: list[float] = []
+    events: list[int] = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(
+            max_connections=load.concurrency + 4)) as client:
+        async def one(i: int) -> None:
+            async with semaphore:
+                start, first, n = time.monotonic(), None, 0
+                async with client.stream("POST", f"{url}/v1/chat/completions",
+                                         json=_chat_body(load, i)) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            n += 1
+                            if first is None:
+                                first = time.monotonic() - start
+                ttfts.append(first or 0.0)
+                events.append(n)
+
+        await asyncio.gather(*(one(i) for i in range(load.jobs)))
+    return ttfts, events
+
+
+def measure_vllm_serve(url: str, pid: int, load: Load) -> dict[str, Any]:
+    cpu0 = tree_cpu(pid)
+    started = time.monotonic()
+    ttfts, events = asyncio.run(_drive_vllm_serve(url, load))
+    wall = time.monotonic() - started
+    tokens = load.jobs * load.tokens
+    return {"path": "vllm serve, HTTP SSE", "c": load.concurrency, "tps": tokens / wall,
+            "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "take_ttft_p50": None,
+            "msgs": statistics.median(events), "stale_p95": None, "last_wait_max": None,
+            "cpu_per_1k": (tree_cpu(pid) - cpu0) / tokens * 1000, "endpoint_cpu_share": None}

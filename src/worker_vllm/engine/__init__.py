@@ -1,0 +1,40 @@
+"""The only package that imports vLLM.
+
+vLLM's Python API moves between releases; a vLLM upgrade touches this folder only (a test
+fails when any other module imports vLLM). The rest of the worker uses this interface.
+"""
+
+from vllm.exceptions import VLLMClientError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from .log_phases import EngineLogPhases
+from .runner import EngineRunner, cache_key
+from .sampling import SamplingParamsError, make_sampling_params, sampling_param_names
+from .serve_args import (
+    Flag,
+    ServeArgsError,
+    chat_template_text,
+    engine_args_from,
+    parse_serve_args,
+    serve_flags,
+)
+from .serving import OpenAIServing
+
+__all__ = [
+    "EngineDeadError",
+    "EngineGenerateError",
+    "EngineLogPhases",
+    "EngineRunner",
+    "Flag",
+    "OpenAIServing",
+    "ServeArgsError",
+    "SamplingParamsError",
+    "VLLMClientError",
+    "cache_key",
+    "chat_template_text",
+    "engine_args_from",
+    "make_sampling_params",
+    "parse_serve_args",
+    "sampling_param_names",
+    "serve_flags",
+]

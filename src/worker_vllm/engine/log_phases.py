@@ -1,0 +1,81 @@
+"""vLLM's own start-up phase figures, read from the lines its engine logs.
+
+Weight loading, profiling, compilation and CUDA-graph capture run in vLLM's engine-core
+process, which reports them only in its log. The worker process copies its standard error
+(which that process inherits) through a pipe and picks those figures out as they pass; the
+patterns follow vLLM's messages of the pinned release.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import defaultdict
+
+# phase -> vLLM's log message giving its seconds
+PATTERNS = {
+    "weight loading": re.compile(r"Loading weights took ([\d.]+) seconds"),
+    "compilation": re.compile(r"torch\.compile took ([\d.]+) s in total"),
+    "compiled graphs loaded from cache": re.compile(
+        r"Directly load the compiled graph.* took ([\d.]+) s"),
+    "profiling and warm-up run": re.compile(r"Initial profiling/warmup run took ([\d.]+) s"),
+    "CUDA graph capture": re.compile(r"Graph capturing finished in ([\d.]+) secs"),
+    "engine init (profile, KV cache, warm-up)": re.compile(
+        r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+}
+
+
+# An exception line logged by vLLM's engine processes, and the generic ones that only point
+# back at the first.
+_ERROR = re.compile(r"\] (\w+(?:Error|Exception)): (.+)$")
+_GENERIC = ("initialization failed", "See root cause", "See stack trace")
+
+
+class EngineLogPhases:
+    """Copies this process's stderr (fd 2) through a pipe, collecting vLLM's phase figures.
+
+    The copy runs for the life of the process: the engine core keeps writing to the pipe.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+        self._started = False
+        self.root_cause: str | None = None  # the first specific error the engine logged
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        read_fd, write_fd = os.pipe()
+        original = os.dup(2)
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        threading.Thread(target=self._copy, args=(read_fd, original), daemon=True,
+                         name="stderr-copy").start()
+
+    def _copy(self, read_fd: int, out_fd: int) -> None:
+        pending = b""
+        while chunk := os.read(read_fd, 65536):
+            try:
+                os.write(out_fd, chunk)
+            except OSError:
+                pass  # keep draining: a full pipe would block every writer
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._scan(line.decode("utf-8", "replace"))
+
+    def _scan(self, line: str) -> None:
+        if self.root_cause is None and " ERROR " in line and (match := _ERROR.search(line)):
+            if not any(g in match.group(2) for g in _GENERIC):
+                self.root_cause = f"{match.group(1)}: {match.group(2).strip()}"
+        for phase, pattern in PATTERNS.items():
+            if match := pattern.search(line):
+                with self._lock:
+                    self.seconds[phase] += float(match.group(1))
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {k: round(v, 2) for k, v in self.seconds.items()}

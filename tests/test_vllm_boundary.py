@@ -1,0 +1,36 @@
+"""vLLM's internal API moves between releases: only the engine package may import vLLM."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import ROOT
+
+ENGINE_PACKAGE = ROOT / "src" / "worker_vllm" / "engine"
+
+
+def vllm_imports(path) -> list[str]:  # type: ignore[no-untyped-def]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "vllm"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] == "vllm":
+            found.append(node.module)
+    return found
+
+
+def test_only_the_engine_package_imports_vllm():
+    files = [p for d in ("src", "builder", "scripts") for p in (ROOT / d).rglob("*.py")]
+    assert len(files) > 10
+    outside = {str(p.relative_to(ROOT)): vllm_imports(p) for p in files
+               if ENGINE_PACKAGE not in p.parents}
+    assert not {path: names for path, names in outside.items() if names}
+
+
+def test_the_check_sees_imports(tmp_path):
+    sample = tmp_path / "x.py"
+    sample.write_text("import os\nfrom vllm.v1 import engine\nimport vllm\ndef f():\n"
+                      "    from vllm.sampling_params import SamplingParams\n")
+    assert vllm_imports(sample) == ["vllm.v1", "vllm", "vllm.sampling_params"]
+    assert vllm_imports(ENGINE_PACKAGE / "runner.py")
