@@ -150,7 +150,8 @@ async def native(client: httpx.AsyncClient, base: str, i: int, stream: bool,
     tokens = sum(len(c["choices"][0]["tokens"]) for c in output) if stream else None
     usage = output[-1]["usage"]
     expected = {"input": tokenizer_len(prompt), "output": max_tokens}
-    if usage != expected or (stream and tokens != max_tokens):
+    # vLLM merges the deltas of a consumer that fell behind: at most one delta per token.
+    if usage != expected or (stream and not 0 < tokens <= max_tokens):
         return Outcome(kind, False, latency, f"output of another job? usage {usage}, "
                        f"expected {expected}, {tokens} deltas")
     return Outcome(kind, True, latency)

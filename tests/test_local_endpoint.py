@@ -29,7 +29,10 @@ def free_port() -> int:
 def endpoint(tmp_path_factory, demo_model_dir):
     port = free_port()
     log_path = Path(tmp_path_factory.mktemp("endpoint")) / "endpoint.log"
-    env = worker_env(MAX_CONCURRENCY="4")
+    # A front-end flag set in the worker process's environment (vLLM's --chat-template).
+    template = log_path.parent / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    env = worker_env(MAX_CONCURRENCY="4", CHAT_TEMPLATE=str(template))
     env.pop("MODEL_NAME", None)
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
@@ -66,6 +69,8 @@ def rp_endpoint(endpoint):
 
 
 SEEDED = {"temperature": 1.0, "seed": 4, "max_tokens": 16}
+CHAT_TEMPLATE = ("{{ bos_token }}CUSTOM TEMPLATE:"
+                 "{% for m in messages %}{{ m['content'] }}{% endfor %}")
 # The worker's log line after a stopped job: the engine's own count of running requests.
 STOPPED = r"job stopped; engine requests still running: (\d+)"
 
@@ -205,3 +210,15 @@ def test_openai_client_gets_http_errors(oai):
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model="worker-vllm/tiny-demo-llama", max_tokens=100_000,
                                     messages=[{"role": "user", "content": "x"}])
+
+
+def test_chat_template_set_by_env_reaches_the_serving_layer(oai, demo_model_dir):
+    from transformers import AutoTokenizer
+
+    from worker_vllm.demo_model import DEMO_MODEL_ID
+
+    chat = oai.chat.completions.create(model=DEMO_MODEL_ID, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hello"}])
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_model_dir))
+    rendered = tokenizer.bos_token + "CUSTOM TEMPLATE:hello"
+    assert chat.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))

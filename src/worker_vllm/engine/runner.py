@@ -48,6 +48,7 @@ class EngineRunner:
             target=self._loop.run_forever, name="vllm-engine-loop", daemon=True
         )
         self._thread.start()
+        self._closing = False
         try:
             self.engine = self._submit(self._build(args)).result()
         except BaseException:
@@ -185,13 +186,17 @@ class EngineRunner:
             probes = 0
             while not self.engine.errored:
                 await asyncio.sleep(interval)
+                if self._closing:
+                    return  # a shutdown, not a death
                 if probe_every and loop.time() - last_probe >= probe_every:
                     probes += 1
-                    if not await self._probe(f"health-probe-{probes}", probe_timeout):
+                    if not await self._probe(f"health-probe-{probes}", probe_timeout) \
+                            and not self._closing:
                         on_dead(f"a health probe got no answer within {probe_timeout:.0f} s")
                         return
                     last_probe = loop.time()
-            on_dead("the engine reported an error")
+            if not self._closing:
+                on_dead("the engine reported an error")
 
         self._submit(watchdog())
 
@@ -219,6 +224,7 @@ class EngineRunner:
             return False
 
     def shutdown(self) -> None:
+        self._closing = True
         async def stop_output_handler() -> None:
             # vLLM stops the engine core before this task, which then logs the core's death
             # as an error; stopping it first makes a clean shutdown quiet.

@@ -1,0 +1,26 @@
+"""The benchmark at tiny sizes, so it cannot rot (its figures are not asserted: timing on these
+machines is noise; docs/performance.md has a full run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, worker_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_smoke_runs_every_path():
+    env = worker_env()
+    env.pop("MODEL_NAME", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--smoke",
+                           "--rtt-ms", "50"], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    paths = {row.split("|")[1].strip() for row in rows[1:]}
+    assert {"raw engine (in-process)", "full path, native", "full path, openai",
+            "vllm serve, HTTP SSE"} <= paths, proc.stdout
+    assert sum(1 for row in rows if "full path" in row) == 4  # 2 routes x 2 round trips
