@@ -1,6 +1,6 @@
 """Run the local endpoint with one worker: `python src/local_endpoint.py [--port 8000]`."""
 
-from worker_vllm.local_endpoint import main
+from local_platform.main import main
 
 if __name__ == "__main__":
     main()

@@ -163,3 +163,30 @@ def test_json_files_parse(path):
 
 def test_hub_readme_exists():
     assert "MODEL_NAME" in (ROOT / ".runpod" / "README.md").read_text()
+
+
+def image_files() -> list[str]:
+    """The files COPY puts into the image: its sources minus .dockerignore's patterns."""
+    import fnmatch
+
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    copied = []
+    for c in _commands():
+        if c.cmd.upper() != "COPY":
+            continue
+        for src in c.value[:-1]:
+            base = ROOT / src
+            paths = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+            for path in paths:
+                rel = str(path.relative_to(ROOT))
+                parts = [rel[:i] for i in range(len(rel) + 1) if i == len(rel) or rel[i] == "/"]
+                if not any(fnmatch.fnmatch(part, pat) for part in parts for pat in patterns):
+                    copied.append(rel)
+    return copied
+
+
+def test_the_local_endpoint_is_not_in_the_image():
+    files = image_files()
+    assert "src/handler.py" in files and "src/worker_vllm/engine/app.py" in files
+    assert not [f for f in files if "local_platform" in f or "local_endpoint" in f]

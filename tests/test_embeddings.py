@@ -62,3 +62,13 @@ async def test_generation_routes_are_not_offered_by_a_pooling_model(embedder):
     (out,) = await collect(embedder, {"openai_route": "/v1/chat/completions",
                                       "openai_input": {"model": "minilm", "messages": []}})
     assert out["error"]["code"] == 404 and "/v1/embeddings" in out["error"]["message"]
+
+
+async def test_pooling_and_score_routes_on_the_embedding_model(embedder):
+    (pooled,) = await collect(embedder, {"route": "/pooling", "body": {
+        "model": "minilm", "input": "a small cat"}})
+    assert len(pooled["data"][0]["data"]) == 384
+    (scored,) = await collect(embedder, {"route": "/v1/score", "body": {
+        "model": "minilm", "text_1": "a small cat", "text_2": ["a little cat", "tax law"]}})
+    close, far = (d["score"] for d in scored["data"])
+    assert close > far

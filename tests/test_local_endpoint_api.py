@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from worker_vllm.local_endpoint import Endpoint, create_app
+from local_platform import Endpoint, create_app
 
 WORKER_KEY = "worker-secret"
 

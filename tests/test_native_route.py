@@ -188,7 +188,7 @@ async def test_custom_chat_template_applies_to_the_native_route(worker, tmp_path
     # CUSTOM_CHAT_TEMPLATE (vLLM's --chat-template) may name a file; the worker reads it once.
     from worker_vllm.engine import chat_template_text
 
-    custom = Worker(worker.runner, worker.settings, worker.openai,
+    custom = Worker(worker.runner, worker.settings, worker.app,
                     chat_template=chat_template_text(str(template)))
     job = {"messages": [{"role": "user", "content": "hello there"}], "sampling_params": SEEDED}
     (out,) = await collect(custom, job)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -54,6 +54,16 @@ class NativeInput(BatchOverrides):
         return None
 
 
+class RouteInput(BatchOverrides):
+    """Any allowed route of `vllm serve` (worker-vllm's `route` jobs)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    route: str
+    body: dict[str, Any] | None = None
+    method: Literal["GET", "POST", "DELETE"] | None = None
+
+
 class OpenAIInput(BatchOverrides):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -75,12 +85,14 @@ def _describe(exc: ValidationError) -> tuple[str, str | None]:
     return "Invalid input: " + "; ".join(parts), param
 
 
-def parse_job_input(raw: Any) -> NativeInput | OpenAIInput:
+JobInput = NativeInput | OpenAIInput | RouteInput
+
+
+def parse_job_input(raw: Any) -> JobInput:
     if not isinstance(raw, dict):
         raise InvalidInput("Job input must be a JSON object", param="input")
-    model: type[NativeInput] | type[OpenAIInput] = (
-        OpenAIInput if "openai_route" in raw else NativeInput
-    )
+    model: type[JobInput] = (OpenAIInput if "openai_route" in raw
+                             else RouteInput if "route" in raw else NativeInput)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -22,7 +22,7 @@ from .config import (
 from .engine import (
     EngineLogPhases,
     EngineRunner,
-    OpenAIServing,
+    VLLMApp,
     cache_key,
     chat_template_text,
     engine_args_from,
@@ -196,11 +196,11 @@ def build_worker(env: Mapping[str, str] | None = None, *,
         runner = EngineRunner(engine_args_from(config.args))
     # Built before the job loop, so concurrent first requests cannot race to build them; from
     # the same parsed arguments as the engine.
-    with phases.phase("OpenAI serving layer"):
-        openai = OpenAIServing.create(runner, config.args)
+    with phases.phase("vLLM's app (OpenAI and other routes)"):
+        app = VLLMApp.create(runner, config.args)
     if settings.warmup:
         with phases.phase("warm-up request"):
             asyncio.run(warm_up(runner))
     time.sleep(0.2)  # let the last engine log lines pass the copy
     phases.ready(engine_log.snapshot(), settings.startup_summary_file)
-    return Worker(runner, settings, openai, chat_template_text(config.args.chat_template))
+    return Worker(runner, settings, app, chat_template_text(config.args.chat_template))

@@ -12,17 +12,17 @@ from .engine import (
     EngineDeadError,
     EngineGenerateError,
     EngineRunner,
-    OpenAIServing,
+    VLLMApp,
     VLLMClientError,
     sampling_param_names,
 )
 from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
-from .job_input import BatchOverrides, NativeInput, OpenAIInput, parse_job_input
+from .job_input import BatchOverrides, JobInput, NativeInput, OpenAIInput, parse_job_input
 from .job_limits import check_openai_body, check_size
 from .job_summary import JobSummary
 from .logs import job_id_var
 from .native_route import build_sampling_params, run_native
-from .openai_route import run_openai
+from .route_jobs import run_route
 from .settings import WorkerSettings
 from .stream_batching import BatchPolicy, batch_waits
 
@@ -74,17 +74,17 @@ class Worker:
     """Routes jobs to the engine. One instance per process, built before the job loop."""
 
     def __init__(self, runner: EngineRunner, settings: WorkerSettings,
-                 openai: OpenAIServing | None = None, chat_template: str | None = None
+                 app: VLLMApp | None = None, chat_template: str | None = None
                  ) -> None:
         self.runner = runner
         self.settings = settings
-        self.openai = openai
+        self.app = app
         # The --chat-template text (read once from a file if it named one).
         self.chat_template = chat_template
 
     def close(self) -> None:
-        """Shut the engine down (the serving layer holds the engine too: drop it first)."""
-        self.openai = None
+        """Shut the engine down (vLLM's app holds the engine too: drop it first)."""
+        self.app = None
         self.runner.shutdown()
 
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
@@ -117,7 +117,7 @@ class Worker:
         finally:
             summary.log(outcome)
 
-    def _request(self, raw_input: Any) -> NativeInput | OpenAIInput:
+    def _request(self, raw_input: Any) -> JobInput:
         """The validated request, within this worker's limits (nothing reaches the engine)."""
         check_size(self.settings, raw_input)
         inp = parse_job_input(raw_input)
@@ -125,19 +125,18 @@ class Worker:
             check_openai_body(self.settings, inp.openai_input)
         return inp
 
-    def _route(self, inp: NativeInput | OpenAIInput, job_id: str, summary: JobSummary
-               ) -> AsyncIterator[Any]:
+    def _route(self, inp: JobInput, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
         policy = batch_policy(self.settings, inp)
-        if isinstance(inp, OpenAIInput):
-            if self.openai is None:
-                raise InvalidInput("The OpenAI route is not available", param="openai_route")
-            summary.route = inp.openai_route
-            return run_openai(self.openai, inp, policy, job_id, self.settings.raw_openai_output)
+        if not isinstance(inp, NativeInput):
+            if self.app is None:
+                raise InvalidInput("Route jobs are not available", param="route")
+            summary.route = inp.openai_route if isinstance(inp, OpenAIInput) else inp.route
+            return run_route(self.app, inp, policy, job_id, self.settings.raw_openai_output)
         summary.route = "native" + ("/stream" if inp.stream else "")
         if self.settings.log_job_text:
             log.info("input: %s", inp.prompt if inp.prompt is not None else inp.messages)
         try:
-            lora = self.openai.lora_request(inp.model) if self.openai else None
+            lora = self.app.lora_request(inp.model) if self.app else None
         except LookupError as exc:
             raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
         return run_native(self.runner, inp, job_id, policy, lora, self.chat_template,

@@ -7,6 +7,7 @@ fails when any other module imports vLLM). The rest of the worker uses this inte
 from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+from .app import VLLMApp
 from .log_phases import EngineLogPhases
 from .runner import EngineRunner, cache_key
 from .sampling import SamplingParamsError, make_sampling_params, sampling_param_names
@@ -18,7 +19,6 @@ from .serve_args import (
     parse_serve_args,
     serve_flags,
 )
-from .serving import OpenAIServing
 
 __all__ = [
     "EngineDeadError",
@@ -26,9 +26,9 @@ __all__ = [
     "EngineLogPhases",
     "EngineRunner",
     "Flag",
-    "OpenAIServing",
     "ServeArgsError",
     "SamplingParamsError",
+    "VLLMApp",
     "VLLMClientError",
     "cache_key",
     "chat_template_text",

@@ -1,0 +1,77 @@
+"""`python src/local_endpoint.py`: the local endpoint with one worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from worker_vllm import demo_model
+
+from .app import create_app
+from .state import Endpoint
+from .worker_process import WorkerProcess, housekeeping, worker_env
+
+log = logging.getLogger("local_platform")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="RunPod's endpoint API on localhost, driving a real worker process.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer <key>' (default: no auth)")
+    parser.add_argument("--max-queue", type=int, default=1000,
+                        help="jobs waiting at most; more get HTTP 429")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="start no worker; print the env for one started separately")
+    parser.add_argument("--stream-post-delay-ms", type=float, default=0.0,
+                        help="hold each job-stream POST this long before answering "
+                             "(simulates the platform's round trip; default 0)")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="do not restart the worker when it exits (the platform does)")
+    parser.add_argument("--worker-key", default=None,
+                        help="key the worker authenticates with (default: random)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    worker_key = args.worker_key or secrets.token_urlsafe(16)
+    base_url = f"http://{args.host}:{args.port}"
+    endpoint = Endpoint(args.max_queue, args.stream_post_delay_ms / 1000)
+    worker: WorkerProcess | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> Any:
+        nonlocal worker
+        chores = asyncio.get_running_loop().create_task(housekeeping(endpoint))
+        env = worker_env(base_url, worker_key)
+        if args.no_worker:
+            keys = [k for k in env if k.startswith("RUNPOD_")]
+            print("Start a worker with:\n" + "\n".join(f"export {k}='{env[k]}'" for k in keys)
+                  + "\npython src/handler.py", flush=True)
+        else:
+            if not env.get("MODEL_NAME") and not env.get("MODEL"):
+                log.info("MODEL_NAME is not set: the worker serves the built-in demo model")
+                env.update(demo_model.demo_env(env))
+            worker = WorkerProcess(env, endpoint, restart=not args.no_restart)
+            worker.start()
+            asyncio.get_running_loop().create_task(worker.supervise())
+        log.info("Endpoint: %s/v2/local (any endpoint id works)", base_url)
+        yield
+        chores.cancel()
+        if worker is not None:
+            worker.stop()
+
+    app = create_app(endpoint, args.api_key, worker_key, lifespan)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

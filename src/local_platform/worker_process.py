@@ -1,0 +1,82 @@
+"""The worker process the local endpoint runs, and the platform's env it hands it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .state import Endpoint
+
+log = logging.getLogger("local_platform")
+HANDLER = Path(__file__).resolve().parents[1] / "handler.py"
+
+
+def worker_env(base_url: str, worker_key: str, base: dict[str, str] | None = None
+               ) -> dict[str, str]:
+    """The platform's env for a worker that talks to this endpoint."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        RUNPOD_WEBHOOK_GET_JOB=f"{base_url}/_worker/job-take/$ID?local=1",
+        RUNPOD_WEBHOOK_POST_OUTPUT=f"{base_url}/_worker/job-done/$RUNPOD_POD_ID/$ID?local=1",
+        RUNPOD_WEBHOOK_POST_STREAM=f"{base_url}/_worker/job-stream/$RUNPOD_POD_ID/$ID?local=1",
+        RUNPOD_WEBHOOK_PING=f"{base_url}/_worker/ping/$RUNPOD_POD_ID",
+        RUNPOD_AI_API_KEY=worker_key,
+        RUNPOD_POD_ID=env.get("RUNPOD_POD_ID", "local-worker"),
+        # The production start-up checks need internet and a GPU: off for local runs.
+        RUNPOD_SKIP_AUTO_SYSTEM_CHECKS="true",
+        RUNPOD_SKIP_GPU_CHECK="true",
+    )
+    env.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    return env
+
+
+async def housekeeping(endpoint: Endpoint) -> None:
+    while True:
+        await asyncio.sleep(1)
+        endpoint.expire()
+
+
+class WorkerProcess:
+    """The worker process, restarted when it exits (as the platform replaces workers)."""
+
+    def __init__(self, env: dict[str, str], endpoint: Endpoint, restart: bool) -> None:
+        self.env, self.endpoint, self.restart = env, endpoint, restart
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.starts = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HANDLER)], env=self.env)
+        self.starts += 1
+        log.info("Worker pid %s is starting", self.proc.pid)
+
+    async def supervise(self) -> None:
+        while not self.stopping:
+            assert self.proc is not None
+            while self.proc.poll() is None:
+                await asyncio.sleep(0.5)
+            if self.stopping:
+                return
+            code = self.proc.returncode
+            self.endpoint.last_seen = 0.0  # no worker until the next one calls in
+            log.error("The worker process exited with code %s", code)
+            for job in self.endpoint.in_progress():
+                self.endpoint.finish(job, "FAILED", error=f"The worker exited with code {code}")
+            if not self.restart:
+                return
+            await asyncio.sleep(min(30, 2 ** min(self.starts, 5)))  # back off on repeated exits
+            if not self.stopping:
+                self.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -1,0 +1,219 @@
+"""vLLM's own HTTP app, as `vllm serve` builds it, called in-process through ASGI: no socket,
+no HTTP parsing. vLLM's routing, validation, status codes and error bodies apply unchanged.
+
+Only inference routes are reachable: vLLM's app also carries operator routes (pause, sleep,
+collective RPC, cache resets, scale-out, ...) that a job must never reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .runner import EngineRunner
+
+# Inference routes of `vllm serve` that jobs may call (those the model's tasks registered).
+INFERENCE_ROUTES: dict[str, frozenset[str]] = {
+    path: frozenset(methods) for path, methods in {
+        "/v1/models": {"GET"},
+        "/v1/chat/completions": {"POST"},
+        "/v1/chat/completions/render": {"POST"},
+        "/v1/completions": {"POST"},
+        "/v1/completions/render": {"POST"},
+        "/v1/responses": {"POST"},
+        "/v1/responses/{response_id}": {"GET"},
+        "/v1/responses/{response_id}/cancel": {"POST"},
+        "/v1/responses/render": {"POST"},
+        "/v1/messages": {"POST"},
+        "/v1/messages/count_tokens": {"POST"},
+        "/v1/messages/render": {"POST"},
+        "/v1/embeddings": {"POST"},
+        "/pooling": {"POST"},
+        "/classify": {"POST"},
+        "/score": {"POST"}, "/v1/score": {"POST"},
+        "/rerank": {"POST"}, "/v1/rerank": {"POST"}, "/v2/rerank": {"POST"},
+        "/tokenize": {"POST"},
+        "/detokenize": {"POST"},
+        "/v1/audio/transcriptions": {"POST"},
+        "/v1/audio/translations": {"POST"},
+    }.items()
+}
+# Changing the served adapters at run time: only when the worker is told to allow it.
+LORA_ROUTES: dict[str, frozenset[str]] = {
+    "/v1/load_lora_adapter": frozenset({"POST"}),
+    "/v1/unload_lora_adapter": frozenset({"POST"}),
+}
+
+
+@dataclass
+class AppResponse:
+    status: int
+    content_type: str
+    body: AsyncIterator[bytes]  # streamed from the engine loop as the app sends it
+
+
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile("^" + re.sub(r"\\\{\w+\\\}", r"[^/]+", re.escape(path)) + "$")
+
+
+class VLLMApp:
+    """vLLM's FastAPI app and its state, built on the engine's loop from the parsed
+    `vllm serve` arguments."""
+
+    def __init__(self, runner: EngineRunner, app: Any, allow_lora_updates: bool) -> None:
+        self.runner = runner
+        self.app = app
+        self.state = app.state
+        registered: dict[str, set[str]] = {}
+        for route in app.routes:
+            path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+            if path and methods:
+                registered.setdefault(path, set()).update(methods)
+        allowed = dict(INFERENCE_ROUTES) | (LORA_ROUTES if allow_lora_updates else {})
+        self.routes = {path: frozenset(methods & registered[path])
+                       for path, methods in allowed.items()
+                       if path in registered and methods & registered[path]}
+        self._patterns = [(_template(p), p) for p in self.routes]
+
+    @classmethod
+    def create(cls, runner: EngineRunner, args: Any) -> VLLMApp:
+        """LoRA load/unload routes are reachable only when vLLM's own switch for runtime
+        adapter updates (VLLM_ALLOW_RUNTIME_LORA_UPDATING) is on."""
+        from vllm import envs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+
+        async def build() -> Any:
+            tasks = await runner.engine.get_supported_tasks()
+            app = build_app(args, tasks, runner.model_config)
+            await init_app_state(runner.engine, app.state, args, supported_tasks=tasks)
+            return app
+
+        return cls(runner, runner._submit(build()).result(),
+                   bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING))
+
+    def allowed(self, method: str, path: str) -> bool:
+        return any(p.match(path) and method in self.routes[t] for p, t in self._patterns)
+
+    def route_list(self) -> list[str]:
+        return sorted(f"{m} {p}" for p, methods in self.routes.items() for m in sorted(methods))
+
+    def locate_bad_field(self, method: str, path: str, body: dict[str, Any]) -> str | None:
+        """The body field an error without `param` is about, found by validating the body
+        against the route's own request type (validation only: nothing runs)."""
+        from pydantic import TypeAdapter, ValidationError
+
+        route = next((r for r in self.app.routes if getattr(r, "path", None) == path
+                      and method in (getattr(r, "methods", None) or ())), None)
+        field = getattr(route, "body_field", None)
+        model = getattr(field, "type_", None) or getattr(
+            getattr(field, "field_info", None), "annotation", None)
+        if model is None:
+            return None
+        adapter = TypeAdapter(model)
+
+        def fails(candidate: dict[str, Any]) -> tuple[bool, str | None]:
+            try:
+                adapter.validate_python(candidate)
+            except ValidationError as exc:
+                loc = exc.errors()[0]["loc"]
+                return True, ".".join(str(p) for p in loc) or None
+            except Exception:  # a validator that raised TypeError or the like
+                return True, None
+            return False, None
+
+        bad, where = fails(body)
+        if where:
+            return where
+        if bad:  # a validator raised: the field whose removal changes that is the culprit
+            for key in body:
+                still_bad, where = fails({k: v for k, v in body.items() if k != key})
+                if not still_bad or where:
+                    return key
+        return None
+
+    def lora_request(self, model: str | None) -> Any:
+        """The LoRARequest for an adapter name; None for the base model (or no name)."""
+        models = self.state.openai_serving_models
+        if model is None or models.is_base_model(model):
+            return None
+        lora = models.lora_requests.get(model)
+        if lora is None:
+            names = [*self.runner.served_model_names, *models.lora_requests]
+            raise LookupError(f"Unknown model {model!r}; served: {', '.join(names)}")
+        return lora
+
+    async def request(self, method: str, path: str, body: bytes | None,
+                      request_id: str) -> AppResponse:
+        """Call the app; returns once the response has started. Closing its body (or
+        cancelling the caller) disconnects, which makes vLLM abort the request."""
+        events = self.runner.stream(lambda: _asgi_call(self.app, method, path, body,
+                                                       request_id))
+        kind, status, content_type = await anext(events)
+        assert kind == "start"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for _, chunk, _ in events:
+                    yield chunk
+            finally:
+                await events.aclose()
+
+        return AppResponse(status, content_type, chunks())
+
+
+async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
+                     request_id: str) -> AsyncIterator[tuple[str, Any, Any]]:
+    """Run one request through the ASGI app on this (the engine's) loop: ("start", status,
+    content type), then ("body", bytes, None) per chunk."""
+    queue: asyncio.Queue[tuple[str, Any, Any] | None] = asyncio.Queue()
+    disconnected = asyncio.Event()
+    sent_body = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body or b"", "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = {k.decode().lower(): v.decode() for k, v in message.get("headers", [])}
+            queue.put_nowait(("start", message["status"], headers.get("content-type", "")))
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                queue.put_nowait(("body", message["body"], None))
+            if not message.get("more_body", False):
+                queue.put_nowait(None)
+
+    headers = [(b"x-request-id", request_id.encode())]
+    if body is not None:
+        headers += [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("worker", 0), "server": ("worker", 0),
+             "state": {}}
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.ensure_future(run())
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+        await task  # raises what the app raised
+    finally:
+        disconnected.set()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,109 @@
+"""Route jobs, answered by vLLM's own app in-process.
+
+Two shapes reach it: `{"openai_route", "openai_input"}` (what the platform makes of a request
+to `/openai/v1/...`) and `{"route", "body", "method"}` (any allowed route of `vllm serve`).
+JSON answers are yielded once; SSE answers as whole events, batched by the stream policy and
+ending as vLLM ends them; a non-2xx answer fails the job with vLLM's error and HTTP status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .engine import VLLMApp
+from .errors import ErrorObject, WorkerError
+from .job_input import OpenAIInput, RouteInput
+from .stream_batching import BatchPolicy, batched
+
+
+class RouteError(WorkerError):
+    """An error in the OpenAI error object's shape (param always present)."""
+
+    def to_error(self) -> ErrorObject:
+        return ErrorObject(message=self.message, type=self.type, param=self.param,
+                           code=self.code)
+
+
+def normalise_openai_route(route: str) -> str:
+    route = "/" + route.strip().strip("/")
+    return route if route.startswith("/v1/") else "/v1" + route
+
+
+def request_of(inp: OpenAIInput | RouteInput) -> tuple[str, str, Any, str]:
+    """(method, path, body, the input field naming the route)."""
+    if isinstance(inp, OpenAIInput):
+        body = inp.openai_input
+        return ("POST" if body is not None else "GET",
+                normalise_openai_route(inp.openai_route), body, "openai_route")
+    body = inp.body
+    method = inp.method or ("POST" if body is not None else "GET")
+    return method, "/" + inp.route.strip().strip("/"), body, "route"
+
+
+def _error_from(status: int, raw: bytes) -> RouteError:
+    """vLLM's error body (the OpenAI error object, or FastAPI's `detail`) as the job's error."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = raw.decode("utf-8", "replace")
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        return RouteError(str(err.get("message", "error")),
+                          type=str(err.get("type") or "invalid_request_error"),
+                          param=err.get("param"), code=status)
+    detail = data.get("detail", data) if isinstance(data, dict) else data
+    return RouteError(detail if isinstance(detail, str) else json.dumps(detail),
+                      type="invalid_request_error" if status < 500 else "internal_error",
+                      code=status)
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """Whole SSE events (ending in a blank line) from body chunks cut anywhere."""
+    pending = ""
+    async for chunk in chunks:
+        pending += chunk.decode("utf-8")
+        *events, pending = pending.split("\n\n")
+        for event in events:
+            yield event + "\n\n"
+    if pending.strip():
+        yield pending if pending.endswith("\n\n") else pending + "\n\n"
+
+
+def parse_sse(event: str) -> Any:
+    """The JSON payload of one SSE event (None for the closing [DONE])."""
+    data = "".join(line[5:].strip() for line in event.splitlines() if line.startswith("data:"))
+    return None if data in ("", "[DONE]") else json.loads(data)
+
+
+async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPolicy,
+                    request_id: str, raw_output: bool = True) -> AsyncIterator[Any]:
+    method, path, body, field = request_of(inp)
+    if not app.allowed(method, path):
+        raise RouteError(f"Unknown route {method} {path}; supported: "
+                         f"{', '.join(app.route_list())}", type="invalid_request_error",
+                         param=field, code=404)
+    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+    response = await app.request(method, path, data, request_id)
+    async with contextlib.aclosing(response.body) as chunks:
+        if response.status >= 400:
+            error = _error_from(response.status, b"".join([c async for c in chunks]))
+            if error.param is None and response.status < 500 and isinstance(body, dict):
+                error.param = app.locate_bad_field(method, path, body)
+            raise error
+        if not response.content_type.startswith("text/event-stream"):
+            raw = b"".join([c async for c in chunks])
+            try:
+                yield json.loads(raw)
+            except ValueError:
+                yield {"text": raw.decode("utf-8", "replace")}
+            return
+        async with contextlib.aclosing(batched(sse_events(chunks), policy)) as batches:
+            async for batch in batches:
+                if raw_output:
+                    yield "".join(batch.items)
+                else:
+                    yield [chunk for event in batch.items
+                           if (chunk := parse_sse(event)) is not None]

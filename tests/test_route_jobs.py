@@ -1,0 +1,62 @@
+"""Route jobs through vLLM's own app, called in-process: {"route", "body", "method"} reaches
+any inference route `vllm serve` serves for the model; operator routes are refused."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import collect
+
+from worker_vllm.demo_model import DEMO_MODEL_ID
+
+pytestmark = pytest.mark.slow
+
+
+async def test_tokenize_returns_the_tokenizers_ids_and_detokenize_round_trips(worker):
+    text = "def main():\n    return 42"
+    (out,) = await collect(worker, {"route": "/tokenize",
+                                    "body": {"model": DEMO_MODEL_ID, "prompt": text}})
+    tokenizer = worker.runner.get_tokenizer()
+    assert out["tokens"] == tokenizer.encode(text)
+    (back,) = await collect(worker, {"route": "detokenize", "method": "POST",
+                                     "body": {"model": DEMO_MODEL_ID, "tokens": out["tokens"]}})
+    assert back["prompt"] == tokenizer.decode(out["tokens"])
+
+
+async def test_a_route_job_equals_the_same_openai_route_job(worker):
+    body = {"model": DEMO_MODEL_ID, "prompt": "class A:", "max_tokens": 6, "seed": 3,
+            "temperature": 1.0}
+    (by_route,) = await collect(worker, {"route": "/v1/completions", "body": body})
+    (by_openai,) = await collect(worker, {"openai_route": "/v1/completions",
+                                          "openai_input": body})
+    assert by_route["choices"] == by_openai["choices"]
+    assert by_route["usage"] == by_openai["usage"]
+    streamed = await collect(worker, {"route": "/v1/completions",
+                                      "body": {**body, "stream": True}})
+    assert all(y.endswith("\n\n") for y in streamed) and "data: [DONE]" in streamed[-1]
+
+
+async def test_get_without_a_body(worker):
+    (out,) = await collect(worker, {"route": "/v1/models"})
+    assert out["data"][0]["id"] == DEMO_MODEL_ID
+
+
+@pytest.mark.parametrize("route,method", [("/pause", "POST"), ("/collective_rpc", "POST"),
+                                          ("/reset_prefix_cache", "POST"), ("/metrics", "GET"),
+                                          ("/scale_elastic_ep", "POST"), ("/v1/nope", "POST")])
+async def test_operator_and_unknown_routes_are_refused_with_404(worker, route, method):
+    (out,) = await collect(worker, {"route": route, "method": method, "body": {}})
+    error = out["error"]
+    assert error["code"] == 404 and error["param"] == "route"
+    assert "/v1/chat/completions" in error["message"] and "/tokenize" in error["message"]
+    # The engine keeps serving.
+    (ok,) = await collect(worker, {"prompt": "x", "sampling_params": {"max_tokens": 2}})
+    assert ok["usage"]["output"] == 2
+
+
+async def test_bad_body_gets_vllms_own_400(worker):
+    (out,) = await collect(worker, {"route": "/tokenize", "body": {"model": DEMO_MODEL_ID}})
+    error = out["error"]
+    assert error["code"] == 400 and error["type"] != "internal_error"
+    (wrong_model,) = await collect(worker, {"route": "/v1/completions", "body": {
+        "model": "nope", "prompt": "x"}})
+    assert wrong_model["error"]["code"] == 404
