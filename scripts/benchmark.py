@@ -8,6 +8,9 @@ Table 1, in-process: wall time, output tokens/s, time to first output and yields
   bridge     the same stream relayed to another event loop (the worker's engine thread)
   native     a streamed native job through the handler (bridge + batching + output shaping)
   native-ns  the same job not streamed
+  openai-direct  a streamed OpenAI chat job through vLLM's chat serving object called directly
+             (how the worker answered OpenAI-route jobs before it called vLLM's app)
+  openai-app     the same job through the handler and vLLM's app called in-process (ASGI)
 each for one job and for --jobs concurrent jobs.
 
 Table 2 (--full-path), the path users run: --path-jobs streamed jobs of --path-tokens tokens at
@@ -63,6 +66,51 @@ async def run_bridge(worker: Any, params: Any, ids: list[int], rid: str) -> tupl
     return first, n
 
 
+def _chat_request_type(worker: Any) -> Any:
+    """vLLM's request type of /v1/chat/completions, as its app declares it."""
+    route = next(r for r in worker.app.app.routes
+                 if getattr(r, "path", "") == "/v1/chat/completions")
+    return route.body_field.field_info.annotation
+
+
+async def run_openai_direct(worker: Any, body: dict, rid: str) -> tuple[float, int]:
+    """The OpenAI route as the worker called it before it called vLLM's app: vLLM's chat
+    serving object directly, its SSE strings relayed from the engine loop."""
+    from starlette.requests import Request
+
+    request = _chat_request_type(worker).model_validate(body)
+    raw = Request({"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                   "headers": [(b"x-request-id", rid.encode())]})
+    serving = worker.app.state.openai_serving_chat
+
+    async def call() -> Any:
+        return await serving.create_chat_completion(request, raw)
+
+    generator = await worker.runner.call(call)
+    start, first, n = time.perf_counter(), 0.0, 0
+    async for _ in worker.runner.stream(lambda: generator):
+        if n == 0:
+            first = time.perf_counter() - start
+        n += 1
+    return first, n
+
+
+def openai_runner(direct: bool):
+    async def run(worker: Any, body: dict, rid: str) -> tuple[float, int]:
+        if direct:
+            return await run_openai_direct(worker, body, rid)
+        start, first, n = time.perf_counter(), 0.0, 0
+        async for item in worker.handle({"id": rid, "input": {
+                "openai_route": "/v1/chat/completions", "openai_input": body}}):
+            assert "error" not in item, item
+            if n == 0:
+                first = time.perf_counter() - start
+            n += 1
+        return first, n
+
+    return run
+
+
 def job_runner(stream: bool):
     async def run(worker: Any, job_input: dict, rid: str) -> tuple[float, int]:
         start, first, n = time.perf_counter(), 0.0, 0
@@ -91,6 +139,13 @@ async def measure(name: str, worker: Any, args: argparse.Namespace, jobs: int) -
         if name in ("engine", "bridge"):
             fn = run_engine if name == "engine" else run_bridge
             results = await asyncio.gather(*(fn(worker, params, ids, f"{name}-{rep}-{i}")
+                                             for i in range(jobs)))
+        elif name.startswith("openai"):
+            body = {"model": worker.runner.served_model_names[0], "stream": True,
+                    "max_tokens": args.tokens, "ignore_eos": True, "seed": 1,
+                    "messages": [{"role": "user", "content": "def benchmark():"}]}
+            fn = openai_runner(direct=name == "openai-direct")
+            results = await asyncio.gather(*(fn(worker, body, f"{name}-{rep}-{i}")
                                              for i in range(jobs)))
         else:
             fn = job_runner(stream=name == "native")
@@ -217,7 +272,8 @@ def main() -> None:
     async def all_rows() -> list[dict]:
         rows = []
         for jobs in (1, args.jobs):
-            for name in ("engine", "bridge", "native", "native-ns"):
+            for name in ("engine", "bridge", "native", "native-ns", "openai-direct",
+                         "openai-app"):
                 rows.append(await measure(name, worker, args, jobs))
         return rows
 
@@ -232,11 +288,11 @@ def main() -> None:
     worker.close()
     print(f"\n{args.tokens} output tokens per job, median of {args.repeat} runs "
           f"(demo model, CPU build)\n")
-    print(f"{'path':<10} {'jobs':>4} {'wall s':>8} {'tok/s':>8} {'vs engine':>9} "
+    print(f"{'path':<13} {'jobs':>4} {'wall s':>8} {'tok/s':>8} {'vs engine':>9} "
           f"{'TTFT ms':>8} {'yields/job':>10}")
     for row in rows:
         base = next(r for r in rows if r["name"] == "engine" and r["jobs"] == row["jobs"])
-        print(f"{row['name']:<10} {row['jobs']:>4} {row['wall']:>8.2f} {row['tps']:>8.0f} "
+        print(f"{row['name']:<13} {row['jobs']:>4} {row['wall']:>8.2f} {row['tps']:>8.0f} "
               f"{row['tps'] / base['tps']:>9.2f} {row['ttft'] * 1000:>8.1f} "
               f"{row['yields']:>10.0f}")
     if args.full_path:

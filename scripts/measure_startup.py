@@ -23,7 +23,7 @@ JOB = json.dumps({"input": {"prompt": "x", "sampling_params": {"max_tokens": 4}}
 
 
 def start_once(volume: Path, model: str, eager: bool, label: str) -> dict:
-    scratch = Path(tempfile.mkdtemp(prefix=f"worker-vllm-start-{label}-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"worker-vllm-start-{label.replace(' ', '-')}-"))
     summary = scratch / "startup.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
     env.update(

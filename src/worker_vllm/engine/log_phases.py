@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections import defaultdict
 
 # phase -> vLLM's log message giving its seconds
@@ -32,6 +33,15 @@ _ERROR = re.compile(r"\] (\w+(?:Error|Exception)): (.+)$")
 _GENERIC = ("initialization failed", "See root cause", "See stack trace")
 
 
+# phase -> (the line that starts it, the line that ends it), for phases vLLM logs no figure of
+# (on CPU, compilation runs inside the model warm-up).
+SPANS = {
+    "compilation (model warm-up)": (
+        re.compile(r"Warming up model for the compilation"),
+        re.compile(r"(saved|loaded) AOT compiled function|Initial profiling/warmup run took")),
+}
+
+
 class EngineLogPhases:
     """Copies this process's stderr (fd 2) through a pipe, collecting vLLM's phase figures.
 
@@ -43,6 +53,7 @@ class EngineLogPhases:
         self._lock = threading.Lock()
         self._started = False
         self.root_cause: str | None = None  # the first specific error the engine logged
+        self._span_started: dict[str, float] = {}
 
     def start(self) -> None:
         if self._started:
@@ -75,6 +86,12 @@ class EngineLogPhases:
             if match := pattern.search(line):
                 with self._lock:
                     self.seconds[phase] += float(match.group(1))
+        for phase, (start, end) in SPANS.items():
+            if start.search(line):
+                self._span_started[phase] = time.monotonic()
+            elif phase in self._span_started and end.search(line):
+                with self._lock:
+                    self.seconds[phase] += time.monotonic() - self._span_started.pop(phase)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
