@@ -1,58 +1,68 @@
-"""A dead engine must not leave a worker that keeps taking jobs: the worker process exits
-non-zero (so the platform replaces it) and its in-flight job ends FAILED."""
+"""A dead or stuck engine must not leave a worker that keeps taking jobs: the worker process
+exits non-zero (so the platform replaces it), its in-flight job ends FAILED, and nothing it
+started keeps running."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import contextlib
+import signal
 import time
 
 import psutil
 import pytest
-import requests
-from conftest import ROOT, worker_env
-from test_local_endpoint import free_port
+from test_faults import Endpoint
 
 pytestmark = pytest.mark.slow
 
+LONG = {"max_tokens": 1900, "ignore_eos": True}
 
-def test_worker_exits_when_its_engine_dies(tmp_path, demo_model_dir):
-    port = free_port()
-    log_path = tmp_path / "endpoint.log"
-    env = worker_env()
-    env.pop("MODEL_NAME", None)
-    with open(log_path, "w") as log_file:
-        endpoint = subprocess.Popen(
-            [sys.executable, str(ROOT / "src" / "local_endpoint.py"), "--port", str(port)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v2/local"
+
+def engine_processes(worker: psutil.Process) -> list[psutil.Process]:
+    return [p for p in worker.children(recursive=True)
+            if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+
+
+def test_worker_exits_within_10_s_when_its_engine_dies_leaving_no_process(tmp_path):
+    ep = Endpoint(tmp_path, "--no-restart")
     try:
-        body = {"input": {"prompt": "x", "stream": True,
-                          "sampling_params": {"max_tokens": 1900, "ignore_eos": True}}}
-        deadline = time.time() + 300
-        while True:
-            try:
-                job = requests.post(f"{base}/run", json=body, timeout=5).json()
-                break
-            except requests.ConnectionError:
-                assert time.time() < deadline and endpoint.poll() is None
-                time.sleep(1)
-        while requests.get(f"{base}/status/{job['id']}", timeout=5).json()["status"] != \
-                "IN_PROGRESS":
-            assert time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-
-        (worker,) = psutil.Process(endpoint.pid).children()
-        cores = [p for p in worker.children(recursive=True) if "EngineCore" in " ".join(
-            [p.name(), *p.cmdline()])]
-        assert cores, [(p.name(), p.cmdline()) for p in worker.children(recursive=True)]
+        job = ep.run({"prompt": "x", "stream": True, "sampling_params": LONG})
+        ep.wait(job, ("IN_PROGRESS",))
+        worker = ep.worker()
+        tree = worker.children(recursive=True)
+        cores = engine_processes(worker)
+        assert cores, [(p.name(), p.cmdline()) for p in tree]
+        killed = time.monotonic()
         for core in cores:
             core.kill()
-
-        assert worker.wait(timeout=60) != 0
-        status = requests.get(f"{base}/status/{job['id']}", timeout=5).json()
-        assert status["status"] == "FAILED"
-        assert "engine died" in log_path.read_text()
+        assert ep.worker_exit_code(timeout=60) != 0
+        assert time.monotonic() - killed < 10
+        assert ep.wait(job)["status"] == "FAILED"
+        assert "engine died" in ep.log.read_text()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
     finally:
-        endpoint.terminate()
-        endpoint.wait(timeout=60)
+        ep.close()
+
+
+def test_an_engine_that_stops_answering_is_detected_by_the_health_probe(tmp_path):
+    """SIGSTOP freezes the engine core without killing it: vLLM reports nothing, the probe's
+    deadline does."""
+    ep = Endpoint(tmp_path, "--no-restart", ENGINE_PROBE_INTERVAL_S="1",
+                  ENGINE_PROBE_TIMEOUT_S="3")
+    frozen: list[psutil.Process] = []
+    try:
+        worker = ep.worker()
+        tree = worker.children(recursive=True)
+        frozen = engine_processes(worker)
+        assert frozen
+        for core in frozen:
+            core.send_signal(signal.SIGSTOP)
+        assert ep.worker_exit_code(timeout=60) != 0
+        assert "health probe got no answer" in ep.log.read_text()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        for core in frozen:  # only if the worker failed to end them
+            with contextlib.suppress(psutil.Error):
+                core.kill()
+        ep.close()

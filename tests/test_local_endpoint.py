@@ -222,3 +222,44 @@ def test_chat_template_set_by_env_reaches_the_serving_layer(oai, demo_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(demo_model_dir))
     rendered = tokenizer.bos_token + "CUSTOM TEMPLATE:hello"
     assert chat.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+# ----- route jobs through the real SDK loop (vLLM's own app, in-process in the worker) ------
+def test_route_jobs_tokenize_detokenize_and_completions(rp_endpoint, demo_model_dir):
+    from transformers import AutoTokenizer
+
+    from worker_vllm.demo_model import DEMO_MODEL_ID
+
+    text = "for i in range(3):"
+    (tokens,) = rp_endpoint.run_sync({"input": {"route": "/tokenize", "body": {
+        "model": DEMO_MODEL_ID, "prompt": text}}}, timeout=120)
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_model_dir))
+    assert tokens["tokens"] == tokenizer.encode(text)
+    (back,) = rp_endpoint.run_sync({"input": {"route": "/detokenize", "body": {
+        "model": DEMO_MODEL_ID, "tokens": tokens["tokens"]}}}, timeout=120)
+    assert back["prompt"] == tokenizer.decode(tokens["tokens"])
+    body = {"model": DEMO_MODEL_ID, "prompt": text, "max_tokens": 5, "seed": 7,
+            "temperature": 1.0}
+    (by_route,) = rp_endpoint.run_sync({"input": {"route": "/v1/completions", "body": body}},
+                                       timeout=120)
+    (by_openai,) = rp_endpoint.run_sync({"input": {"openai_route": "/v1/completions",
+                                                   "openai_input": body}}, timeout=120)
+    assert by_route["choices"] == by_openai["choices"]
+
+
+@pytest.mark.parametrize("job_input,code", [
+    ({"route": "/pause", "method": "POST", "body": {}}, 404),
+    ({"route": "/v1/no-such-route", "body": {}}, 404),
+    ({"route": "/tokenize", "body": {"prompt": 5}}, 400),
+])
+def test_route_job_errors_through_the_sdk_loop(endpoint, rp_endpoint, job_input, code):
+    import json
+
+    r = requests.post(f"{endpoint['base']}/local/runsync", json={"input": job_input},
+                      headers=endpoint["headers"], timeout=120).json()
+    assert r["status"] == "FAILED"
+    assert json.loads(r["error"])["code"] == code
+    # The engine keeps serving.
+    out = rp_endpoint.run_sync({"input": {"prompt": "x", "sampling_params": {"max_tokens": 2}}},
+                               timeout=120)
+    assert out[0]["usage"]["output"] == 2

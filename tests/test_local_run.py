@@ -46,3 +46,26 @@ def test_test_input_json_runs_a_real_job(tmp_path, demo_model_dir):
     expected = json.loads((ROOT / "test_input.json").read_text())["input"]
     assert output["usage"]["output"] == expected["sampling_params"]["max_tokens"]
     assert "serving the built-in demo model" in proc.stderr
+
+
+def test_a_normal_exit_leaves_no_process(tmp_path, demo_model_dir):
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "src" / "handler.py"), "--test_input",
+         '{"input": {"prompt": "hi", "sampling_params": {"max_tokens": 2}}}'],
+        cwd=tmp_path, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    seen: dict[int, psutil.Process] = {}
+    while proc.poll() is None:
+        try:
+            seen.update((c.pid, c) for c in parent.children(recursive=True))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    assert proc.returncode == 0 and json.loads(proc.stdout.read())["status"] == "COMPLETED"
+    assert seen, "the engine core never showed: the test did not reach its subject"
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
