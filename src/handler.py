@@ -20,13 +20,15 @@ setup_logging()
 log = logging.getLogger("worker_vllm.handler")
 
 
-def serve(handler, concurrency: int, fitness_check=None) -> None:  # type: ignore[no-untyped-def]
+def serve(handler, concurrency: int, fitness_check=None,  # type: ignore[no-untyped-def]
+          stops=None) -> None:
     """The runpod SDK's job loop (production) with a private job-state file."""
     import runpod
 
     from worker_vllm.sdk_state import use_private_job_state
 
     use_private_job_state()
+    extra = {"stop_signals_fetcher": stops.fetch} if stops is not None else {}
     if fitness_check is not None:
         runpod.serverless.register_fitness_check(fitness_check)
     runpod.serverless.start(
@@ -35,6 +37,7 @@ def serve(handler, concurrency: int, fitness_check=None) -> None:  # type: ignor
             # Must be constant: a changing value stalls the SDK's job intake.
             "concurrency_modifier": lambda _current: concurrency,
             "return_aggregate_stream": True,
+            **extra,
         }
     )
 
@@ -86,8 +89,11 @@ def main() -> int:
         await worker.runner.check_health()
 
     exit_when_engine_dies(worker.runner, worker.settings)
+    from worker_vllm.sdk_state import EarlyStops
+
+    worker.early_stops = EarlyStops()
     try:
-        serve(handler, worker.settings.max_concurrency, engine_is_healthy)
+        serve(handler, worker.settings.max_concurrency, engine_is_healthy, worker.early_stops)
     finally:
         worker.close()
         end_children()

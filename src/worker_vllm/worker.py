@@ -79,6 +79,8 @@ class Worker:
         self.runner = runner
         self.settings = settings
         self.app = app
+        # Stop signals that reached the worker before their job started (set in production).
+        self.early_stops: Any = None
         # The --chat-template text (read once from a file if it named one).
         self.chat_template = chat_template
 
@@ -97,6 +99,10 @@ class Worker:
         """
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
+        if self.early_stops is not None and self.early_stops.stopped(job_id):
+            log.info("job stopped before it started; engine requests still running: %d",
+                     await self.runner.num_unfinished_requests())
+            return
         summary = JobSummary()
         batch_waits.set(summary.batch_waits)
         results = self._results(job_id, job.get("input"), summary)
