@@ -43,27 +43,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
+async def timed(items: Any) -> tuple[float, int]:
+    """Consume a stream: (seconds to its first item, number of items). A job's error fails."""
+    start, first, n = time.perf_counter(), 0.0, 0
+    async for item in items:
+        assert not (isinstance(item, dict) and "error" in item), item
+        if n == 0:
+            first = time.perf_counter() - start
+        n += 1
+    return first, n
+
+
 async def run_engine(worker: Any, params: Any, ids: list[int], rid: str) -> tuple[float, int]:
     """Baseline: iterate vLLM's generator on the engine loop; returns (ttft, yields)."""
 
     async def consume() -> tuple[float, int]:
-        start, first, n = time.perf_counter(), 0.0, 0
-        async for _ in worker.runner.engine.generate({"prompt_token_ids": ids}, params, rid):
-            if n == 0:
-                first = time.perf_counter() - start
-            n += 1
-        return first, n
+        return await timed(worker.runner.engine.generate({"prompt_token_ids": ids}, params,
+                                                         rid))
 
     return await worker.runner.call(consume)
 
 
 async def run_bridge(worker: Any, params: Any, ids: list[int], rid: str) -> tuple[float, int]:
-    start, first, n = time.perf_counter(), 0.0, 0
-    async for _ in worker.runner.generate({"prompt_token_ids": ids}, params, rid):
-        if n == 0:
-            first = time.perf_counter() - start
-        n += 1
-    return first, n
+    return await timed(worker.runner.generate({"prompt_token_ids": ids}, params, rid))
 
 
 def _chat_request_type(worker: Any) -> Any:
@@ -87,39 +89,23 @@ async def run_openai_direct(worker: Any, body: dict, rid: str) -> tuple[float, i
         return await serving.create_chat_completion(request, raw)
 
     generator = await worker.runner.call(call)
-    start, first, n = time.perf_counter(), 0.0, 0
-    async for _ in worker.runner.stream(lambda: generator):
-        if n == 0:
-            first = time.perf_counter() - start
-        n += 1
-    return first, n
+    return await timed(worker.runner.stream(lambda: generator))
 
 
 def openai_runner(direct: bool):
     async def run(worker: Any, body: dict, rid: str) -> tuple[float, int]:
         if direct:
             return await run_openai_direct(worker, body, rid)
-        start, first, n = time.perf_counter(), 0.0, 0
-        async for item in worker.handle({"id": rid, "input": {
-                "openai_route": "/v1/chat/completions", "openai_input": body}}):
-            assert "error" not in item, item
-            if n == 0:
-                first = time.perf_counter() - start
-            n += 1
-        return first, n
+        return await timed(worker.handle({"id": rid, "input": {
+            "openai_route": "/v1/chat/completions", "openai_input": body}}))
 
     return run
 
 
 def job_runner(stream: bool):
     async def run(worker: Any, job_input: dict, rid: str) -> tuple[float, int]:
-        start, first, n = time.perf_counter(), 0.0, 0
-        async for item in worker.handle({"id": rid, "input": {**job_input, "stream": stream}}):
-            assert "error" not in item, item
-            if n == 0:
-                first = time.perf_counter() - start
-            n += 1
-        return first, n
+        return await timed(worker.handle({"id": rid, "input": {**job_input,
+                                                               "stream": stream}}))
 
     return run
 
