@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from .engine.serve_args import Flag, ServeArgsError, default_of, parse_serve_args, serve_flags
+from .engine.serve_args import Flag, ServeArgsError, parse_serve_args, serve_flags
 from .errors import WorkerError
 from .legacy_settings import legacy_names, translate
-from .settings import ALIASES, WorkerSettings, is_unset
+from .settings import ALIASES, WorkerSettings, is_unset, parse_bool
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ _SECRET_NAME = re.compile(r"(^|_)(token|key|secret|password)$", re.IGNORECASE)
 # Flags the worker owns under its own setting: HF_TOKEN is for the worker's download and must
 # never reach vLLM's logged config.
 _WORKER_OWNED = {"HF_TOKEN"}
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 class ConfigError(WorkerError):
@@ -90,12 +88,12 @@ def flag_tokens(flag: Flag, raw: Any, origin: str) -> list[str]:
     """The `vllm serve` tokens for one setting's value."""
     text = raw if isinstance(raw, str) else json.dumps(raw)
     if flag.kind in ("bool", "switch"):
-        value = text.strip().lower() if isinstance(raw, str) else str(raw).lower()
-        if value in _TRUE:
+        value = parse_bool(text if isinstance(raw, str) else str(raw))
+        if value is None:
+            raise ConfigError(f"Invalid value {raw!r} for {origin}: expected true or false")
+        if value:
             return [flag.option]
-        if value in _FALSE:
-            return ["--no-" + flag.option[2:]] if flag.kind == "bool" else []
-        raise ConfigError(f"Invalid value {raw!r} for {origin}: expected true or false")
+        return ["--no-" + flag.option[2:]] if flag.kind == "bool" else []
     if flag.kind == "list":
         items = [str(x) if not isinstance(x, dict | list) else json.dumps(x) for x in raw] \
             if isinstance(raw, list) else _as_list(text)
@@ -269,7 +267,3 @@ def describe(config: ServeConfig) -> str:
     shown = redacted(values)
     return ", ".join(f"{dest}={shown[dest]!r} ({config.sources[dest]})" for dest in shown
                      if dest in vars(config.args))
-
-
-def vllm_default(dest: str) -> Any:
-    return default_of(dest)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import WorkerError
-from .settings import is_unset
+from .settings import is_unset, parse_bool
 
 
 class LegacyConfigError(WorkerError):
@@ -99,12 +99,10 @@ class Translation:
 
 
 def _truthy(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise LegacyConfigError(f"Invalid value {raw!r} for {name}: expected true or false")
+    value = parse_bool(raw)
+    if value is None:
+        raise LegacyConfigError(f"Invalid value {raw!r} for {name}: expected true or false")
+    return value
 
 
 def _speculative(env: Mapping[str, str]) -> dict[str, Any]:

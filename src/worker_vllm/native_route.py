@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +31,17 @@ def build_sampling_params(inp: NativeInput) -> Any:
     try:
         return make_sampling_params(params, stream=inp.stream)
     except (ValueError, TypeError, VLLMClientError) as exc:
-        param = getattr(exc, "parameter", None) or _named_field(str(exc), params)
+        param = getattr(exc, "parameter", None) or field_named_in(str(exc), params)
         raise InvalidInput(
             f"Invalid sampling_params: {exc}",
             param=f"sampling_params.{param}" if param else "sampling_params",
         ) from None
 
 
-def _named_field(message: str, params: dict[str, Any]) -> str | None:
-    """The field a vLLM range error speaks of, when it does not say so itself."""
-    names = sorted((k for k in params if k in message), key=message.index)
-    return names[0] if names else None
+def field_named_in(message: str, names: Iterable[str]) -> str | None:
+    """The field a vLLM error speaks of (the first named), when it does not say so itself."""
+    named = sorted((n for n in names if n in message), key=message.index)
+    return named[0] if named else None
 
 
 def _logprob_entries(position: dict[int, Any] | None, chosen: int | None = None

@@ -38,6 +38,16 @@ def is_unset(raw: str | None, name: str | None = None) -> bool:
     return name in ZERO_MEANS_UNSET and raw.strip() in ("0", "0.0")
 
 
+def parse_bool(raw: str) -> bool | None:
+    """A boolean setting's value: true/false, 1/0, yes/no, on/off; None for anything else."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def _field(default: Any, group: str, description: str, **kwargs: Any) -> Any:
     extra = {"group": group}
     for key in ("advanced", "options", "title"):

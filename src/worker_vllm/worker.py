@@ -21,7 +21,7 @@ from .job_input import BatchOverrides, JobInput, NativeInput, OpenAIInput, parse
 from .job_limits import check_openai_body, check_size
 from .job_summary import JobSummary
 from .logs import job_id_var
-from .native_route import build_sampling_params, run_native
+from .native_route import build_sampling_params, field_named_in, run_native
 from .route_jobs import run_route
 from .settings import WorkerSettings
 from .stream_batching import BatchPolicy, batch_waits
@@ -57,9 +57,8 @@ def as_worker_error(exc: BaseException) -> BaseException:
         # vLLM checks a request against the model (vocabulary, logprob limits, schemas) as it
         # is added and raises ValueError subclasses with messages meant for the client.
         message = str(exc)
-        param = getattr(exc, "parameter", None) or next(
-            (name for name in sorted(sampling_param_names(), key=message.find)
-             if name in message), None)
+        param = getattr(exc, "parameter", None) or field_named_in(message,
+                                                                  sampling_param_names())
         return InvalidInput(message, param=f"sampling_params.{param}" if param else None)
     return exc
 

@@ -117,10 +117,6 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_of(dest: str) -> Any:
-    return _parser().get_default(dest)
-
-
 def engine_args_from(args: argparse.Namespace) -> AsyncEngineArgs:
     return AsyncEngineArgs.from_cli_args(args)
 
