@@ -23,8 +23,8 @@ from worker_vllm.errors import WorkerError
 from worker_vllm.legacy_settings import MAPPED, REMOVED, legacy_names
 from worker_vllm.settings import ALIASES, WorkerSettings, load_worker_settings
 
-COMPAT = json.loads((ROOT.parent / "shared" / "compat" / "worker-vllm-settings.json")
-                    .read_text())
+# Facts about worker-vllm's settings (its Hub listing and console template), kept as test data.
+COMPAT = json.loads((ROOT / "tests" / "data" / "worker-vllm-settings.json").read_text())
 
 
 def parse(env: dict[str, str], tmp_path):

@@ -12,8 +12,8 @@ from test_local_run import run_handler
 
 pytestmark = pytest.mark.slow
 
-COMPAT = json.loads((ROOT.parent / "shared" / "compat" / "worker-vllm-settings.json")
-                    .read_text())
+# Facts about worker-vllm's settings (its Hub listing and console template), kept as test data.
+COMPAT = json.loads((ROOT / "tests" / "data" / "worker-vllm-settings.json").read_text())
 JOB = json.dumps({"input": {"prompt": "def f():", "sampling_params": {"max_tokens": 4,
                                                                        "ignore_eos": True}}})
 # Needed on this CPU build only: CPU attention takes block sizes in multiples of 32; float32
