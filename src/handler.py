@@ -13,46 +13,23 @@ import sys
 # huggingface_hub reads this at import: use its high-throughput (Xet) transfer for downloads.
 os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
 
+from typing import TYPE_CHECKING
+
 from worker_vllm.errors import WorkerError
 from worker_vllm.logs import setup_logging
 
+if TYPE_CHECKING:
+    from worker_vllm.worker import Worker
+
 setup_logging()
 log = logging.getLogger("worker_vllm.handler")
-
-
-def serve(handler, concurrency: int, fitness_check=None,  # type: ignore[no-untyped-def]
-          stops=None) -> None:
-    """The runpod SDK's job loop (production) with a private job-state file."""
-    import runpod
-
-    from worker_vllm.sdk_state import use_private_job_state
-
-    use_private_job_state()
-    extra = {"stop_signals_fetcher": stops.fetch} if stops is not None else {}
-    if fitness_check is not None:
-        runpod.serverless.register_fitness_check(fitness_check)
-    runpod.serverless.start(
-        {
-            "handler": handler,
-            # Must be constant: a changing value stalls the SDK's job intake.
-            "concurrency_modifier": lambda _current: concurrency,
-            "return_aggregate_stream": True,
-            **extra,
-        }
-    )
 
 
 def main() -> int:
     from worker_vllm import local_run
     from worker_vllm.errors import InvalidInput
     from worker_vllm.process_tree import end_children
-    from worker_vllm.startup import (
-        build_worker,
-        exit_when_engine_dies,
-        is_production,
-        startup_error,
-        startup_failure_action,
-    )
+    from worker_vllm.startup import build_worker, is_production, startup_error
     from worker_vllm.worker import prevalidate
 
     local = not is_production(os.environ) or "--test_input" in " ".join(sys.argv)
@@ -71,30 +48,38 @@ def main() -> int:
         end_children()  # an engine core that half started
         if local:
             return local_run.fail(job["id"] if job else "local-test", error)
-        if startup_failure_action(os.environ) == "exit":
-            return 1
         return serve_startup_error(error)
+    if local:
+        assert job is not None
+        code = local_run.run_job(worker.handle, job)
+        worker.close()
+        return code
+    return serve_worker(worker)
+
+
+def serve_worker(worker: Worker) -> int:
+    """Production: the SDK's job loop until SIGTERM (exit 0) or the engine's death (exit 1)."""
+    from worker_vllm.process_tree import end_children, exit_now
+    from worker_vllm.sdk.intake import IntakeGate
+    from worker_vllm.sdk.job_loop import serve_jobs
+    from worker_vllm.startup import exit_when_engine_dies
+
+    gate = IntakeGate()
+    worker.on_engine_dead = exit_when_engine_dies(worker.runner, worker.settings, gate.close)
 
     async def handler(job: dict):
         async for item in worker.handle(job):
             yield item
 
-    if local:
-        assert job is not None
-        code = local_run.run_job(handler, job)
-        worker.close()
-        return code
-
     async def engine_is_healthy() -> None:
         await worker.runner.check_health()
 
-    exit_when_engine_dies(worker.runner, worker.settings)
-    from worker_vllm.sdk_state import EarlyStops
-
-    worker.early_stops = EarlyStops()
     try:
-        serve(handler, worker.settings.max_concurrency, engine_is_healthy, worker.early_stops)
+        serve_jobs(handler, worker.concurrency, intake=worker.settings.job_intake, gate=gate,
+                   fitness_check=engine_is_healthy)
     finally:
+        if gate.closed is not None:
+            exit_now(1)  # the engine is dead: no clean shutdown to wait for
         worker.close()
         end_children()
     return 0
@@ -103,16 +88,20 @@ def main() -> int:
 def serve_startup_error(error: WorkerError) -> int:
     """Keep the worker up and end every job FAILED with the start-up error: the user sees the
     cause in the first job's output and the queue drains, instead of the platform restarting
-    workers that fail the same way (each start billed)."""
+    workers that fail the same way (each start billed). ON_STARTUP_ERROR=exit exits instead."""
     from worker_vllm.errors import error_result
+    from worker_vllm.sdk.job_loop import serve_jobs
+    from worker_vllm.startup import startup_failure_action
 
+    if startup_failure_action(os.environ) == "exit":
+        return 1
     log.error("Every job will fail with this error; fix the setting and redeploy "
               "(ON_STARTUP_ERROR=exit makes the worker exit instead)")
 
     async def failing_handler(job: dict):
         yield error_result(error)
 
-    serve(failing_handler, 30)
+    serve_jobs(failing_handler, 30)
     return 0
 
 

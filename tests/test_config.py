@@ -50,13 +50,13 @@ def test_worker_settings_read_only_the_mapping_given(monkeypatch):
     monkeypatch.setenv("MAX_CONCURRENCY", "None")
     monkeypatch.setenv("DEFAULT_BATCH_SIZE", "7")
     s = load_worker_settings({})
-    assert s.max_concurrency == 30 and s.default_batch_size == 50
-    assert load_worker_settings({"MAX_CONCURRENCY": "None"}).max_concurrency == 30
+    assert s.max_concurrency is None and s.default_batch_size == 50
+    assert load_worker_settings({"MAX_CONCURRENCY": "None"}).max_concurrency is None
 
 
 def test_empty_none_and_zero_mean_unset(tmp_path):
     s = load_worker_settings({"MAX_CONCURRENCY": "", "DEFAULT_BATCH_SIZE": "None"})
-    assert s.max_concurrency == 30 and s.default_batch_size == 50
+    assert s.max_concurrency is None and s.default_batch_size == 50
     config = parse({"MAX_MODEL_LEN": "", "QUANTIZATION": "None", "TOOL_CALL_PARSER": "None",
                     "MAX_NUM_BATCHED_TOKENS": "0", "LORA_MODULES": ""}, tmp_path)
     args = config.args

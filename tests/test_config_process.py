@@ -52,7 +52,9 @@ def test_unset_values_sizes_raw_flags_and_removed_settings_in_the_environment():
     assert "max_num_seqs=8 (VLLM_EXTRA_ARGS)" in line and "seed=3 (VLLM_EXTRA_ARGS)" in line
     for unset in ("tool_call_parser", "lora_modules", "max_num_batched_tokens", "quantization"):
         assert unset not in line
-    assert "'max_concurrency': 30" in proc.stderr
+    # Unset (the form's empty value): derived from the engine, here its sequence limit.
+    assert "'max_concurrency': None" in proc.stderr
+    assert "Job concurrency: 8, from the engine's capacity (MAX_NUM_SEQS=8" in proc.stderr
     (warning,) = [ln for ln in proc.stderr.splitlines() if "removed from vLLM" in ln]
     assert "SWAP_SPACE='16'" in warning
 

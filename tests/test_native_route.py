@@ -221,23 +221,3 @@ async def test_task_cancelled_between_yields_still_aborts_the_request(worker):
             break
         await asyncio.sleep(0.05)
     assert await worker.runner.num_unfinished_requests() == 0
-
-
-async def test_a_job_stopped_before_it_started_does_not_run(worker):
-    """The SDK drops a stop signal that arrives before it starts the job's task; the worker
-    remembers the ids its stop channel delivered and ends such a job at once."""
-    from worker_vllm.sdk_state import EarlyStops
-
-    stops = EarlyStops()
-    stops._ids["early-job"] = 0.0
-    worker.early_stops = stops
-    try:
-        out = await collect(worker, {"prompt": "x", "sampling_params": {"max_tokens": 500}},
-                            job_id="early-job")
-        assert out == []
-        assert await worker.runner.num_unfinished_requests() == 0
-        other = await collect(worker, {"prompt": "x", "sampling_params": {"max_tokens": 2}},
-                              job_id="another-job")
-        assert other[0]["usage"]["output"] == 2
-    finally:
-        worker.early_stops = None

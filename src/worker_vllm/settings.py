@@ -62,8 +62,16 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     # --- Worker ---
-    max_concurrency: int = _field(
-        30, "Worker", "Jobs one worker runs at once (vLLM batches them continuously).", ge=1
+    max_concurrency: int | None = _field(
+        None, "Worker", "Jobs one worker runs at once (vLLM batches them continuously). "
+        "Default: the engine's capacity, the smaller of MAX_NUM_SEQS and the number of "
+        "sequences of MAX_MODEL_LEN tokens its KV cache holds (logged at start-up).", ge=1
+    )
+    job_intake: Literal["events", "sdk"] = _field(
+        "events", "Worker", "How jobs are taken: `events` takes the next job the moment a "
+        "slot frees and starts it at once; `sdk` keeps the runpod SDK's own polling intake "
+        "(a slot can idle up to 1 s; for comparison).", advanced=True,
+        options=("events", "sdk"),
     )
     base_path: str = _field(
         "/runpod-volume", "Worker",

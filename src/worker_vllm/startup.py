@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import demo_model, model_loader
@@ -147,16 +147,49 @@ async def warm_up(runner: EngineRunner) -> None:
 
 
 def exit_when_engine_dies(runner: EngineRunner, settings: WorkerSettings,
-                          grace: float = 3.0) -> None:
-    """A dead engine must not leave a worker that keeps taking jobs: exit so it is replaced."""
+                          first: Callable[[str], None] | None = None,
+                          grace: float = 2.0) -> Callable[[str], None]:
+    """A dead engine must not leave a worker that keeps taking jobs: once the engine is known
+    dead (the watchdog's verdict, or a job that found it so) `first(reason)` runs (it closes
+    the job intake) and the process exits with code 1 within `grace` seconds, so the
+    platform replaces it. Returns the function that reports a death."""
+    lock = threading.Lock()
+    reported: list[str] = []
 
     def on_dead(reason: str) -> None:
-        log.error("The vLLM engine died (%s); exiting in %.0f s so the platform replaces the "
-                  "worker", reason, grace)
-        threading.Timer(grace, exit_now, args=(1,)).start()
+        with lock:
+            if reported:
+                return
+            reported.append(reason)
+        log.error("The vLLM engine died (%s); this worker takes no more jobs and exits within "
+                  "%.0f s so the platform replaces it", reason, grace)
+        timer = threading.Timer(grace, exit_now, args=(1,))
+        timer.daemon = True
+        timer.start()
+        if first is not None:
+            first(reason)
 
     runner.watch(on_dead, probe_every=settings.engine_probe_interval_s,
                  probe_timeout=settings.engine_probe_timeout_s)
+    return on_dead
+
+
+def job_concurrency(settings: WorkerSettings, runner: EngineRunner) -> int:
+    """MAX_CONCURRENCY, or what the engine can run at once without preempting: the smaller of
+    its sequence limit and the sequences of a full context its KV cache holds."""
+    max_num_seqs, kv_tokens = runner.capacity()
+    if settings.max_concurrency is not None:
+        log.info("Job concurrency: %d (MAX_CONCURRENCY; the engine runs up to %d sequences, "
+                 "its KV cache holds %d tokens)", settings.max_concurrency, max_num_seqs,
+                 kv_tokens)
+        return settings.max_concurrency
+    full_contexts = kv_tokens // runner.max_model_len
+    concurrency = max(1, min(max_num_seqs, full_contexts))
+    log.info("Job concurrency: %d, from the engine's capacity (MAX_NUM_SEQS=%d; the KV cache "
+             "holds %d tokens = %d sequences of MAX_MODEL_LEN=%d); set MAX_CONCURRENCY to "
+             "override", concurrency, max_num_seqs, kv_tokens, full_contexts,
+             runner.max_model_len)
+    return concurrency
 
 
 def use_volume_cache(settings: WorkerSettings, env: Mapping[str, str]) -> str | None:
@@ -203,4 +236,5 @@ def build_worker(env: Mapping[str, str] | None = None, *,
             asyncio.run(warm_up(runner))
     time.sleep(0.2)  # let the last engine log lines pass the copy
     phases.ready(engine_log.snapshot(), settings.startup_summary_file)
-    return Worker(runner, settings, app, chat_template_text(config.args.chat_template))
+    return Worker(runner, settings, app, chat_template_text(config.args.chat_template),
+                  job_concurrency(settings, runner))

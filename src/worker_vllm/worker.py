@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .engine import (
@@ -45,11 +45,14 @@ def prevalidate(raw_input: Any) -> None:
         build_sampling_params(inp)
 
 
+ENGINE_GONE = "The engine has stopped; this worker is being replaced"
+
+
 def as_worker_error(exc: BaseException) -> BaseException:
     if isinstance(exc, WorkerError):
         return exc
     if isinstance(exc, EngineDeadError):
-        return EngineUnavailable("The engine has stopped; this worker is being replaced")
+        return EngineUnavailable(ENGINE_GONE)
     if isinstance(exc, EngineGenerateError):
         return WorkerError(f"The engine failed this request ({exc}); other jobs are unaffected",
                            type="engine_error", code=500)
@@ -73,13 +76,15 @@ class Worker:
     """Routes jobs to the engine. One instance per process, built before the job loop."""
 
     def __init__(self, runner: EngineRunner, settings: WorkerSettings,
-                 app: VLLMApp | None = None, chat_template: str | None = None
-                 ) -> None:
+                 app: VLLMApp | None = None, chat_template: str | None = None,
+                 concurrency: int = 1) -> None:
         self.runner = runner
         self.settings = settings
         self.app = app
-        # Stop signals that reached the worker before their job started (set in production).
-        self.early_stops: Any = None
+        # Jobs the job loop may run at once (MAX_CONCURRENCY, or the engine's capacity).
+        self.concurrency = concurrency
+        # Told once a job finds the engine dead (production: closes the job intake).
+        self.on_engine_dead: Callable[[str], None] | None = None
         # The --chat-template text (read once from a file if it named one).
         self.chat_template = chat_template
 
@@ -98,10 +103,6 @@ class Worker:
         """
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
-        if self.early_stops is not None and self.early_stops.stopped(job_id):
-            log.info("job stopped before it started; engine requests still running: %d",
-                     await self.runner.num_unfinished_requests())
-            return
         summary = JobSummary()
         batch_waits.set(summary.batch_waits)
         results = self._results(job_id, job.get("input"), summary)
@@ -161,9 +162,21 @@ class Worker:
             log.info("job stopped; engine requests still running: %d", running)
             raise
         except Exception as exc:
-            mapped = as_worker_error(exc)
+            mapped = self._engine_gone(as_worker_error(exc))
             if isinstance(mapped, WorkerError):
                 log.warning("job failed: %s", mapped.message)
             else:
                 log.exception("job failed with an internal error")
             yield error_result(mapped)
+
+    def _engine_gone(self, error: BaseException) -> BaseException:
+        """A server-side failure with the engine dead is the engine's death, whatever vLLM's
+        layer reported (its app answers 500 "EngineCore encountered an issue"); the first
+        job to see it closes the intake."""
+        if isinstance(error, WorkerError) and error.code < 500:
+            return error
+        if not (isinstance(error, EngineUnavailable) or self.runner.errored):
+            return error
+        if self.on_engine_dead is not None:
+            self.on_engine_dead("a job found the vLLM engine dead")
+        return error if isinstance(error, EngineUnavailable) else EngineUnavailable(ENGINE_GONE)

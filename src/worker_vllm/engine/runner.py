@@ -156,6 +156,12 @@ class EngineRunner:
     async def check_health(self) -> None:
         await self.call(self.engine.check_health)
 
+    def capacity(self) -> tuple[int, int]:
+        """(max_num_seqs, tokens the KV cache holds): what the engine can run at once."""
+        config = self.engine.vllm_config
+        blocks = config.cache_config.num_gpu_blocks or 0
+        return config.scheduler_config.max_num_seqs, blocks * config.cache_config.block_size
+
     @property
     def errored(self) -> bool:
         return bool(self.engine.errored)

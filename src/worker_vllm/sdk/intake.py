@@ -1,0 +1,231 @@
+"""Job intake driven by events: the runpod SDK's job loop without its idle waits.
+
+runpod 1.10.0's ``JobScaler`` sleeps 1 s whenever its slots are full and starts taken jobs from
+a loop that wakes every 0.1 s, so a freed slot stays empty for up to a second and a taken job
+waits before it starts. ``EventIntake`` replaces those loops: a freed slot triggers the next
+job-take at once, a taken job starts at once, a stop signal that arrives before its job is
+remembered so the job never starts, and a closed intake (the engine died) takes nothing more.
+Everything else stays the SDK's: job-take and its batch sizes, stream and done posts, the stop
+channel, the heartbeat's job list, SIGTERM handling.
+
+The SDK builds its scaler inside ``runpod.serverless.start`` (``rp_scale.JobScaler(config)``),
+with no hook for another; ``install`` swaps the class there. ``tests/test_sdk_intake.py`` checks
+every SDK name and signature this relies on, so an SDK upgrade fails CI instead of silently
+dropping the override.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from runpod.http_client import AsyncClientSession, TooManyRequests
+from runpod.serverless.modules import rp_job, rp_scale
+
+log = logging.getLogger(__name__)
+
+# Back-off after a job-take the platform refused with 429 (the SDK's own figure), and after
+# any other failed job-take (the SDK retries those at once, a busy loop while the platform is
+# unreachable).
+TOO_MANY_REQUESTS_S = 5.0
+TAKE_ERROR_S = 1.0
+# How long stop signals for jobs this worker has not seen are remembered.
+STOP_MEMORY_S = 3600.0
+# Shortest cycle of the stop channel's poll (for a channel that answers without holding).
+STOP_POLL_FLOOR_S = 0.2
+
+
+class IntakeGate:
+    """Closes the intake from outside the job loop (any thread): once closed, no job is taken
+    or started. ``closed`` holds the reason."""
+
+    def __init__(self) -> None:
+        self.closed: str | None = None
+        self._intake: EventIntake | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, intake: EventIntake, loop: asyncio.AbstractEventLoop) -> None:
+        self._intake, self._loop = intake, loop
+
+    def close(self, reason: str) -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        log.error("Job intake closed: %s", reason)
+        if self._intake is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._intake.stop_taking)
+
+
+class EventIntake(rp_scale.JobScaler):
+    """The SDK's JobScaler with its polling replaced by waits on events (see the module doc).
+
+    Its extra config keys: ``intake_gate`` (an IntakeGate) and ``drain_timeout`` (seconds to
+    let running jobs end after the gate closed).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        # worker-vllm's concurrency is a constant: read once, never resized.
+        self.current_concurrency = int(self.concurrency_modifier(1))
+        self.gate: IntakeGate = config.get("intake_gate") or IntakeGate()
+        self.drain_timeout: float = float(config.get("drain_timeout", 1.0))
+        self.stopped_early: dict[str, float] = {}
+        self._changed = asyncio.Event()  # a slot freed, or the intake closed
+        self._taking: asyncio.Future[list[dict[str, Any]]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ----- the SDK's entry points ---------------------------------------------------------
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.gate.bind(self, self._loop)
+        async with AsyncClientSession() as session:
+            stops = asyncio.create_task(self.monitor_stop_signals(session))
+            try:
+                await self.get_jobs(session)
+                await self._drain()
+            finally:
+                stops.cancel()
+                await asyncio.gather(stops, return_exceptions=True)
+
+    def kill_worker(self) -> None:
+        """SIGTERM: take no more jobs; the jobs running (and any a job-take in flight brings)
+        finish. Called from a signal handler, hence the thread-safe wake-up."""
+        super().kill_worker()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def set_scale(self) -> None:
+        """Concurrency is constant (see ``__init__``)."""
+
+    def current_occupancy(self) -> int:
+        return len(self.jobs_tasks)
+
+    # ----- intake ---------------------------------------------------------------------------
+    def stop_taking(self) -> None:
+        """The gate closed: abandon a job-take in flight (the engine is gone; what it would
+        bring is left to the platform) and stop waiting for slots."""
+        self._changed.set()
+        if self._taking is not None:
+            self._taking.cancel()
+
+    def _open(self) -> bool:
+        return self.is_alive() and self.gate.closed is None
+
+    async def get_jobs(self, session: Any) -> None:
+        """Take jobs whenever a slot is free, as many as are free; wait on a freed slot."""
+        while self._open():
+            free = self.current_concurrency - self.current_occupancy()
+            if free <= 0:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            self._taking = asyncio.ensure_future(self._take(session, free))
+            try:
+                jobs = await self._taking
+            except asyncio.CancelledError:
+                if self.gate.closed is None:
+                    raise
+                return
+            finally:
+                self._taking = None
+            for job in jobs:
+                self._start(session, job)
+
+    async def _take(self, session: Any, count: int) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.timeout(self.jobs_fetcher_timeout):
+                return list(await self.jobs_fetcher(session, count) or [])
+        except TooManyRequests:
+            await asyncio.sleep(TOO_MANY_REQUESTS_S)
+        except TimeoutError:
+            pass  # the long-poll ended without a job
+        except Exception as exc:
+            log.error("Job-take failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
+                      TAKE_ERROR_S)
+            await asyncio.sleep(TAKE_ERROR_S)
+        return []
+
+    def _start(self, session: Any, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        if self.stopped_early.pop(job_id, None) is not None:
+            log.info("Job %s was stopped before it started: not run", job_id)
+            return
+        if self.gate.closed is not None:
+            # Taken as the intake closed: not started, not answered; the platform gives the
+            # in-progress jobs of a worker that exits to another worker.
+            log.warning("Job %s taken as the intake closed: left to the platform", job_id)
+            return
+        self.job_progress.add(job)  # the heartbeat reports these ids
+        self.jobs_tasks[job_id] = asyncio.create_task(self.handle_job(session, job))
+
+    async def handle_job(self, session: Any, job: dict[str, Any]) -> None:
+        try:
+            await self.jobs_handler(session, self.config, job)
+        except asyncio.CancelledError:
+            log.info("Job %s stopped", job["id"])
+        except Exception as exc:
+            log.error("Job %s: the SDK failed to run or post it (%s: %s)", job["id"],
+                      type(exc).__name__, exc)
+        finally:
+            self.job_progress.remove(job)
+            self.jobs_tasks.pop(job["id"], None)
+            self._changed.set()
+
+    async def _drain(self) -> None:
+        """Let running jobs end: all of them on SIGTERM; for ``drain_timeout`` seconds once the
+        gate closed (they fail fast when the engine is gone)."""
+        tasks = list(self.jobs_tasks.values())
+        if not tasks:
+            return
+        log.info("Waiting for %d running job(s) to end", len(tasks))
+        timeout = None if self.gate.closed is None else self.drain_timeout
+        await asyncio.wait(tasks, timeout=timeout)
+
+    # ----- stops ----------------------------------------------------------------------------
+    async def monitor_stop_signals(self, session: Any) -> None:
+        """The stop channel's long-poll, polled again at once after it held; the SDK sleeps
+        1 s after every empty answer, a window in which stops wait unseen."""
+        if self.stop_signals_fetcher is rp_job.get_stop_signals and rp_job._job_stop_url() is None:
+            log.warning("No stop channel (job-take URL not in the expected form): jobs cannot "
+                        "be cancelled")
+            return
+        loop = asyncio.get_running_loop()
+        while self.is_alive():
+            asked = loop.time()
+            try:
+                async with asyncio.timeout(self.stop_signals_fetcher_timeout):
+                    job_ids = await self.stop_signals_fetcher(session)
+            except TooManyRequests:
+                await asyncio.sleep(TOO_MANY_REQUESTS_S)
+                continue
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                log.error("Stop channel failed (%s: %s)", type(exc).__name__, exc)
+                job_ids = []
+            for job_id in job_ids:
+                await self.stop_job(job_id)
+            # A channel that answers at once is not long-polling: do not spin on it.
+            await asyncio.sleep(max(0.0, STOP_POLL_FLOOR_S - (loop.time() - asked)))
+
+    async def stop_job(self, job_id: str) -> bool:
+        """Cancel a running job; remember a stop for a job not seen yet (its take may still be
+        on its way), so that job is never started."""
+        task = self.jobs_tasks.get(job_id)
+        if task is not None:
+            log.info("Stopping job %s", job_id)
+            task.cancel()
+            return True
+        now = time.monotonic()
+        self.stopped_early[job_id] = now
+        for old, seen in list(self.stopped_early.items()):
+            if now - seen > STOP_MEMORY_S:
+                del self.stopped_early[old]
+        return False
+
+
+def install() -> None:
+    """Make ``runpod.serverless.start`` build an EventIntake instead of its JobScaler."""
+    rp_scale.JobScaler = EventIntake  # type: ignore[misc]

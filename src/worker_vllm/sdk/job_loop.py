@@ -1,0 +1,34 @@
+"""The runpod SDK's job loop, as the worker runs it in production."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+from .intake import IntakeGate, install
+from .job_state import use_private_job_state
+
+
+def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,
+               intake: Literal["events", "sdk"] = "events", gate: IntakeGate | None = None,
+               fitness_check: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run ``runpod.serverless.start`` until SIGTERM or until ``gate`` closes.
+
+    ``intake="events"`` takes jobs through ``EventIntake``; ``"sdk"`` keeps the SDK's own
+    polling intake (its 1 s and 0.1 s waits; no gate, stops before start are lost).
+    """
+    import runpod
+
+    use_private_job_state()
+    if fitness_check is not None:
+        runpod.serverless.register_fitness_check(fitness_check)
+    config: dict[str, Any] = {
+        "handler": handler,
+        # Must be constant: a changing value stalls the SDK's job intake.
+        "concurrency_modifier": lambda _current: concurrency,
+        "return_aggregate_stream": True,
+    }
+    if intake == "events":
+        install()
+        config["intake_gate"] = gate if gate is not None else IntakeGate()
+    runpod.serverless.start(config)

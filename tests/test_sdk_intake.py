@@ -1,0 +1,223 @@
+"""The job intake that replaces the runpod SDK's polling scaler: the SDK names it relies on, and
+its behaviour against a stand-in platform (job-take and stop channel as functions; the worker
+process tests drive the real SDK against the local endpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import runpod
+from runpod.serverless import worker as sdk_worker
+from runpod.serverless.modules import rp_job, rp_scale
+from runpod.serverless.modules.worker_state import JobsProgress
+
+from worker_vllm.sdk.intake import EventIntake, IntakeGate
+from worker_vllm.sdk.job_state import use_private_job_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SDK_SCALER = rp_scale.JobScaler if rp_scale.JobScaler is not EventIntake else EventIntake.__base__
+
+
+# ----- the SDK's shape ---------------------------------------------------------------------
+def test_runpod_version_is_the_pinned_one():
+    pins = re.findall(r"^runpod==(\S+)", (ROOT / "requirements.txt").read_text(), re.M)
+    assert pins == [runpod.__version__]
+
+
+def test_the_sdk_builds_its_scaler_where_install_replaces_it():
+    assert "rp_scale.JobScaler(config)" in inspect.getsource(sdk_worker.run_worker)
+    assert "asyncio.run(self.run())" in inspect.getsource(SDK_SCALER.start)
+    assert EventIntake.__base__ is SDK_SCALER
+
+
+@pytest.mark.parametrize("name,params", [
+    ("__init__", ["self", "config"]),
+    ("run", ["self"]),
+    ("get_jobs", ["self", "session"]),
+    ("handle_job", ["self", "session", "job"]),
+    ("monitor_stop_signals", ["self", "session"]),
+    ("stop_job", ["self", "job_id"]),
+    ("kill_worker", ["self"]),
+    ("is_alive", ["self"]),
+    ("handle_shutdown", ["self", "signum", "frame"]),
+    ("current_occupancy", ["self"]),
+    ("set_scale", ["self"]),
+    ("start", ["self"]),
+])
+def test_scaler_methods_the_intake_overrides_or_calls(name, params):
+    assert list(inspect.signature(getattr(SDK_SCALER, name)).parameters) == params
+
+
+def test_scaler_state_the_intake_uses(tmp_path, monkeypatch):
+    monkeypatch.setattr(JobsProgress, "_STATE_DIR", str(tmp_path))
+    scaler = SDK_SCALER({"concurrency_modifier": lambda c: 3})
+    for attr in ("concurrency_modifier", "jobs_fetcher", "jobs_fetcher_timeout", "jobs_handler",
+                 "stop_signals_fetcher", "stop_signals_fetcher_timeout", "job_progress",
+                 "jobs_tasks", "_shutdown_event", "config"):
+        assert hasattr(scaler, attr), attr
+    assert scaler.concurrency_modifier(1) == 3
+    # In production (webhooks set) the SDK's own functions are used: the intake calls them.
+    assert list(inspect.signature(rp_job.get_job).parameters) == ["session", "num_jobs"]
+    assert list(inspect.signature(rp_job.handle_job).parameters) == ["session", "config", "job"]
+    assert list(inspect.signature(rp_job.get_stop_signals).parameters) == ["session"]
+    assert callable(rp_job._job_stop_url)
+    for name in ("add", "remove", "clear", "get_job_list"):
+        assert callable(getattr(JobsProgress, name))
+    from runpod.http_client import AsyncClientSession, TooManyRequests  # noqa: F401
+
+
+# ----- behaviour against a stand-in platform ---------------------------------------------------
+class Platform:
+    """Job-take and the stop channel as the intake sees them: a queue of jobs and of stops."""
+
+    def __init__(self, jobs: int, take_delay: float = 0.0) -> None:
+        self.queue = [{"id": f"job-{i}", "input": {}} for i in range(jobs)]
+        self.take_delay = take_delay
+        self.asked: list[int] = []
+        self.stops: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    async def take(self, _session: Any, count: int) -> list[dict[str, Any]] | None:
+        self.asked.append(count)
+        if not self.queue:
+            await asyncio.sleep(0.05)  # a short long-poll
+            return None
+        taken, self.queue = self.queue[:count], self.queue[count:]
+        await asyncio.sleep(self.take_delay)  # the response on its way to the worker
+        return taken
+
+    async def stop_signals(self, _session: Any) -> list[str]:
+        try:  # a short long-poll
+            async with asyncio.timeout(0.05):
+                return await self.stops.get()
+        except TimeoutError:
+            return []
+
+
+class Jobs:
+    """The job handler: records concurrency and which jobs ran."""
+
+    def __init__(self, seconds: float = 0.01) -> None:
+        self.seconds = seconds
+        self.running = 0
+        self.peak = 0
+        self.ran: list[str] = []
+
+    async def handle(self, _session: Any, _config: Any, job: dict[str, Any]) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        self.ran.append(job["id"])
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.running -= 1
+
+
+@pytest.fixture(autouse=True)
+def private_job_state():
+    use_private_job_state()
+
+
+def make(scaler: type, platform: Platform, jobs: Jobs, concurrency: int, **extra: Any) -> Any:
+    return scaler({"concurrency_modifier": lambda _c: concurrency, "jobs_fetcher": platform.take,
+                   "jobs_handler": jobs.handle, "stop_signals_fetcher": platform.stop_signals,
+                   **extra})
+
+
+async def run_until_done(intake: Any, jobs: Jobs, count: int, timeout: float = 60) -> float:
+    started = time.monotonic()
+    task = asyncio.ensure_future(intake.run())
+    async with asyncio.timeout(timeout):
+        while len(jobs.ran) < count or jobs.running:
+            await asyncio.sleep(0.005)
+    wall = time.monotonic() - started
+    intake.kill_worker()
+    await asyncio.wait_for(task, 10)
+    return wall
+
+
+async def test_never_more_jobs_than_the_concurrency_and_takes_only_free_slots():
+    platform, jobs = Platform(40), Jobs(seconds=0.02)
+    intake = make(EventIntake, platform, jobs, concurrency=3)
+    await run_until_done(intake, jobs, 40)
+    assert sorted(jobs.ran) == sorted(f"job-{i}" for i in range(40))
+    assert jobs.peak == 3
+    assert max(platform.asked) == 3 and min(platform.asked) >= 1
+
+
+async def test_a_freed_slot_is_filled_without_the_sdks_idle_waits():
+    """The same 10 short jobs through the SDK's scaler and through the intake: the SDK idles
+    a full slot for a second, the intake refills it as the job ends."""
+    walls = {}
+    for scaler in (SDK_SCALER, EventIntake):
+        platform, jobs = Platform(10), Jobs(seconds=0.01)
+        walls[scaler] = await run_until_done(make(scaler, platform, jobs, concurrency=2), jobs,
+                                             10)
+    assert walls[EventIntake] * 4 < walls[SDK_SCALER], walls
+
+
+async def test_a_stop_that_arrives_before_its_job_means_the_job_never_starts():
+    platform, jobs = Platform(4, take_delay=0.2), Jobs(seconds=0.01)
+    intake = make(EventIntake, platform, jobs, concurrency=4)
+    task = asyncio.ensure_future(intake.run())
+    await asyncio.sleep(0.05)  # the take is on its way; the platform cancels two of its jobs
+    platform.stops.put_nowait(["job-1", "job-3"])
+    async with asyncio.timeout(10):
+        while len(jobs.ran) < 2 or jobs.running:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    intake.kill_worker()
+    await asyncio.wait_for(task, 10)
+    assert sorted(jobs.ran) == ["job-0", "job-2"]
+    assert not intake.stopped_early  # each remembered stop was used up
+
+
+async def test_a_running_job_is_cancelled_by_its_stop():
+    platform, jobs = Platform(1), Jobs(seconds=30)
+    intake = make(EventIntake, platform, jobs, concurrency=2)
+    task = asyncio.ensure_future(intake.run())
+    async with asyncio.timeout(5):
+        while not jobs.running:
+            await asyncio.sleep(0.01)
+    platform.stops.put_nowait(["job-0"])
+    async with asyncio.timeout(5):
+        while jobs.running:
+            await asyncio.sleep(0.01)
+    intake.kill_worker()
+    await asyncio.wait_for(task, 10)
+    assert not intake.jobs_tasks
+
+
+async def test_a_closed_gate_takes_nothing_more_and_ends_within_the_drain_timeout():
+    gate = IntakeGate()
+    platform, jobs = Platform(10), Jobs(seconds=30)  # jobs that would never end by themselves
+    intake = make(EventIntake, platform, jobs, concurrency=2, intake_gate=gate,
+                  drain_timeout=0.3)
+    task = asyncio.ensure_future(intake.run())
+    async with asyncio.timeout(5):
+        while jobs.running < 2:
+            await asyncio.sleep(0.01)
+    closed = time.monotonic()
+    gate.close("the engine died")
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - closed < 2
+    assert jobs.ran == ["job-0", "job-1"]
+    assert len(platform.queue) == 8  # the rest stays with the platform
+
+
+async def test_shutdown_lets_running_jobs_finish():
+    platform, jobs = Platform(3), Jobs(seconds=0.3)
+    intake = make(EventIntake, platform, jobs, concurrency=3)
+    task = asyncio.ensure_future(intake.run())
+    async with asyncio.timeout(5):
+        while jobs.running < 3:
+            await asyncio.sleep(0.01)
+    intake.kill_worker()
+    await asyncio.wait_for(task, 10)
+    assert jobs.running == 0 and len(jobs.ran) == 3
+    assert not intake.jobs_tasks
