@@ -5,6 +5,7 @@ started keeps running."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 
@@ -65,4 +66,37 @@ def test_an_engine_that_stops_answering_is_detected_by_the_health_probe(tmp_path
         for core in frozen:  # only if the worker failed to end them
             with contextlib.suppress(psutil.Error):
                 core.kill()
+        ep.close()
+
+
+def test_a_dying_worker_takes_no_queued_job_and_they_run_on_its_successor(tmp_path):
+    """4 jobs running, 28 queued, the engine core killed: the running jobs fail with the
+    engine-unavailable error, the dead worker takes none of the queued ones (nothing is
+    retried), exits within seconds, and the next worker runs all 28."""
+    ep = Endpoint(tmp_path, MAX_CONCURRENCY="4")
+    try:
+        running = [ep.run({"prompt": "x", "stream": True, "sampling_params": LONG})
+                   for _ in range(4)]
+        for job in running:
+            ep.wait(job, ("IN_PROGRESS",))
+        queued = [ep.run({"prompt": "x", "sampling_params": {"max_tokens": 4}})
+                  for _ in range(28)]
+        worker = ep.worker()
+        tree = worker.children(recursive=True)
+        killed = time.monotonic()
+        for core in engine_processes(worker):
+            core.kill()
+        assert ep.worker_exit_code(timeout=60) == 1
+        exited = time.monotonic() - killed
+        for job in running:
+            status = ep.wait(job)
+            assert status["status"] == "FAILED"
+            assert json.loads(status["error"])["type"] == "engine_unavailable", status
+        assert ep.get("health")["jobs"]["retried"] == 0
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+        assert [ep.wait(job, timeout=300)["status"] for job in queued] == ["COMPLETED"] * 28
+        print(f"worker exited {exited:.2f} s after its engine core was killed")
+        assert exited < 6, f"the worker took {exited:.1f} s to exit"
+    finally:
         ep.close()

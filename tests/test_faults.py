@@ -117,9 +117,11 @@ def test_sigkilled_worker_is_restarted_and_takes_jobs_at_once(tmp_path):
         for child in tree:  # SIGKILL leaves orphans by nature; not the subject here
             with contextlib.suppress(psutil.Error):
                 child.kill()
-        assert all(ep.wait(job)["status"] == "FAILED" for job in jobs)
-        # The endpoint starts a new worker in the same directory; it must take work at once.
+        # The platform gives the jobs of a worker that died to the next worker, which the
+        # endpoint starts in the same directory: it must take work at once.
         ep.wait_ready()
+        assert [ep.wait(job, timeout=300)["status"] for job in jobs] == ["COMPLETED"] * 8
+        assert ep.get("health")["jobs"]["retried"] == 8
         started = time.time()
         job = ep.run({"prompt": "x", "sampling_params": {"max_tokens": 4}})
         status = ep.wait(job, timeout=60)
@@ -151,7 +153,8 @@ def test_sigterm_lets_jobs_in_flight_finish_then_exits_0_leaving_no_process(tmp_
 @pytest.fixture(scope="module")
 def secret_endpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    ep = Endpoint(tmp, "--api-key", API_KEY, HF_TOKEN=HF_SECRET, MAX_CONCURRENCY="16")
+    ep = Endpoint(tmp, "--api-key", API_KEY, "--short-policies", HF_TOKEN=HF_SECRET,
+                  MAX_CONCURRENCY="16")
     yield ep
     ep.close()
 
@@ -233,3 +236,28 @@ def test_planted_secrets_never_appear(secret_endpoint):
             texts.append(" ".join(proc.cmdline()))
     for text in texts:
         assert HF_SECRET not in text and API_KEY not in text
+
+
+def test_jobs_cancelled_while_their_take_is_on_its_way_never_run(tmp_path):
+    """Production mode (the platform's webhooks set): each job-take answer reaches the worker
+    300 ms after its jobs were assigned; the jobs are cancelled in that window, so the stop
+    channel tells the worker before the job arrives. None of them may reach the engine."""
+    ep = Endpoint(tmp_path, "--take-delay-ms", "300", "--no-restart")
+    try:
+        jobs = []
+        for _ in range(5):
+            job = ep.run({"prompt": "x", "stream": True, "sampling_params": LONG})
+            deadline = time.time() + 30
+            while ep.get(f"status/{job}")["status"] != "IN_PROGRESS":
+                assert time.time() < deadline
+                time.sleep(0.01)
+            assert ep.post(f"cancel/{job}")["status"] == "CANCELLED"
+            jobs.append(job)
+        served = ep.run({"prompt": "x", "sampling_params": {"max_tokens": 4}})
+        assert ep.wait(served)["status"] == "COMPLETED"  # the worker kept serving
+        log = ep.log.read_text()
+        for job in jobs:
+            assert f"Job {job} was stopped before it started: not run" in log
+            assert f"[job {job}]" not in log  # the handler never saw it: no engine request
+    finally:
+        ep.close()

@@ -37,7 +37,7 @@ def endpoint(tmp_path_factory, demo_model_dir):
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "src" / "local_endpoint.py"), "--port", str(port),
-             "--api-key", API_KEY],
+             "--api-key", API_KEY, "--short-policies"],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}/v2"

@@ -44,17 +44,6 @@ def test_missing_input_is_400(client):
     assert client.post("/v2/e/run", content=b"not json").status_code == 400
 
 
-def test_queued_job_expires_after_its_ttl_and_results_are_dropped(client, endpoint):
-    job = client.post("/v2/e/run", json={"input": {}, "policy": {"ttl": 100}}).json()
-    time.sleep(0.15)
-    endpoint.expire()
-    status = client.get(f"/v2/e/status/{job['id']}").json()
-    assert status["status"] == "TIMED_OUT" and "ttl" in status["error"]
-    time.sleep(0.15)
-    endpoint.expire()
-    assert client.get(f"/v2/e/status/{job['id']}").status_code == 404
-
-
 def test_worker_protocol_stream_done_and_webhook(client):
     received: list[dict] = []
 

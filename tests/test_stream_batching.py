@@ -126,9 +126,9 @@ class CountingSource:
 @pytest.mark.parametrize("consumer_delay", [0.02, 0.06, 0.1])
 async def test_a_backlog_behind_a_slow_consumer_leaves_whole(consumer_delay):
     """Each yield is one awaited platform POST. When that is slower than the flush interval,
-    a backlog builds up; every flush must take all of it (up to the largest batch) instead of
-    one delta per round trip (which sent 200 deltas in 200 yields, long after generation)."""
-    policy = BatchPolicy(max_size=50, min_size=1, growth=3.0, flush_interval=0.05)
+    a backlog builds up; every flush must take all of it, whatever the count bound, instead of
+    one batch per round trip (which sent 200 deltas in 200 yields, long after generation)."""
+    policy = BatchPolicy(max_size=5, min_size=1, growth=3.0, flush_interval=0.05)
     source = CountingSource(200, 0.01)
     received = 0
     yields = 0
@@ -136,12 +136,34 @@ async def test_a_backlog_behind_a_slow_consumer_leaves_whole(consumer_delay):
         received += len(batch.items)
         yields += 1
         if consumer_delay >= policy.flush_interval and yields > 1:
-            # Every delta produced before this yield is in it or an earlier one, unless the
-            # batch is at the count bound (the rest then follows in the next yield).
-            assert received == source.produced or len(batch.items) == policy.max_size, (
+            # Every delta produced before this yield is in it or an earlier one.
+            assert received == source.produced, (
                 f"yield {yields}: {len(batch.items)} sent, "
                 f"{source.produced - received} left waiting")
         await asyncio.sleep(consumer_delay)  # the platform's round trip
     assert received == 200
     # Production takes 200 x 10 ms: about one yield per round trip, plus the tail.
-    assert yields <= 3 + 2.0 / max(consumer_delay, policy.flush_interval) + 200 / 50
+    assert yields <= 3 + 2.0 / max(consumer_delay, policy.flush_interval)
+
+
+async def test_a_backlog_flush_stops_at_one_stream_message():
+    """A backlog larger than one stream message leaves in several, each within the bound, in
+    order and complete."""
+    policy = BatchPolicy(max_size=5, min_size=1, growth=3.0, flush_interval=0.01,
+                         max_bytes=1000)
+    items = [f"{i:03d}" * 25 for i in range(100)]  # 75 bytes each: 7,500 in all
+
+    async def burst():
+        yield items[0]
+        await asyncio.sleep(0.05)  # the rest piles up behind the first yield
+        for item in items[1:]:
+            yield item
+
+    batches = []
+    async for batch in batched(burst(), policy, weigh=len):
+        batches.append(batch.items)
+        await asyncio.sleep(0.1)  # a slow platform round trip
+    assert [i for b in batches for i in b] == items
+    assert all(sum(map(len, b)) < 1000 + 75 for b in batches)
+    assert len(batches) <= 1 + 8 + 1  # the first delta, then full messages
+    assert max(len(b) for b in batches) > policy.max_size  # bound by size, not by count

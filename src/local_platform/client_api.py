@@ -1,4 +1,5 @@
-"""The public endpoint API clients call: run, runsync, status, stream, cancel, purge, health."""
+"""The public endpoint API clients call: run, runsync, status, stream, cancel, retry, purge,
+health."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from .bodies import RUN_LIMIT, RUNSYNC_LIMIT, json_body
 from .errors import ApiError
-from .state import FINAL, LONG_POLL_S, Endpoint, Job
+from .state import FINAL, LONG_POLL_S, Endpoint, Job, PolicyError
 
 RUNSYNC_DEFAULT_WAIT_MS = 90_000
 
@@ -23,23 +24,26 @@ def client_router(endpoint: Endpoint) -> APIRouter:
             raise ApiError(404, f"Job {job_id} not found")
         return job
 
-    async def accept(request: Request, limit: int) -> Job:
+    async def accept(request: Request, limit: int, sync: bool) -> Job:
         """Validate a /run or /runsync request and queue its job."""
         body = await json_body(request, limit)
         if "input" not in body:
             raise ApiError(400, 'The body needs an "input" field')
         if len(endpoint.queue) >= endpoint.max_queue:
             raise ApiError(429, f"The queue is full ({endpoint.max_queue} jobs)")
-        return endpoint.submit(body)
+        try:
+            return endpoint.submit(body, sync=sync)
+        except PolicyError as exc:
+            raise ApiError(400, str(exc)) from None
 
     @router.post("/run")
     async def run(request: Request) -> JSONResponse:
-        job = await accept(request, RUN_LIMIT)
+        job = await accept(request, RUN_LIMIT, sync=False)
         return JSONResponse({"id": job.id, "status": job.status})
 
     @router.post("/runsync")
     async def runsync(request: Request, wait: int = RUNSYNC_DEFAULT_WAIT_MS) -> JSONResponse:
-        job = await accept(request, RUNSYNC_LIMIT)
+        job = await accept(request, RUNSYNC_LIMIT, sync=True)
         deadline = time.monotonic() + wait / 1000
         while job.status not in FINAL and (left := deadline - time.monotonic()) > 0:
             await job.wait_change(left)
@@ -67,6 +71,15 @@ def client_router(endpoint: Endpoint) -> APIRouter:
         endpoint.stop(job, "CANCELLED")
         return JSONResponse({"id": job.id, "status": job.status})
 
+    @router.post("/retry/{job_id}")
+    async def retry(job_id: str) -> JSONResponse:
+        job = job_of(job_id)
+        try:
+            endpoint.retry(job)
+        except PolicyError as exc:
+            raise ApiError(400, str(exc)) from None
+        return JSONResponse({"id": job.id, "status": job.status})
+
     @router.post("/purge-queue")
     async def purge_queue() -> JSONResponse:
         removed = 0
@@ -86,7 +99,8 @@ def client_router(endpoint: Endpoint) -> APIRouter:
         return JSONResponse({
             "jobs": {"completed": endpoint.counts["completed"],
                      "failed": endpoint.counts["failed"] + endpoint.counts["timed_out"],
-                     "inProgress": running, "inQueue": in_queue, "retried": 0},
+                     "inProgress": running, "inQueue": in_queue,
+                     "retried": endpoint.counts["retried"]},
             "workers": {"idle": int(alive and not running), "running": int(running > 0)},
         })
 

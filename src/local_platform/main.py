@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-post-delay-ms", type=float, default=0.0,
                         help="hold each job-stream POST this long before answering "
                              "(simulates the platform's round trip; default 0)")
+    parser.add_argument("--take-delay-ms", type=float, default=0.0,
+                        help="hold each job-take answer this long after assigning its jobs "
+                             "(the platform's latency to the worker; default 0)")
+    parser.add_argument("--short-policies", action="store_true",
+                        help="accept executionTimeout and ttl below the platform's minimums "
+                             "(5 s and 10 s), for tests")
     parser.add_argument("--no-restart", action="store_true",
                         help="do not restart the worker when it exits (the platform does)")
     parser.add_argument("--worker-key", default=None,
@@ -48,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
                         "%(message)s")
     worker_key = args.worker_key or secrets.token_urlsafe(16)
     base_url = f"http://{args.host}:{args.port}"
-    endpoint = Endpoint(args.max_queue, args.stream_post_delay_ms / 1000)
+    endpoint = Endpoint(args.max_queue, args.stream_post_delay_ms / 1000,
+                        take_delay=args.take_delay_ms / 1000,
+                        short_policies=args.short_policies)
     worker: WorkerProcess | None = None
 
     @contextlib.asynccontextmanager

@@ -18,7 +18,31 @@ log = logging.getLogger("local_platform")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 DEFAULT_EXECUTION_TIMEOUT_MS = 600_000
 DEFAULT_TTL_MS = 24 * 3600 * 1000
+WEEK_MS = 7 * 24 * 3600 * 1000
+# RunPod's bounds for a job's policy (ms): executionTimeout at least 5 s, ttl at least 10 s,
+# both at most a week.
+MIN_EXECUTION_TIMEOUT_MS = 5_000
+MIN_TTL_MS = 10_000
+# Results are kept this long after the job ends: 30 min for /run, 1 min for /runsync.
+RUN_RETENTION_S = 30 * 60
+RUNSYNC_RETENTION_S = 60
+# A job whose worker exits while running it goes back to the queue this many times.
+MAX_WORKER_RETRIES = 1
+WEBHOOK_ATTEMPTS = 3  # the first call and 2 retries, 10 s apart
 LONG_POLL_S = 5.0  # job-take / job-stop hold time (the SDK's HTTP timeouts are longer)
+
+
+class PolicyError(ValueError):
+    """A job's policy outside what the platform accepts (the API answers 400)."""
+
+
+def _policy_ms(policy: dict[str, Any], name: str, default: int, minimum: int) -> float:
+    value = policy.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise PolicyError(f"policy.{name} must be a number of milliseconds")
+    if not minimum <= value <= WEEK_MS:
+        raise PolicyError(f"policy.{name} must be between {minimum} and {WEEK_MS} ms")
+    return float(value) / 1000
 
 
 @dataclass
@@ -28,7 +52,11 @@ class Job:
     execution_timeout: float  # seconds
     ttl: float  # seconds
     webhook: str | None = None
+    sync: bool = False  # submitted with /runsync (shorter result retention)
+    low_priority: bool = False
     status: str = "IN_QUEUE"
+    worker_id: str | None = None
+    attempts: int = 0  # times a worker took it
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -51,6 +79,8 @@ class Job:
     def view(self) -> dict[str, Any]:
         now = time.monotonic()
         body: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.worker_id is not None:
+            body["workerId"] = self.worker_id
         if self.started is not None:
             body["delayTime"] = round((self.started - self.created) * 1000)
             body["executionTime"] = round(((self.finished or now) - self.started) * 1000)
@@ -60,14 +90,38 @@ class Job:
             body["error"] = self.error
         return body
 
+    def removal_time(self) -> float | None:
+        """When an ended job's data goes: after its result retention, or at the end of its
+        ttl (which counts from submission), whichever is first; a job that ended by its ttl
+        keeps its TIMED_OUT status for the retention (the platform deletes it at once; kept
+        here so that a client sees why)."""
+        if self.finished is None:
+            return None
+        kept = self.finished + (RUNSYNC_RETENTION_S if self.sync else RUN_RETENTION_S)
+        ttl_end = self.created + self.ttl
+        return min(kept, ttl_end) if self.finished < ttl_end else kept
+
+    def requeue(self) -> None:
+        """Back to the queue, its earlier output gone."""
+        self.status, self.started, self.finished = "IN_QUEUE", None, None
+        self.output = self.error = self.worker_id = None
+        self.chunks, self.chunk_times, self.streamed = [], [], 0
+        self.notify()
+
 
 class Endpoint:
     """Job queue and state: the part of the platform one worker sees."""
 
-    def __init__(self, max_queue: int, stream_post_delay: float = 0.0) -> None:
+    def __init__(self, max_queue: int, stream_post_delay: float = 0.0, take_delay: float = 0.0,
+                 short_policies: bool = False, webhook_retry_delay: float = 10.0) -> None:
         # Seconds each job-stream POST is held before it is answered: the platform's round
         # trip, which the worker's SDK awaits before it takes the next yield.
         self.stream_post_delay = stream_post_delay
+        # Seconds a job-take answer takes to reach the worker after its jobs were assigned.
+        self.take_delay = take_delay
+        # Accept policies below the platform's minimums (for tests of timeouts in ms).
+        self.short_policies = short_policies
+        self.webhook_retry_delay = webhook_retry_delay
         self.jobs: dict[str, Job] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.max_queue = max_queue
@@ -78,20 +132,54 @@ class Endpoint:
         self.last_seen = 0.0  # last time the worker called in
 
     # ----- client side ---------------------------------------------------------------
-    def submit(self, body: dict[str, Any]) -> Job:
+    def submit(self, body: dict[str, Any], sync: bool = False) -> Job:
+        """Queue a job; PolicyError for a policy the platform refuses."""
         policy = body.get("policy") or {}
+        if not isinstance(policy, dict):
+            raise PolicyError("policy must be an object")
+        low_priority = policy.get("lowPriority", False)
+        if not isinstance(low_priority, bool):
+            raise PolicyError("policy.lowPriority must be true or false")
+        short = self.short_policies
         job = Job(
             id=f"{uuid.uuid4()}-local",
             input=body.get("input"),
-            execution_timeout=float(policy.get("executionTimeout", DEFAULT_EXECUTION_TIMEOUT_MS))
-            / 1000,
-            ttl=float(policy.get("ttl", DEFAULT_TTL_MS)) / 1000,
+            execution_timeout=_policy_ms(policy, "executionTimeout", DEFAULT_EXECUTION_TIMEOUT_MS,
+                                         1 if short else MIN_EXECUTION_TIMEOUT_MS),
+            ttl=_policy_ms(policy, "ttl", DEFAULT_TTL_MS, 1 if short else MIN_TTL_MS),
             webhook=body.get("webhook"),
+            sync=sync,
+            # One worker here: lowPriority (no scale-up for this job) changes nothing.
+            low_priority=low_priority,
         )
         self.jobs[job.id] = job
         self.queue.append(job.id)
         self.queued.set()
         return job
+
+    def retry(self, job: Job) -> None:
+        """/retry: a FAILED or TIMED_OUT job runs again under its id."""
+        if job.status not in ("FAILED", "TIMED_OUT"):
+            raise PolicyError(f"Only FAILED or TIMED_OUT jobs can be retried; this one is "
+                              f"{job.status}")
+        job.requeue()
+        self.counts["retried"] += 1
+        self.queue.append(job.id)
+        self.queued.set()
+
+    def worker_exited(self, code: int | None) -> None:
+        """The in-progress jobs of a worker that exited go back to the queue (first in line),
+        up to MAX_WORKER_RETRIES times each; then they fail."""
+        for job in reversed(self.in_progress()):
+            if job.attempts > MAX_WORKER_RETRIES:
+                self.finish(job, "FAILED", error=f"The worker exited with code {code} while "
+                            f"running this job ({job.attempts} times)")
+                continue
+            log.warning("Job %s goes back to the queue: its worker exited", job.id)
+            job.requeue()
+            self.counts["retried"] += 1
+            self.queue.appendleft(job.id)
+        self.queued.set()
 
     def finish(self, job: Job, status: str, *, output: Any = None, error: Any = None) -> None:
         if job.status in FINAL:
@@ -105,30 +193,43 @@ class Endpoint:
         if job.webhook:
             asyncio.get_running_loop().create_task(self._post_webhook(job))
 
-    def stop(self, job: Job, status: str) -> None:
+    def stop(self, job: Job, status: str, error: Any = None) -> None:
         was_running = job.status == "IN_PROGRESS"
-        self.finish(job, status)
+        self.finish(job, status, error=error)
         if was_running:
             self.to_stop.add(job.id)
             self.stop_requested.set()
 
     async def _post_webhook(self, job: Job) -> None:
-        try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                await client.post(job.webhook, json=job.view())  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
-            log.warning("webhook for job %s failed: %s", job.id, exc)
+        """POST the final status; a non-2xx answer or a failed call is retried twice."""
+        body = job.view()
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            try:
+                async with httpx.AsyncClient(timeout=10) as client:
+                    response = await client.post(job.webhook, json=body)  # type: ignore[arg-type]
+                if response.is_success:
+                    return
+                problem = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                problem = str(exc) or type(exc).__name__
+            log.warning("webhook for job %s failed (attempt %d of %d): %s", job.id, attempt,
+                        WEBHOOK_ATTEMPTS, problem)
+            if attempt < WEBHOOK_ATTEMPTS:
+                await asyncio.sleep(self.webhook_retry_delay)
 
     def expire(self) -> None:
+        """A job's ttl covers its whole life from submission: queued or running, it ends
+        TIMED_OUT; ended jobs go once their results are no longer kept."""
         now = time.monotonic()
         for job in list(self.jobs.values()):
-            if job.status == "IN_QUEUE" and now - job.created > job.ttl:
-                self.finish(job, "TIMED_OUT", error="The job's ttl expired before it started")
-            if job.status in FINAL and now - (job.finished or now) > job.ttl:
+            if job.status not in FINAL and now - job.created > job.ttl:
+                self.stop(job, "TIMED_OUT", error="The job's ttl expired")
+            removal = job.removal_time()
+            if removal is not None and now >= removal:
                 del self.jobs[job.id]
 
     # ----- worker side ---------------------------------------------------------------
-    async def take(self, batch_size: int) -> list[Job]:
+    async def take(self, batch_size: int, worker_id: str = "local-worker") -> list[Job]:
         self.last_seen = time.monotonic()
         if not self.queue:
             self.queued.clear()
@@ -141,15 +242,20 @@ class Endpoint:
             if job is None or job.status != "IN_QUEUE":
                 continue
             job.status, job.started = "IN_PROGRESS", time.monotonic()
+            job.worker_id = worker_id
+            job.attempts += 1
             job.notify()
             asyncio.get_running_loop().create_task(self._enforce_timeout(job))
             taken.append(job)
+        if taken and self.take_delay:
+            await asyncio.sleep(self.take_delay)  # the answer on its way to the worker
         return taken
 
     async def _enforce_timeout(self, job: Job) -> None:
+        attempt = job.attempts
         await asyncio.sleep(job.execution_timeout)
-        if job.status == "IN_PROGRESS":
-            self.stop(job, "TIMED_OUT")
+        if job.status == "IN_PROGRESS" and job.attempts == attempt:
+            self.stop(job, "TIMED_OUT", error="The job ran longer than its executionTimeout")
 
     async def stops(self) -> list[str]:
         if not self.to_stop:

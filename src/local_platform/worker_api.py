@@ -18,14 +18,14 @@ def worker_router(endpoint: Endpoint) -> APIRouter:
 
     @router.get("/job-take/{worker_id}")
     async def job_take(worker_id: str) -> Response:
-        jobs = await endpoint.take(1)
+        jobs = await endpoint.take(1, worker_id)
         if not jobs:
             return Response(status_code=204)
         return JSONResponse({"id": jobs[0].id, "input": jobs[0].input})
 
     @router.get("/job-take-batch/{worker_id}")
     async def job_take_batch(worker_id: str, batch_size: int = 1) -> Response:
-        jobs = await endpoint.take(batch_size)
+        jobs = await endpoint.take(batch_size, worker_id)
         if not jobs:
             return Response(status_code=204)
         return JSONResponse([{"id": j.id, "input": j.input} for j in jobs])

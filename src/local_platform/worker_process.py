@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from .state import Endpoint
 
@@ -57,20 +60,28 @@ class WorkerProcess:
     async def supervise(self) -> None:
         while not self.stopping:
             assert self.proc is not None
+            tree: list[psutil.Process] = []
             while self.proc.poll() is None:
+                tree = self._descendants() or tree
                 await asyncio.sleep(0.5)
             if self.stopping:
                 return
             code = self.proc.returncode
             self.endpoint.last_seen = 0.0  # no worker until the next one calls in
             log.error("The worker process exited with code %s", code)
-            for job in self.endpoint.in_progress():
-                self.endpoint.finish(job, "FAILED", error=f"The worker exited with code {code}")
+            _end(tree)  # what a killed worker left running (its engine, its heartbeat)
+            self.endpoint.worker_exited(code)
             if not self.restart:
                 return
             await asyncio.sleep(min(30, 2 ** min(self.starts, 5)))  # back off on repeated exits
             if not self.stopping:
                 self.start()
+
+    def _descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)  # type: ignore[union-attr]
+        except psutil.Error:
+            return []
 
     def stop(self) -> None:
         self.stopping = True
@@ -80,3 +91,16 @@ class WorkerProcess:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def _end(processes: list[psutil.Process], timeout: float = 5.0) -> None:
+    alive = [p for p in processes if p.is_running()]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if alive:
+        log.warning("Ended %d process(es) the exited worker left running", len(alive))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,20 @@ def field_named_in(message: str, names: Iterable[str]) -> str | None:
     """The field a vLLM error speaks of (the first named), when it does not say so itself."""
     named = sorted((n for n in names if n in message), key=message.index)
     return named[0] if named else None
+
+
+# Serialised size of one logprob of a streamed delta (token id, text, logprob, rank).
+_LOGPROB_BYTES = 80
+
+
+def output_weight(output: Any) -> int:
+    """About how many bytes a RequestOutput adds to a stream message."""
+    total = 0
+    for completion in output.outputs:
+        total += len(json.dumps(completion.text)) + 8
+        for position in completion.logprobs or ():
+            total += _LOGPROB_BYTES * (1 + len(position))
+    return total
 
 
 def _logprob_entries(position: dict[int, Any] | None, chosen: int | None = None
@@ -184,7 +199,7 @@ async def run_native(
         usage["output"] = choices.output_tokens
         yield choices.result(result, usage)
         return
-    async with contextlib.aclosing(batched(outputs, policy)) as batches:
+    async with contextlib.aclosing(batched(outputs, policy, weigh=output_weight)) as batches:
         async for batch in batches:
             result = choices.take(batch.items)
             usage["output"] = choices.output_tokens

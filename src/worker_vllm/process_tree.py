@@ -28,13 +28,16 @@ def end_children(timeout: float = 5.0) -> None:
     _, alive = psutil.wait_procs(children, timeout=timeout)
     for child in alive:
         try:
+            log.warning("Process %d (%s) did not end within %.0f s: killing it", child.pid,
+                        child.name(), timeout)
             child.kill()
         except psutil.Error:
             pass
 
 
 def exit_now(code: int) -> None:
-    """Exit at once (from any thread), ending the worker's child processes first."""
+    """Exit at once (from any thread), ending the worker's child processes first (quickly:
+    this is the way out when something is already broken)."""
+    end_children(timeout=1.0)
     logging.shutdown()
-    end_children()
     os._exit(code)

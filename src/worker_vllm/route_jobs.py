@@ -78,6 +78,11 @@ def parse_sse(event: str) -> Any:
     return None if data in ("", "[DONE]") else json.loads(data)
 
 
+def _event_weight(event: str) -> int:
+    """Bytes of an SSE event inside a stream message (a JSON string)."""
+    return len(json.dumps(event))
+
+
 async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPolicy,
                     request_id: str, raw_output: bool = True) -> AsyncIterator[Any]:
     method, path, body, field = request_of(inp)
@@ -100,7 +105,8 @@ async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPo
             except ValueError:
                 yield {"text": raw.decode("utf-8", "replace")}
             return
-        async with contextlib.aclosing(batched(sse_events(chunks), policy)) as batches:
+        async with contextlib.aclosing(batched(sse_events(chunks), policy,
+                                               weigh=_event_weight)) as batches:
             async for batch in batches:
                 if raw_output:
                     yield "".join(batch.items)

@@ -3,7 +3,9 @@
 Each yield is one awaited HTTP POST to the platform, so single tokens are too many; batching by
 count alone makes slow streams choppy. A batch is flushed when it reaches the current size
 (min -> x growth -> max) OR when its oldest delta has waited `flush_interval` seconds; the very
-first delta leaves at once, so time-to-first-token is not delayed.
+first delta leaves at once, so time-to-first-token is not delayed. A stream that fell behind
+(its consumer, one platform round trip per yield, was slower than the generation) sends its
+whole backlog in one yield, bounded only by the size of one stream message.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# RunPod takes at most 1 MB in one stream message; the batch's own items are kept below this,
+# leaving room for the message's envelope (usage, choice structure).
+STREAM_MESSAGE_BUDGET = 900_000
+
 # The waits of a job's flushed batches (seconds the oldest delta of each waited), collected
 # for the job's summary line when the job sets a list here.
 batch_waits: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
@@ -30,6 +36,8 @@ class BatchPolicy:
     min_size: int = 1
     growth: float = 3.0
     flush_interval: float = 0.05  # seconds
+    # Bound of a backlog flush: the summed weight (serialised bytes) of its items.
+    max_bytes: int = STREAM_MESSAGE_BUDGET
 
     def __post_init__(self) -> None:
         if self.min_size < 1 or self.max_size < 1:
@@ -65,12 +73,18 @@ class Batch(Generic[T]):
             waits.append(self.oldest_wait)
 
 
+def _one(_item: object) -> int:
+    return 1
+
+
 async def batched(
     source: AsyncIterator[T],
     policy: BatchPolicy,
     clock: Callable[[], float] = time.monotonic,
+    weigh: Callable[[T], int] = _one,
 ) -> AsyncIterator[Batch[T]]:
-    """Group the items of `source` into batches under `policy`.
+    """Group the items of `source` into batches under `policy`; `weigh` gives an item's size
+    in a stream message (bytes), which bounds a backlog flush.
 
     The source is consumed by its own task, so a flush timeout never cancels the source's
     pending step (which for vLLM would abort the request). Closing or cancelling this
@@ -91,11 +105,12 @@ async def batched(
     size = policy.first_size
     first = True
     items: list[T] = []
+    weight = 0
     oldest = 0.0
     ended: _End | None = None
 
     def take(entry: tuple[T, float] | _End) -> None:
-        nonlocal oldest, ended
+        nonlocal oldest, ended, weight
         if isinstance(entry, _End):
             ended = entry
             return
@@ -103,10 +118,13 @@ async def batched(
         if not items:
             oldest = arrived
         items.append(item)
+        weight += weigh(item)
 
-    def take_queued(limit: int) -> None:
-        """Move what is already queued into the batch, without waiting, up to `limit`."""
-        while ended is None and len(items) < limit and not queue.empty():
+    def take_queued(limit: int | None) -> None:
+        """Move what is already queued into the batch, without waiting: up to `limit` items
+        (None: the whole backlog), and never past one stream message."""
+        while (ended is None and not queue.empty() and weight < policy.max_bytes
+               and (limit is None or len(items) < limit)):
             take(queue.get_nowait())
 
     try:
@@ -124,9 +142,9 @@ async def batched(
                     pass
             by_time = bool(items) and clock() - oldest >= policy.flush_interval
             # A flush takes what is already queued: the consumer (one platform round trip per
-            # yield) may have let a backlog build up, and it leaves whole (up to the largest
-            # batch) instead of one delta per round trip. The first delta leaves alone, at once.
-            take_queued(1 if first else policy.max_size if by_time else size)
+            # yield) may have let a backlog build up, and it leaves whole (up to one stream
+            # message) instead of a batch per round trip. The first delta leaves alone, at once.
+            take_queued(1 if first else None if by_time else size)
             if ended is not None:
                 if items:
                     yield Batch(items, clock() - oldest)
@@ -137,7 +155,7 @@ async def batched(
                 continue
             yield Batch(items, clock() - oldest)
             full = len(items) >= size
-            items = []
+            items, weight = [], 0
             if first:
                 first = False
             elif full:
