@@ -70,10 +70,17 @@ def thread_cpu(native_id: int) -> float:
     return 0.0
 
 
-class Platform:
-    """The local endpoint's app on a thread of this process, with one worker process."""
+FLOOR = ROOT / "scripts" / "floor_worker.py"
+HANDLER = ROOT / "src" / "handler.py"
 
-    def __init__(self, stream_post_delay: float, log_path: Path) -> None:
+
+class Platform:
+    """The local endpoint's app on a thread of this process, with one worker process: the
+    worker (`src/handler.py`) or the floor (`scripts/floor_worker.py`), taking jobs through
+    `intake` ("events": the worker's own; "sdk": the runpod SDK's polling loop)."""
+
+    def __init__(self, stream_post_delay: float, log_path: Path, script: Path = HANDLER,
+                 intake: str = "events") -> None:
         self.port = free_port()
         self.endpoint = le.Endpoint(100_000, stream_post_delay)
         self.log_path = log_path
@@ -81,7 +88,7 @@ class Platform:
         env = le.worker_env(base, "bench-worker-key")
         env.pop("MODEL_NAME", None)
         env.update({k: v for k, v in _demo_env().items() if k not in env})
-        env.update(MAX_CONCURRENCY="64", RUNPOD_LOG_LEVEL="INFO")
+        env.update(MAX_CONCURRENCY="64", RUNPOD_LOG_LEVEL="INFO", JOB_INTAKE=intake)
         self.env = env
         app = le.create_app(self.endpoint, None, "bench-worker-key")
         import uvicorn
@@ -94,8 +101,8 @@ class Platform:
             time.sleep(0.05)
         self.base = f"{base}/v2/bench"
         with open(log_path, "w") as log_file:
-            self.worker = subprocess.Popen([sys.executable, str(ROOT / "src" / "handler.py")],
-                                           env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            self.worker = subprocess.Popen([sys.executable, str(script)], env=env,
+                                           stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
         while time.monotonic() - self.endpoint.last_seen > 5:
             if self.worker.poll() is not None or time.time() > deadline:
@@ -172,7 +179,9 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
     staleness = [float(m.group(1)) for m in STALENESS.finditer(text)]
     last_waits = [float(m.group(1)) for m in LAST_WAIT.finditer(text)]
     return {
-        "path": label, "c": load.concurrency, "tps": tokens / wall,
+        "path": label, "c": load.concurrency, "tokens": load.tokens, "tps": tokens / wall,
+        "take_p50": pct([(j.started or j.created) - j.created for j in jobs], 0.5),
+        "take_done_p50": pct([(j.finished or 0) - (j.started or 0) for j in jobs], 0.5),
         "ttft_p50": pct([j.chunk_times[0] - j.created for j in jobs], 0.5),
         "ttft_p95": pct([j.chunk_times[0] - j.created for j in jobs], 0.95),
         "take_ttft_p50": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs], 0.5),
@@ -240,7 +249,8 @@ def measure_vllm_serve(url: str, pid: int, load: Load) -> dict[str, Any]:
     ttfts, events = asyncio.run(_drive_vllm_serve(url, load))
     wall = time.monotonic() - started
     tokens = load.jobs * load.tokens
-    return {"path": "vllm serve, HTTP SSE", "c": load.concurrency, "tps": tokens / wall,
+    return {"path": "vllm serve, HTTP SSE", "c": load.concurrency, "tokens": load.tokens,
+            "tps": tokens / wall, "take_p50": None, "take_done_p50": None,
             "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "take_ttft_p50": None,
             "msgs": statistics.median(events), "stale_p95": None, "last_wait_max": None,
             "cpu_per_1k": (tree_cpu(pid) - cpu0) / tokens * 1000, "endpoint_cpu_share": None}

@@ -16,8 +16,12 @@ each for one job and for --jobs concurrent jobs.
 Table 2 (--full-path), the path users run: --path-jobs streamed jobs of --path-tokens tokens at
 concurrency 16 and 32, native and OpenAI chat, through a platform stand-in (the local endpoint)
 and a real worker process on the runpod SDK's job loop, with stream POSTs answered at once and
-after --rtt-ms (the platform's round trip); the raw engine (in-process) and `vllm serve` with an
-HTTP client under the same load. Columns: tok/s and its ratio to the raw engine, time to first
+after --rtt-ms (the platform's round trip), plus --tokens-token jobs one at a time under the
+round trip; each through the SDK's polling intake (as before) and the worker's event intake;
+beside it the floor, the same SDK loop with a handler that yields a constant
+(scripts/floor_worker.py); the raw engine (in-process) and `vllm serve` with an HTTP client
+under the same load. Columns: tok/s and its ratio to the raw engine, to the floor with the
+same intake and to `vllm serve`; submission to job-take and take to done p50; time to first
 token p50/p95 (from submission, and from the worker's take), messages per job, token staleness
 p95 (how long a message's oldest token waited for it), the longest wait of a stream's last
 message, process-tree CPU seconds per 1,000 tokens and its ratio to `vllm serve`'s, and the
@@ -171,7 +175,10 @@ async def raw_engine_row(worker: Any, load: Any) -> dict:
     wall = time.perf_counter() - start
     tokens = load.jobs * load.tokens
     return {"path": "raw engine (in-process)", "rtt": "-", "c": load.concurrency,
-            "tps": tokens / wall, "ttft_p50": pct(list(ttfts), 0.5),
+            "tokens": load.tokens, "tps": tokens / wall, "take_p50": None,
+            # At c1, the time one job's generation takes.
+            "take_done_p50": wall / load.jobs if load.concurrency == 1 else None,
+            "ttft_p50": pct(list(ttfts), 0.5),
             "ttft_p95": pct(list(ttfts), 0.95), "take_ttft_p50": None, "msgs": load.tokens,
             "stale_p95": None, "last_wait_max": None,
             "cpu_per_1k": (tree_cpu(psutil.Process().pid) - cpu0) / tokens * 1000,
@@ -179,22 +186,34 @@ async def raw_engine_row(worker: Any, load: Any) -> dict:
 
 
 def full_path_rows(args: argparse.Namespace, raw: list[dict]) -> list[dict]:
+    """Each process behind the platform stand-in, at each simulated round trip: the floor (the
+    SDK loop with a constant handler) and the worker, through the SDK's polling intake (as
+    before) and the worker's event intake; then `vllm serve` under the same load."""
     import bench_full_path as fp
 
     run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
     rows = list(raw)
     concurrencies = (2,) if args.smoke else (16, 32)
-    for rtt in (0.0, args.rtt_ms / 1000):
-        platform = fp.Platform(rtt, run_dir / f"worker-rtt{int(rtt * 1000)}.log")
-        try:
-            for route in ("native", "openai"):
-                for c in concurrencies:
-                    load = fp.Load(args.path_jobs, args.path_tokens, c)
-                    row = fp.measure_platform(platform, load, route,
-                                              f"full path, {route}")
-                    rows.append({**row, "rtt": f"{rtt * 1000:.0f} ms"})
-        finally:
-            platform.close()
+    single = fp.Load(2 if args.smoke else 8, args.tokens, 1)
+    processes = (("floor", fp.FLOOR, ("native",)), ("worker", fp.HANDLER, ("native", "openai")))
+    # --smoke: only under the round trip (each worker start costs tens of seconds).
+    for rtt in ((args.rtt_ms / 1000,) if args.smoke else (0.0, args.rtt_ms / 1000)):
+        for name, script, routes in processes:
+            for intake in ("sdk", "events"):
+                log = run_dir / f"{name}-{intake}-rtt{int(rtt * 1000)}.log"
+                platform = fp.Platform(rtt, log, script, intake)
+                try:
+                    for route in routes:
+                        loads = [fp.Load(args.path_jobs, args.path_tokens, c)
+                                 for c in concurrencies]
+                        if rtt and name == "worker":
+                            loads.append(single)
+                        for load in loads:
+                            row = fp.measure_platform(platform, load, route,
+                                                      f"{name}, {route}, {intake} intake")
+                            rows.append({**row, "rtt": f"{rtt * 1000:.0f} ms"})
+                finally:
+                    platform.close()
     with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid):
         for c in concurrencies:
             rows.append({**fp.measure_vllm_serve(url, pid,
@@ -207,24 +226,35 @@ def print_full_path(rows: list[dict], args: argparse.Namespace) -> None:
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v * 1000:.0f}"
 
-    print(f"\nThe full path: {args.path_jobs} streamed jobs x {args.path_tokens} tokens "
-          "(demo model, CPU build)\n")
-    print("| path | RTT | c | tok/s | x raw engine | TTFT p50/p95 ms | from take p50 ms | "
+    print(f"\nThe full path: {args.path_jobs} streamed jobs x {args.path_tokens} tokens at c16 "
+          f"and c32, {args.tokens} tokens at c1 (demo model, CPU build)\n")
+    print("| path | RTT | c | tok/s | x raw engine | x floor (same intake) | x vllm serve | "
+          "submit->take p50 ms | take->done p50 ms | TTFT p50/p95 ms | from take p50 ms | "
           "msgs/job | staleness p95 ms | last msg wait max ms | CPU s/1k tok | "
-          "x vllm serve | endpoint CPU / worker |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU x vllm serve | endpoint CPU / worker |")
+    print("|" + "---|" * 17)
     for row in rows:
-        raw = next(r for r in rows if r["path"].startswith("raw") and r["c"] == row["c"])
-        serve = next((r for r in rows if r["path"].startswith("vllm serve")
-                      and r["c"] == row["c"]), None)
+        def same(prefix: str, r: dict = row) -> dict | None:
+            return next((o for o in rows if o["path"].startswith(prefix) and o["c"] == r["c"]
+                         and o.get("tokens") == r.get("tokens")
+                         and o.get("rtt") in (r.get("rtt"), "-")), None)
+
+        raw = same("raw")
+        serve = same("vllm serve")
+        intake = row["path"].rsplit(", ", 1)[-1] if row["path"].endswith("intake") else None
+        floor = same(f"floor, native, {intake}") if intake else None
         share = row["endpoint_cpu_share"]
-        print(f"| {row['path']} | {row['rtt']} | {row['c']} | {row['tps']:.0f} | "
-              f"{row['tps'] / raw['tps']:.2f} | {ms(row['ttft_p50'])}/{ms(row['ttft_p95'])} | "
+
+        def ratio(base: dict | None, key: str = "tps", r: dict = row) -> str:
+            return f"{r[key] / base[key]:.2f}" if base and base.get(key) else "-"
+
+        print(f"| {row['path']} | {row['rtt']} | {row['c']} | {row['tps']:.0f} | {ratio(raw)} | "
+              f"{ratio(floor)} | {ratio(serve)} | {ms(row.get('take_p50'))} | "
+              f"{ms(row.get('take_done_p50'))} | {ms(row['ttft_p50'])}/{ms(row['ttft_p95'])} | "
               f"{ms(row['take_ttft_p50'])} | {row['msgs']:.0f} | {ms(row['stale_p95'])} | "
               f"{ms(row['last_wait_max'])} | {row['cpu_per_1k']:.2f} | "
-              f"{row['cpu_per_1k'] / serve['cpu_per_1k']:.2f} | "
-              + ("-" if share is None else f"{share:.0%}") + " |"
-              if serve else "")
+              f"{ratio(serve, 'cpu_per_1k')} | "
+              + ("-" if share is None else f"{share:.0%}") + " |")
 
 
 def main() -> None:
@@ -271,6 +301,9 @@ def main() -> None:
         for c in ((2,) if args.smoke else (16, 32)):
             raw.append(asyncio.run(raw_engine_row(worker, Load(args.path_jobs,
                                                                 args.path_tokens, c))))
+        # One job at a time: its generation time is the floor of take->done at c1.
+        raw.append(asyncio.run(raw_engine_row(worker, Load(2 if args.smoke else 8,
+                                                           args.tokens, 1))))
     worker.close()
     print(f"\n{args.tokens} output tokens per job, median of {args.repeat} runs "
           f"(demo model, CPU build)\n")

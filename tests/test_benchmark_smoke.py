@@ -20,7 +20,12 @@ def test_benchmark_smoke_runs_every_path():
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    paths = {row.split("|")[1].strip() for row in rows[1:]}
-    assert {"raw engine (in-process)", "full path, native", "full path, openai",
-            "vllm serve, HTTP SSE"} <= paths, proc.stdout
-    assert sum(1 for row in rows if "full path" in row) == 4  # 2 routes x 2 round trips
+    paths = [row.split("|")[1].strip() for row in rows[1:]]
+    expected = {"raw engine (in-process)", "vllm serve, HTTP SSE"}
+    for intake in ("sdk", "events"):
+        expected |= {f"floor, native, {intake} intake", f"worker, native, {intake} intake",
+                     f"worker, openai, {intake} intake"}
+    assert expected <= set(paths), proc.stdout
+    # The worker: 2 routes x 2 intakes x (c2 and c1); the floor: 2 intakes.
+    assert sum(p.startswith("worker") for p in paths) == 8, proc.stdout
+    assert sum(p.startswith("floor") for p in paths) == 2, proc.stdout
