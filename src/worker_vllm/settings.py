@@ -144,7 +144,9 @@ class WorkerSettings(BaseModel):
 
     # --- Streaming ---
     default_batch_size: int = _field(
-        50, "Streaming", "Largest number of token deltas in one streamed chunk.", ge=1
+        50, "Streaming", "Largest number of token deltas in one streamed chunk while the stream "
+        "keeps up; a backlog behind a slow platform leaves whole (up to one 1 MB message).",
+        ge=1
     )
     default_min_batch_size: int = _field(
         1, "Streaming", "Deltas in the first chunks; chunk size then grows by the factor.", ge=1
