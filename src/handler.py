@@ -25,7 +25,17 @@ setup_logging()
 log = logging.getLogger("worker_vllm.handler")
 
 
+SDK_TEST_SERVER = ("--rp_serve_api (the runpod SDK's local test server) is not how this worker "
+                   "is tried locally: that server differs from the platform (no /cancel, "
+                   "/stream returns at the end, generator errors become HTTP 500). Run "
+                   "`python src/local_endpoint.py` instead: RunPod's endpoint API on localhost "
+                   "with this worker, unmodified, behind it (see the README).")
+
+
 def main() -> int:
+    if any(arg.startswith("--rp_serve_api") for arg in sys.argv[1:]):
+        log.error("%s", SDK_TEST_SERVER)
+        return 2
     from worker_vllm import local_run
     from worker_vllm.errors import InvalidInput
     from worker_vllm.process_tree import end_children

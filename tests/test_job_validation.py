@@ -138,3 +138,31 @@ async def test_tokenising_a_huge_prompt_does_not_block_the_job_loop(worker):
     assert err["error"]["param"] == "prompt"  # longer than the context
     # Tokenising took a while; the loop kept ticking meanwhile (never held for most of it).
     assert max(gaps) < max(0.5, took / 2), (max(gaps), took)
+
+
+@pytest.mark.parametrize("params", [{"best_of": 1}, {"best_of": 3, "n": 3},
+                                    {"use_beam_search": False}, {"length_penalty": 1.0},
+                                    {"early_stopping": False}, {"best_of": None}])
+def test_removed_sampling_params_that_ask_for_nothing_are_accepted(params):
+    from worker_vllm.job_input import NativeInput
+    from worker_vllm.native_route import build_sampling_params
+
+    sp = build_sampling_params(NativeInput(prompt="x", sampling_params=params))
+    assert sp.n == params.get("n", 1)
+
+
+@pytest.mark.parametrize("params,field", [({"best_of": 4}, "best_of"),
+                                          ({"best_of": 2, "n": 3}, "best_of"),
+                                          ({"use_beam_search": True}, "use_beam_search"),
+                                          ({"length_penalty": 0.8}, "length_penalty"),
+                                          ({"early_stopping": True}, "early_stopping"),
+                                          ({"use_beam_search": "yes"}, "use_beam_search")])
+def test_removed_sampling_params_that_ask_for_something_fail_with_advice(params, field):
+    from worker_vllm.errors import InvalidInput
+    from worker_vllm.job_input import NativeInput
+    from worker_vllm.native_route import build_sampling_params
+
+    with pytest.raises(InvalidInput) as err:
+        build_sampling_params(NativeInput(prompt="x", sampling_params=params))
+    assert err.value.param == f"sampling_params.{field}"
+    assert "use_beam_search" in err.value.message or "`n`" in err.value.message

@@ -110,3 +110,103 @@ def test_two_workers_on_one_volume_download_a_model_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert outputs[0] == outputs[1] and outputs[0].endswith("snapshots/abc")
     assert log.read_text().splitlines() == ["download"]
+
+
+# ----- RunPod's cached models: read-only, maybe lowercased, maybe without refs -------------
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any call to the hub fails the test (there is no hub here either)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the hub was called")
+
+    monkeypatch.setattr(model_loader, "HfApi", refuse)
+    monkeypatch.setattr(model_loader, "snapshot_download", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def cached_model(base, folder: str, demo_model_dir, *, refs: bool = True,
+                 commit: str = COMMIT):
+    """A snapshot of the demo model under `folder`, laid out as RunPod's model cache does."""
+    import shutil
+
+    repo = model_loader.hf_cache_dir(str(base)) / folder
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(demo_model_dir, snapshot)
+    if refs:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def tree_state(path):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("folder,refs", [
+    ("models--Org--Tiny-Chat-AWQ", True),   # exact case
+    ("models--org--tiny-chat-awq", True),   # lowercased by the store
+    ("models--Org--Tiny-Chat-AWQ", False),  # no refs/: the lone snapshot
+    ("models--org--tiny-chat-awq", False),
+])
+def test_a_cached_model_resolves_without_the_hub_and_without_writing(
+        tmp_path, demo_model_dir, no_network, folder, refs):
+    """RunPod mounts cached models read-only: resolving one must write nothing (no lock, no
+    directory; these tests run as root, so permission bits would prove nothing)."""
+    snapshot = cached_model(tmp_path, folder, demo_model_dir, refs=refs)
+    before = tree_state(tmp_path)
+    path = resolve("Org/Tiny-Chat-AWQ", revision=None, token=None, base_path=str(tmp_path))
+    assert path == snapshot
+    assert tree_state(tmp_path) == before
+
+
+def test_a_cached_model_at_a_named_revision(tmp_path, demo_model_dir, no_network):
+    other = "f" * 40
+    cached_model(tmp_path, "models--org--tiny", demo_model_dir)
+    wanted = cached_model(tmp_path, "models--org--tiny-2", demo_model_dir, commit=other)
+    assert resolve("org/tiny-2", revision=other, token=None, base_path=str(tmp_path)) == wanted
+
+
+def test_an_incomplete_cached_snapshot_is_not_used(tmp_path, demo_model_dir, no_network):
+    snapshot = cached_model(tmp_path, "models--org--tiny", demo_model_dir)
+    for weights in snapshot.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(AssertionError, match="the hub was called"):
+        resolve("org/tiny", revision=None, token=None, base_path=str(tmp_path))
+
+
+def test_a_missing_model_where_the_cache_cannot_be_written_is_a_clear_error(tmp_path):
+    base = tmp_path / "volume"
+    base.write_text("a file where a directory should be")  # mkdir fails, as on a read-only fs
+    with pytest.raises(ModelLoadError, match="org/absent.*cannot take a download"):
+        resolve("org/absent", revision=None, token=None, base_path=str(base))
+
+
+@pytest.mark.slow
+def test_a_worker_serves_a_lowercased_cached_model_without_the_network(tmp_path,
+                                                                       demo_model_dir):
+    """A worker process, not offline, MODEL_NAME a hub id that only RunPod's (lowercased)
+    model cache on the volume holds: it serves the model under its id and makes no
+    connection (every HTTP(S) call would go through a proxy that counts them)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, worker_env
+    from helpers import counting_proxy
+
+    cached_model(tmp_path, "models--acme--tiny-chat-awq", demo_model_dir, refs=False)
+    env = worker_env(MODEL_NAME="Acme/Tiny-Chat-AWQ", BASE_PATH=str(tmp_path),
+                     BAKED_ARGS_FILE=str(tmp_path / "absent.json"), ENFORCE_EAGER="true",
+                     KV_CACHE_MEMORY_BYTES=str(128 * 1024 * 1024))
+    env.pop("HF_HUB_OFFLINE", None)
+    with counting_proxy() as (proxy, connections):
+        env.update({k: proxy for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                       "https_proxy", "ALL_PROXY")})
+        env["NO_PROXY"] = env["no_proxy"] = ""
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "src" / "handler.py"), "--test_input",
+             json.dumps({"input": {"openai_route": "/v1/models"}})],
+            env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["output"][0]["data"][0]["id"] == "Acme/Tiny-Chat-AWQ"
+    assert connections == [], "the worker reached for the network"

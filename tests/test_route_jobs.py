@@ -60,3 +60,32 @@ async def test_bad_body_gets_vllms_own_400(worker):
     (wrong_model,) = await collect(worker, {"route": "/v1/completions", "body": {
         "model": "nope", "prompt": "x"}})
     assert wrong_model["error"]["code"] == 404
+
+
+@pytest.mark.parametrize("openai_route", ["/v1/tokenize", "/tokenize", "tokenize",
+                                          "/v1/detokenize"])
+async def test_openai_route_names_work_with_or_without_v1(worker, openai_route):
+    """The platform turns /openai/v1/tokenize into openai_route "/v1/tokenize"; vLLM serves
+    it at /tokenize. Both spellings reach it."""
+    body = ({"model": DEMO_MODEL_ID, "tokens": [5, 6]} if "detokenize" in openai_route
+            else {"model": DEMO_MODEL_ID, "prompt": "hello"})
+    (out,) = await collect(worker, {"openai_route": openai_route, "openai_input": body})
+    assert "error" not in out, out
+    assert ("prompt" if "detokenize" in openai_route else "tokens") in out
+
+
+@pytest.mark.parametrize("openai_route", ["/v1/models", "/models", "/v1/chat/completions",
+                                          "/chat/completions", "/v1/completions",
+                                          "/completions", "/v1/responses", "/v1/messages"])
+async def test_every_openai_route_the_readme_lists_is_reachable(worker, openai_route):
+    body = None
+    if "chat" in openai_route or "messages" in openai_route:
+        body = {"model": DEMO_MODEL_ID, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "x"}]}
+    elif "completions" in openai_route:
+        body = {"model": DEMO_MODEL_ID, "max_tokens": 2, "prompt": "x"}
+    elif "responses" in openai_route:
+        body = {"model": DEMO_MODEL_ID, "max_output_tokens": 16, "input": "x"}
+    (out,) = await collect(worker, {"openai_route": openai_route, "openai_input": body}
+                           if body is not None else {"openai_route": openai_route})
+    assert "error" not in out, out

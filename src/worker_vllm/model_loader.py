@@ -74,7 +74,15 @@ def resolve(
     if local.is_dir():
         return local
     cache_dir = hf_cache_dir(base_path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = cached_snapshot(cache_dir, name, revision, weights=weights)
+    if cached is not None:
+        log.info("Using the cached snapshot of %s at %s (nothing fetched)", name, cached)
+        return cached
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(f"Model {name!r} is not in the cache at {cache_dir}, and the "
+                             f"cache cannot take a download: {exc}") from None
     lock = FileLock(str(cache_dir / f".worker-vllm-{name.replace('/', '--')}.lock"))
     with lock:
         repo_dir = cache_dir / f"models--{name.replace('/', '--')}"
@@ -88,6 +96,45 @@ def resolve(
                  fetched / 1e6 / max(seconds, 1e-6))
         last_download.update(name=name, bytes=fetched, seconds=round(seconds, 2))
     return path
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def cached_snapshot(cache_dir: Path, name: str, revision: str | None, *,
+                    weights: bool = True) -> Path | None:
+    """A complete snapshot of `name` already in the HF cache, found without any network call
+    and without writing: RunPod's cached models are mounted read-only in this layout, and some
+    of its stores lowercase the repository name. The revision is followed through `refs/`
+    (a commit hash names a snapshot directly); without `refs/`, a lone snapshot is taken."""
+    folder = f"models--{name.replace('/', '--')}"
+    for repo in dict.fromkeys([cache_dir / folder, cache_dir / folder.lower()]):
+        snapshots = repo / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        ref = repo / "refs" / (revision or "main")
+        if ref.is_file():
+            candidates = [snapshots / ref.read_text().strip()]
+        elif revision:
+            candidates = [snapshots / revision]
+        else:
+            candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+            if len(candidates) > 1:
+                log.warning("%s has %d snapshots and no refs/main: set MODEL_REVISION to pick "
+                            "one; using the newest", repo, len(candidates))
+                candidates = [max(candidates, key=lambda p: p.stat().st_mtime)]
+        for snapshot in candidates:
+            if _complete(snapshot, weights):
+                return snapshot
+    return None
+
+
+def _complete(snapshot: Path, weights: bool) -> bool:
+    if not (snapshot / "config.json").is_file() and weights:
+        return False
+    if not weights:
+        return snapshot.is_dir() and any(snapshot.iterdir())
+    return any(p.name.endswith(WEIGHT_SUFFIXES) for p in snapshot.iterdir())
 
 
 # The last download's figures, for the start-up summary.

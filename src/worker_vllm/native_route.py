@@ -26,9 +26,41 @@ DEFAULT_MAX_TOKENS = 100
 _TOKENIZER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
 
+def _is_number(value: Any, target: float) -> bool:
+    return type(value) in (int, float) and value == target
+
+
+_BEAM_SEARCH = ("use the OpenAI route (/v1/completions or /v1/chat/completions) with "
+                '"use_beam_search": true')
+# Sampling parameters vLLM removed that RunPod's docs still list: a value that asks for
+# nothing different from their old default is accepted and dropped; any other value fails the
+# job with what to use instead.
+REMOVED_SAMPLING: dict[str, tuple[Any, str]] = {
+    "best_of": (lambda v, p: v is None or (_is_number(v, p.get("n", 1)) and v >= 1),
+                "best_of was removed from vLLM's sampling parameters: ask for `n` choices "
+                f"(with `logprobs` to rank them), or {_BEAM_SEARCH}"),
+    "use_beam_search": (lambda v, p: v is False,
+                        f"beam search is no longer a sampling parameter in vLLM: {_BEAM_SEARCH}"),
+    "length_penalty": (lambda v, p: v is None or _is_number(v, 1),
+                       f"length_penalty applies to beam search only: {_BEAM_SEARCH}"),
+    "early_stopping": (lambda v, p: v is False,
+                       f"early_stopping applies to beam search only: {_BEAM_SEARCH}"),
+}
+
+
+def without_removed_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` without vLLM's removed sampling parameters; InvalidInput for one that asks
+    for what vLLM no longer does."""
+    for name, (harmless, advice) in REMOVED_SAMPLING.items():
+        if name in params and not harmless(params[name], params):
+            raise InvalidInput(f"sampling_params.{name}={params[name]!r}: {advice}",
+                               param=f"sampling_params.{name}")
+    return {k: v for k, v in params.items() if k not in REMOVED_SAMPLING}
+
+
 def build_sampling_params(inp: NativeInput) -> Any:
     """SamplingParams for the job; an invalid field is an InvalidInput naming it."""
-    params = {"max_tokens": DEFAULT_MAX_TOKENS, **inp.sampling_params}
+    params = without_removed_fields({"max_tokens": DEFAULT_MAX_TOKENS, **inp.sampling_params})
     try:
         return make_sampling_params(params, stream=inp.stream)
     except (ValueError, TypeError, VLLMClientError) as exc:

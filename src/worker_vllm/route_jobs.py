@@ -27,20 +27,26 @@ class RouteError(WorkerError):
                            code=self.code)
 
 
-def normalise_openai_route(route: str) -> str:
-    route = "/" + route.strip().strip("/")
-    return route if route.startswith("/v1/") else "/v1" + route
+def route_path(app: VLLMApp, method: str, route: str) -> str:
+    """The app's path for a route named with or without `/v1` (`/openai/v1/tokenize` reaches
+    vLLM's `/tokenize`, `/chat/completions` its `/v1/chat/completions`)."""
+    path = "/" + route.strip().strip("/")
+    bare = path.removeprefix("/v1") or "/"
+    for candidate in (path, "/v1" + bare, bare):
+        if app.allowed(method, candidate):
+            return candidate
+    return path
 
 
-def request_of(inp: OpenAIInput | RouteInput) -> tuple[str, str, Any, str]:
+def request_of(app: VLLMApp, inp: OpenAIInput | RouteInput) -> tuple[str, str, Any, str]:
     """(method, path, body, the input field naming the route)."""
     if isinstance(inp, OpenAIInput):
         body = inp.openai_input
-        return ("POST" if body is not None else "GET",
-                normalise_openai_route(inp.openai_route), body, "openai_route")
+        method = "POST" if body is not None else "GET"
+        return method, route_path(app, method, inp.openai_route), body, "openai_route"
     body = inp.body
     method = inp.method or ("POST" if body is not None else "GET")
-    return method, "/" + inp.route.strip().strip("/"), body, "route"
+    return method, route_path(app, method, inp.route), body, "route"
 
 
 def _error_from(status: int, raw: bytes) -> RouteError:
@@ -85,7 +91,7 @@ def _event_weight(event: str) -> int:
 
 async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPolicy,
                     request_id: str, raw_output: bool = True) -> AsyncIterator[Any]:
-    method, path, body, field = request_of(inp)
+    method, path, body, field = request_of(app, inp)
     if not app.allowed(method, path):
         raise RouteError(f"Unknown route {method} {path}; supported: "
                          f"{', '.join(app.route_list())}", type="invalid_request_error",
