@@ -15,8 +15,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "cu129": ("-cu129", "12.9"),
 }
 DEFAULT_VARIANT = "cu130"
-# CUDA versions the platform offers hosts for, oldest first.
-PLATFORM_CUDA = ["12.8", "12.9", "13.0"]
+# Every CUDA version the platform's API accepts in allowedCudaVersions (its CudaVersion enum),
+# oldest first. RunPod matches the list exactly against a host's reported CUDA, so a listing
+# names every version at or above its image's; add new ones here as RunPod adds them.
+PLATFORM_CUDA = ["11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7", "12.8",
+                 "12.9", "13.0"]
 
 
 def cuda_of(variant: str) -> str:

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -46,6 +46,73 @@ def vllm_version() -> str:
     return match.group(1)
 
 
+# Labels in the forms, written for people (the env var is shown beside them).
+LABELS = {
+    "MODEL_NAME": "Model (Hugging Face id or path)", "MODEL_REVISION": "Model revision",
+    "TOKENIZER_NAME": "Tokenizer (if not the model's)", "TOKENIZER_REVISION": "Tokenizer revision",
+    "MAX_MODEL_LEN": "Context length (tokens)", "DTYPE": "Data type",
+    "QUANTIZATION": "Quantization method", "TRUST_REMOTE_CODE": "Trust the model's own code",
+    "HF_TOKEN": "HF token (gated or private models)",
+    "TENSOR_PARALLEL_SIZE": "GPUs per model (TP size)",
+    "PIPELINE_PARALLEL_SIZE": "Pipeline stages", "GPU_MEMORY_UTILIZATION": "GPU memory share",
+    "MAX_NUM_SEQS": "Max sequences per step", "ENABLE_PREFIX_CACHING": "Prefix caching",
+    "ENFORCE_EAGER": "Eager mode (no CUDA graphs)", "REASONING_PARSER": "Reasoning parser",
+    "ENABLE_LORA": "LoRA adapters", "MAX_LORA_RANK": "Max LoRA rank",
+    "LORA_MODULES": "LoRA modules", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "Served model name",
+    "OPENAI_RESPONSE_ROLE": "Response role", "CUSTOM_CHAT_TEMPLATE": "Chat template",
+    "ENABLE_AUTO_TOOL_CHOICE": "Automatic tool choice", "TOOL_CALL_PARSER": "Tool-call parser",
+    "RAW_OPENAI_OUTPUT": "Raw OpenAI SSE output", "MAX_CONCURRENCY": "Jobs per worker",
+    "JOB_INTAKE": "Job intake", "BASE_PATH": "Volume path (model cache)",
+    "BAKED_ARGS_FILE": "Baked-args file", "VLLM_CONFIG_FILE": "vLLM config file (YAML)",
+    "VLLM_EXTRA_ARGS": "Extra vllm serve flags", "LOG_JOB_TEXT": "Log prompts and outputs",
+    "ON_STARTUP_ERROR": "On a start-up error", "STARTUP_SUMMARY_FILE": "Start-up summary file",
+    "WARMUP": "Warm-up request", "ENGINE_PROBE_INTERVAL_S": "Engine probe interval (s)",
+    "ENGINE_PROBE_TIMEOUT_S": "Engine probe timeout (s)",
+    "JOB_MAX_INPUT_BYTES": "Max job input (bytes)", "JOB_MAX_N": "Max choices (n) per job",
+    "JOB_MAX_TOKENS": "Max output tokens per job", "DEFAULT_BATCH_SIZE": "Stream batch size (max)",
+    "DEFAULT_MIN_BATCH_SIZE": "Stream batch size (first)",
+    "DEFAULT_BATCH_SIZE_GROWTH_FACTOR": "Stream batch growth factor",
+    "STREAM_FLUSH_INTERVAL_MS": "Stream flush interval (ms)",
+}
+VLLM_DEFAULT = "vLLM default"
+
+
+class FormField(NamedTuple):
+    """How one setting appears in the deploy forms."""
+
+    kind: str  # "toggle" | "select" | "number" | "text"
+    value: Any  # what an untouched field sends ("" = unset)
+    options: tuple[tuple[str, str], ...] = ()  # (value, label)
+
+
+def form_field(s: SettingInfo) -> FormField:
+    """An untouched field must leave vLLM's behaviour alone: a vLLM flag's toggle starts at
+    vLLM's own default, and a flag whose default vLLM decides ("auto", None) or that has
+    choices is a select starting at "vLLM default" (which sends nothing)."""
+    if s.flag is None:  # the worker's own settings: their declared defaults
+        if s.options:
+            return FormField("select", s.form_value, tuple((o, o) for o in s.options))
+        if s.kind == "bool":
+            return FormField("toggle", bool(s.form_value))
+        return FormField("number" if s.kind in ("int", "float") else "text",
+                         "" if s.form_value is None else s.form_value)
+    if s.kind == "bool" and isinstance(s.default, bool):
+        return FormField("toggle", s.default)
+    if s.kind == "bool":
+        return FormField("select", "", ((("", VLLM_DEFAULT), ("true", "on"), ("false", "off"))))
+    if s.options:
+        label = f"{VLLM_DEFAULT} ({_cell(s.default)})" if s.default not in (None, "") else \
+            VLLM_DEFAULT
+        return FormField("select", "", (("", label), *((o, o) for o in s.options)))
+    return FormField("number" if s.kind in ("int", "float") else "text", "")
+
+
+def form_settings(settings: list[SettingInfo]) -> list[SettingInfo]:
+    """What the forms show: the settings users change (every other `vllm serve` flag works
+    by its env var and is listed in docs/configuration.md)."""
+    return [s for s in settings if s.group != VLLM_GROUP]
+
+
 def _json_default(value: Any) -> Any:
     return None if value is None else value
 
@@ -58,18 +125,20 @@ def _groups(settings: list[SettingInfo]) -> list[tuple[str, list[SettingInfo]]]:
 
 def worker_config(settings: list[SettingInfo]) -> dict[str, Any]:
     schema: dict[str, Any] = {}
-    for s in settings:
+    shown = form_settings(settings)
+    for s in shown:
+        field = form_field(s)
+        value = field.value
         entry: dict[str, Any] = {
             "env_var_name": s.env,
-            "value": "" if s.form_value is None else s.form_value,
-            "title": s.env.replace("_", " ").title(),
+            "value": ("true" if value else "false") if field.kind == "toggle" else value,
+            "title": LABELS[s.env],
             "description": s.description,
             "required": s.env == "MODEL_NAME",
-            "type": "select" if s.options else
-            {"bool": "toggle", "int": "number", "float": "number"}.get(s.kind, "text"),
+            "type": field.kind,
         }
-        if s.options:
-            entry["options"] = [{"value": o, "label": o} for o in s.options]
+        if field.options:
+            entry["options"] = [{"value": v, "label": label} for v, label in field.options]
         schema[s.env] = entry
     version = vllm_version()
     return {
@@ -79,7 +148,7 @@ def worker_config(settings: list[SettingInfo]) -> dict[str, Any]:
                 "minimumCudaVersion": MINIMUM_CUDA,
                 "categories": [
                     {"title": group, "settings": [s.env for s in members]}
-                    for group, members in _groups(settings)
+                    for group, members in _groups(shown)
                 ],
             }
         },
@@ -89,15 +158,16 @@ def worker_config(settings: list[SettingInfo]) -> dict[str, Any]:
 
 def hub_json(settings: list[SettingInfo]) -> dict[str, Any]:
     env = []
-    for s in settings:
+    for s in form_settings(settings):
+        field = form_field(s)
         kind = "huggingface" if s.env == "MODEL_NAME" else {
-            "bool": "boolean", "int": "number", "float": "number"}.get(s.kind, "string")
-        entry: dict[str, Any] = {"name": s.env.replace("_", " ").title(), "type": kind,
+            "toggle": "boolean", "number": "number"}.get(field.kind, "string")
+        entry: dict[str, Any] = {"name": LABELS[s.env], "type": kind,
                                  "description": s.description}
-        if s.form_value is not None:
-            entry["default"] = s.form_value
-        if s.options:
-            entry["options"] = [{"label": o, "value": o} for o in s.options]
+        if field.value != "" or field.options:
+            entry["default"] = field.value
+        if field.options:
+            entry["options"] = [{"label": label, "value": v} for v, label in field.options]
         if s.advanced:
             entry["advanced"] = True
         env.append({"key": s.env, "input": entry})
@@ -115,7 +185,7 @@ def hub_json(settings: list[SettingInfo]) -> dict[str, Any]:
             "allowedCudaVersions": ALLOWED_CUDA,
             "presets": [
                 {"name": "Qwen3 0.6B (smoke test)", "defaults": {"MODEL_NAME": HUB_TEST_MODEL}},
-                {"name": "Llama 3.1 8B Instruct",
+                {"name": "Llama 3.1 8B Instruct (gated: set HF_TOKEN to a token with access)",
                  "defaults": {"MODEL_NAME": "meta-llama/Llama-3.1-8B-Instruct",
                               "MAX_MODEL_LEN": 16384}},
             ],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -35,3 +37,15 @@ def counting_proxy() -> Iterator[tuple[str, list[str]]]:
         done.set()
         thread.join(timeout=5)
         server.close()
+
+
+def run_handler(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """`python src/handler.py ARGS` as a worker process with `env` in its real environment
+    (local test mode: the platform's webhooks are unset)."""
+    from conftest import ROOT, worker_env
+
+    full_env = worker_env(**env)
+    if "MODEL_NAME" not in env:
+        full_env.pop("MODEL_NAME", None)
+    return subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
+                          env=full_env, capture_output=True, text=True, timeout=timeout)

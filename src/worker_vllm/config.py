@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Env prefixes of other software; never treated as misspelt settings.
 _FOREIGN_PREFIXES = ("RUNPOD_", "VLLM_", "HF_", "CUDA_", "NVIDIA_", "PYTHON", "LC_", "XDG_",
                      "TORCH", "OMP_", "NCCL_", "UV_", "PIP_", "VIRTUAL_ENV", "TOKENIZERS_",
-                     "PYTORCH_")
+                     "PYTORCH_", "SSL_", "REQUESTS_", "CURL_")
 _SECRET_NAME = re.compile(r"(^|_)(token|key|secret|password)$", re.IGNORECASE)
 # Flags the worker owns under its own setting: HF_TOKEN is for the worker's download and must
 # never reach vLLM's logged config.
@@ -180,10 +180,12 @@ def _named_flags(message: str) -> list[Flag]:
     return [flag for _, _, flag in sorted(found, key=lambda t: (t[0], t[1]))]
 
 
-def _explain(message: str, env: Mapping[str, str], sources: dict[str, str]) -> str:
+def _explain(message: str, env: Mapping[str, str], sources: dict[str, str],
+             parameter: str | None = None) -> str:
     """vLLM's parser message, naming the env var (and its value) behind the flag it names."""
-    for flag in _named_flags(message):
-        var = sources.get(flag.dest)
+    dests = [flag.dest for flag in _named_flags(message)] + ([parameter] if parameter else [])
+    for dest in dests:
+        var = sources.get(dest)
         if var in env:
             return f"Invalid value {env[var]!r} for {var}: {message}"
         if var is not None:
@@ -224,7 +226,7 @@ def resolve(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfig:
     try:
         args = parse_serve_args(argv)
     except ServeArgsError as exc:
-        raise ConfigError(_explain(str(exc), merged, sources)) from None
+        raise ConfigError(_explain(str(exc), merged, sources, exc.parameter)) from None
     if args.model_tag and not args.model:  # a positional model in VLLM_EXTRA_ARGS
         args.model = args.model_tag
     return ServeConfig(args, sources, legacy.warnings)

@@ -73,6 +73,9 @@ def resolve(
     local = Path(name).expanduser()
     if local.is_dir():
         return local
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"{name!r} is not a directory (a path must exist in the worker; "
+                             "a Hugging Face model id has the form org/name)")
     cache_dir = hf_cache_dir(base_path)
     cached = cached_snapshot(cache_dir, name, revision, weights=weights)
     if cached is not None:
@@ -169,6 +172,10 @@ def _download(name: str, *, revision: str | None, token: str | None, cache_dir: 
         status = getattr(exc.response, "status_code", None)
         hint = " (gated or private: set HF_TOKEN)" if status in (401, 403) else ""
         raise ModelLoadError(f"Cannot download model {name!r}: HTTP {status}{hint}") from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Cannot fetch model {name!r}: {exc}") from None
+    except Exception as exc:  # the HTTP client's own errors: no route to the hub
+        raise ModelLoadError(
+            f"Cannot reach the Hugging Face hub for model {name!r} ({type(exc).__name__}: "
+            f"{exc}); a model that is neither local nor cached needs the network") from None
     return Path(path)

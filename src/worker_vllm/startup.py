@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from . import demo_model, model_loader
@@ -31,31 +32,32 @@ from .engine import (
 from .errors import WorkerError
 from .process_tree import exit_now
 from .settings import WorkerSettings, is_unset, load_worker_settings
+from .startup_errors import StartupError, explain
 from .startup_phases import StartupPhases
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 
 
-class StartupError(WorkerError):
-    type = "startup_error"
-    code = 500
-
-
 # vLLM's engine processes report the root cause of a failed start only in their log.
 ENGINE_LOG = EngineLogPhases()
 
 
+class SettingsInUse(Exception):
+    """A start-up failure after the settings were parsed, with where each came from (so the
+    error can name the env var behind the field vLLM complains about)."""
+
+    def __init__(self, cause: BaseException, config: ServeConfig) -> None:
+        super().__init__(str(cause))
+        self.cause, self.sources = cause, dict(config.sources)
+        self.values = {dest: getattr(config.args, dest, None) for dest in config.sources}
+
+
 def startup_error(exc: BaseException) -> StartupError:
-    """The error every job reports when start-up failed: the cause, no traceback."""
-    if isinstance(exc, WorkerError):
-        return StartupError(f"The worker could not start: {exc.message}")
-    if ENGINE_LOG.root_cause:
-        return StartupError(f"The worker could not start: the vLLM engine failed to "
-                            f"initialise: {ENGINE_LOG.root_cause}")
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return StartupError(f"The worker could not start: {type(exc).__name__}"
-                        + (f": {detail}" if detail else "") + " (see the worker log)")
+    """The error every job reports when start-up failed: vLLM's reason and the setting."""
+    if isinstance(exc, SettingsInUse):
+        return explain(exc.cause, exc.sources, ENGINE_LOG.root_cause, exc.values)
+    return explain(exc, None, ENGINE_LOG.root_cause)
 
 
 def startup_failure_action(env: Mapping[str, str]) -> str:
@@ -108,19 +110,31 @@ def _resolve_model(config: ServeConfig, settings: WorkerSettings) -> None:
     args = config.args
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     model = str(args.model)
-    path = model_loader.resolve(model, revision=args.revision, token=token,
-                                base_path=settings.base_path)
+    with _naming(config, "model", model):
+        path = model_loader.resolve(model, revision=args.revision, token=token,
+                                    base_path=settings.base_path)
     if str(path) != model:
         if not args.served_model_name:
             config.set("served_model_name", [model], config.sources["model"])
         config.set("model", str(path), config.sources["model"])
         config.set("revision", None, "downloaded")  # the snapshot is at that revision
     if args.tokenizer:
-        tok_path = model_loader.resolve(str(args.tokenizer), revision=args.tokenizer_revision,
-                                        token=token, base_path=settings.base_path,
-                                        weights=False)
+        with _naming(config, "tokenizer", str(args.tokenizer)):
+            tok_path = model_loader.resolve(str(args.tokenizer),
+                                            revision=args.tokenizer_revision, token=token,
+                                            base_path=settings.base_path, weights=False)
         config.set("tokenizer", str(tok_path), config.sources.get("tokenizer", "env"))
         config.set("tokenizer_revision", None, "downloaded")
+
+
+@contextlib.contextmanager
+def _naming(config: ServeConfig, dest: str, value: str) -> Iterator[None]:
+    """A model that cannot be resolved names the setting it came from."""
+    try:
+        yield
+    except model_loader.ModelLoadError as exc:
+        setting = config.sources.get(dest, dest.upper())
+        raise model_loader.ModelLoadError(f"{setting}={value!r}: {exc.message}") from None
 
 
 def serve_config(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfig:
@@ -225,16 +239,19 @@ def build_worker(env: Mapping[str, str] | None = None, *,
         phases.details["download"] = dict(model_loader.last_download)
     if read_engine_log:
         engine_log.start()
-    with phases.phase("engine (load, profile, compile, KV cache)"):
-        runner = EngineRunner(engine_args_from(config.args))
-    # Built before the job loop, so concurrent first requests cannot race to build them; from
-    # the same parsed arguments as the engine.
-    with phases.phase("vLLM's app (OpenAI and other routes)"):
-        app = VLLMApp.create(runner, config.args)
+    try:
+        with phases.phase("engine (load, profile, compile, KV cache)"):
+            runner = EngineRunner(engine_args_from(config.args))
+        # Built before the job loop, so concurrent first requests cannot race to build them;
+        # from the same parsed arguments as the engine.
+        with phases.phase("vLLM's app (OpenAI and other routes)"):
+            app = VLLMApp.create(runner, config.args)
+        chat_template = chat_template_text(config.args.chat_template)
+    except Exception as exc:
+        raise SettingsInUse(exc, config) from exc
     if settings.warmup:
         with phases.phase("warm-up request"):
             asyncio.run(warm_up(runner))
     time.sleep(0.2)  # let the last engine log lines pass the copy
     phases.ready(engine_log.snapshot(), settings.startup_summary_file)
-    return Worker(runner, settings, app, chat_template_text(config.args.chat_template),
-                  job_concurrency(settings, runner))
+    return Worker(runner, settings, app, chat_template, job_concurrency(settings, runner))

@@ -8,8 +8,11 @@ patterns follow vLLM's messages of the pinned release.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -60,11 +63,25 @@ class EngineLogPhases:
             return
         self._started = True
         read_fd, write_fd = os.pipe()
-        original = os.dup(2)
+        self._original = os.dup(2)
         os.dup2(write_fd, 2)
         os.close(write_fd)
-        threading.Thread(target=self._copy, args=(read_fd, original), daemon=True,
-                         name="stderr-copy").start()
+        self._thread = threading.Thread(target=self._copy, args=(read_fd, self._original),
+                                        daemon=True, name="stderr-copy")
+        self._thread.start()
+        # The copy is a daemon thread: without this, the last lines written before the
+        # process exits (the start-up error, above all) could be lost.
+        atexit.register(self.stop)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Write stderr directly again and let the copy pass on what it still holds."""
+        if not self._started:
+            return
+        self._started = False
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(self._original, 2)  # closes this process's end of the pipe
+        self._thread.join(timeout)  # ends at once unless a child still holds the pipe
 
     def _copy(self, read_fd: int, out_fd: int) -> None:
         pending = b""

@@ -23,7 +23,12 @@ _NOT_SETTINGS = {"help", "model_tag", "config"}
 
 
 class ServeArgsError(ValueError):
-    """vLLM's parser refused the arguments; the message is vLLM's own."""
+    """vLLM's parser refused the arguments; the message is vLLM's own, `parameter` the
+    argument (dest) its check named, if it named one."""
+
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class _Parser(FlexibleArgumentParser):
@@ -112,8 +117,9 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
         validate_api_server_args(args)
     except SystemExit as exc:  # a parser path that exits instead of calling error()
         raise ServeArgsError(f"invalid arguments (exit {exc.code})") from None
-    except (TypeError, ValueError, KeyError) as exc:  # raised by vLLM's own checks
-        raise ServeArgsError(str(exc.args[0]) if exc.args else repr(exc)) from None
+    except Exception as exc:  # raised by vLLM's own checks (ValueError, its own errors)
+        message = str(exc.args[0]) if exc.args else repr(exc)
+        raise ServeArgsError(message, getattr(exc, "parameter", None)) from None
     return args
 
 

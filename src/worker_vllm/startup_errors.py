@@ -1,0 +1,95 @@
+"""A failed start-up, told the way a user can act on it: vLLM's own reason, and the setting
+(env var) it is about.
+
+vLLM's reasons arrive in many shapes: a pydantic ValidationError whose first line says only
+"1 validation error for ModelConfig" (the reason is in its error list), an error with a
+`parameter`, a message that names a field in words ("Reasoning parser 'x' not found"), or,
+for the engine core process, only a line in its log.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .errors import WorkerError
+
+MAX_REASON = 1500
+
+
+class StartupError(WorkerError):
+    type = "startup_error"
+    code = 500
+
+
+def vllm_reason(exc: BaseException, engine_root_cause: str | None = None) -> str:
+    """The reason vLLM gives, complete, without traceback."""
+    if isinstance(exc, WorkerError):
+        return exc.message
+    if engine_root_cause:
+        return f"the vLLM engine failed to initialise: {engine_root_cause}"
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        try:
+            parts = [_validation_part(e) for e in errors()]
+        except Exception:  # not pydantic's after all
+            parts = []
+        if parts:
+            return f"{type(exc).__name__} ({getattr(exc, 'title', '')}): " + "; ".join(parts)
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and text.startswith(("'", '"')):
+        text = text[1:-1]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _validation_part(error: Mapping) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    return f"{loc}: {message}" if loc else message
+
+
+def settings_named(exc: BaseException, reason: str, sources: Mapping[str, str],
+                   values: Mapping[str, object] | None = None) -> list[str]:
+    """The env vars behind the vLLM fields the error is about: its `parameter`, its
+    validation locations, a field named in the reason (`max_model_len`, or in words), or a
+    setting whose value the reason quotes ("Cannot find the config file for awq")."""
+    named: set[str] = set()
+    parameter = getattr(exc, "parameter", None)
+    if parameter:
+        named.add(str(parameter))
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        try:
+            named |= {str(p) for e in errors() for p in e.get("loc", ())}
+        except Exception:
+            pass
+        # A config object given as JSON (SpeculativeConfig <- speculative_config).
+        title = str(getattr(exc, "title", ""))
+        named.add(re.sub(r"(?<!^)(?=[A-Z])", "_", title).lower())
+    words = re.sub(r"[^a-z0-9]+", "_", reason.lower())
+    named |= {dest for dest in sources if re.search(rf"(^|_){re.escape(dest)}(_|$)", words)}
+    named |= {dest for dest, value in (values or {}).items()
+              if isinstance(value, str) and len(value) >= 3
+              and re.search(rf"(?<![\w/.-]){re.escape(value)}(?![\w/.-])", reason)}
+    return sorted({sources[d] for d in named if d in sources and _is_env_name(sources[d])})
+
+
+def _is_env_name(label: str) -> bool:
+    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", label))
+
+
+def explain(exc: BaseException, sources: Mapping[str, str] | None = None,
+            engine_root_cause: str | None = None,
+            values: Mapping[str, object] | None = None) -> StartupError:
+    """The error every job reports when start-up failed."""
+    if isinstance(exc, StartupError):
+        return exc
+    reason = vllm_reason(exc, engine_root_cause)
+    if len(reason) > MAX_REASON:
+        reason = reason[:MAX_REASON] + " [...] (the worker log has all of it)"
+    if isinstance(exc, WorkerError) or not sources:
+        return StartupError(f"The worker could not start: {reason}")
+    settings = settings_named(exc, reason, sources, values)
+    culprit = (f" (check {', '.join(settings)})" if settings
+               else " (vLLM names no setting; the worker log lists the settings in use)")
+    return StartupError(f"The worker could not start: {reason}{culprit}")
