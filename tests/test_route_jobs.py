@@ -89,3 +89,9 @@ async def test_every_openai_route_the_readme_lists_is_reachable(worker, openai_r
     (out,) = await collect(worker, {"openai_route": openai_route, "openai_input": body}
                            if body is not None else {"openai_route": openai_route})
     assert "error" not in out, out
+
+
+async def test_a_route_job_over_job_max_n_fails_naming_n(worker):
+    (out,) = await collect(worker, {"route": "/v1/completions", "body": {
+        "model": DEMO_MODEL_ID, "prompt": "x", "n": worker.settings.job_max_n + 1}})
+    assert out["error"]["param"] == "body.n" and "JOB_MAX_N" in out["error"]["message"]

@@ -48,7 +48,8 @@ def check_size(settings: WorkerSettings, raw_input: Any) -> None:
                            param="input", code=413)
 
 
-def check_counts(settings: WorkerSettings, n: Any, max_tokens: Any, prefix: str) -> None:
+def check_counts(settings: WorkerSettings, n: Any, max_tokens: Any, prefix: str,
+                 tokens_field: str = "max_tokens") -> None:
     """`n` and the output-token bound of one request against the worker's limits."""
     if isinstance(n, int) and not isinstance(n, bool) and n > settings.job_max_n:
         raise InvalidInput(f"n={n} exceeds this worker's limit of {settings.job_max_n} "
@@ -56,13 +57,15 @@ def check_counts(settings: WorkerSettings, n: Any, max_tokens: Any, prefix: str)
     limit = settings.job_max_tokens
     if (limit is not None and isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
             and max_tokens > limit):
-        raise InvalidInput(f"max_tokens={max_tokens} exceeds this worker's limit of {limit} "
-                           "(JOB_MAX_TOKENS)", param=f"{prefix}max_tokens")
+        raise InvalidInput(f"{tokens_field}={max_tokens} exceeds this worker's limit of "
+                           f"{limit} (JOB_MAX_TOKENS)", param=f"{prefix}{tokens_field}")
 
 
-def check_openai_body(settings: WorkerSettings, body: dict[str, Any] | None) -> None:
+def check_openai_body(settings: WorkerSettings, body: dict[str, Any] | None,
+                      prefix: str = "") -> None:
+    """An OpenAI-shaped request body (OpenAI-route or route job) within the limits."""
     if not body:
         return
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens",
-                                                           body.get("max_output_tokens")))
-    check_counts(settings, body.get("n"), max_tokens, "")
+    field = next((f for f in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                  if f in body), "max_tokens")
+    check_counts(settings, body.get("n"), body.get(field), prefix, field)

@@ -17,7 +17,14 @@ from .engine import (
     sampling_param_names,
 )
 from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
-from .job_input import BatchOverrides, JobInput, NativeInput, OpenAIInput, parse_job_input
+from .job_input import (
+    BatchOverrides,
+    JobInput,
+    NativeInput,
+    OpenAIInput,
+    RouteInput,
+    parse_job_input,
+)
 from .job_limits import check_openai_body, check_size
 from .job_summary import JobSummary
 from .logs import job_id_var
@@ -129,6 +136,9 @@ class Worker:
         inp = parse_job_input(raw_input)
         if isinstance(inp, OpenAIInput):
             check_openai_body(self.settings, inp.openai_input)
+        elif isinstance(inp, RouteInput) and isinstance(inp.body, dict):
+            # Route jobs reach the same generating routes: the same limits bound them.
+            check_openai_body(self.settings, inp.body, prefix="body.")
         return inp
 
     def _route(self, inp: JobInput, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
