@@ -203,3 +203,17 @@ def test_jobs_of_a_worker_that_exits_go_back_to_the_queue_once(served):
         status = served.status(job_id).json()
         assert status["status"] == "FAILED" and "exited" in status["error"]
     assert requests.get(f"{served.api}/health", timeout=10).json()["jobs"]["retried"] == 2
+
+
+def test_a_job_take_whose_worker_hung_up_takes_nothing(served):
+    """A killed worker's job-take long-poll outlives it on the endpoint; the jobs its death
+    put back in the queue must go to the next worker, not to that dead connection."""
+    with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as conn:
+        conn.sendall(f"GET /_worker/job-take/dead?x=1 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: {WORKER_KEY}\r\n\r\n".encode())
+        time.sleep(0.3)  # the long-poll is waiting for a job
+    time.sleep(0.3)  # the worker is gone
+    job_id = served.run({"input": {}}).json()["id"]
+    time.sleep(0.3)
+    assert served.status(job_id).json()["status"] == "IN_QUEUE"
+    assert [j["id"] for j in served.take("alive")] == [job_id]

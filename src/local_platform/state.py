@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,13 +230,19 @@ class Endpoint:
                 del self.jobs[job.id]
 
     # ----- worker side ---------------------------------------------------------------
-    async def take(self, batch_size: int, worker_id: str = "local-worker") -> list[Job]:
+    async def take(self, batch_size: int, worker_id: str = "local-worker",
+                   gone: Callable[[], Awaitable[bool]] | None = None) -> list[Job]:
+        """Up to `batch_size` queued jobs for a worker's job-take (a long-poll). `gone` says
+        whether the worker hung up meanwhile: a killed worker's long-poll outlives it, and
+        must not take the jobs its death put back in the queue."""
         self.last_seen = time.monotonic()
         if not self.queue:
             self.queued.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LONG_POLL_S):
                     await self.queued.wait()
+        if gone is not None and await gone():
+            return []
         taken = []
         while self.queue and len(taken) < batch_size:
             job = self.jobs.get(self.queue.popleft())
@@ -249,7 +256,19 @@ class Endpoint:
             taken.append(job)
         if taken and self.take_delay:
             await asyncio.sleep(self.take_delay)  # the answer on its way to the worker
+            if gone is not None and await gone():
+                self._give_back(taken)
+                return []
         return taken
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        """Jobs assigned to a worker that hung up before it got them: first in line again."""
+        for job in reversed(jobs):
+            if job.status == "IN_PROGRESS":
+                job.requeue()
+                job.attempts -= 1
+                self.queue.appendleft(job.id)
+        self.queued.set()
 
     async def _enforce_timeout(self, job: Job) -> None:
         attempt = job.attempts

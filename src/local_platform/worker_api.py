@@ -17,15 +17,16 @@ def worker_router(endpoint: Endpoint) -> APIRouter:
     router = APIRouter(prefix="/_worker")
 
     @router.get("/job-take/{worker_id}")
-    async def job_take(worker_id: str) -> Response:
-        jobs = await endpoint.take(1, worker_id)
+    async def job_take(request: Request, worker_id: str) -> Response:
+        jobs = await endpoint.take(1, worker_id, request.is_disconnected)
         if not jobs:
             return Response(status_code=204)
         return JSONResponse({"id": jobs[0].id, "input": jobs[0].input})
 
     @router.get("/job-take-batch/{worker_id}")
-    async def job_take_batch(worker_id: str, batch_size: int = 1) -> Response:
-        jobs = await endpoint.take(batch_size, worker_id)
+    async def job_take_batch(request: Request, worker_id: str, batch_size: int = 1
+                             ) -> Response:
+        jobs = await endpoint.take(batch_size, worker_id, request.is_disconnected)
         if not jobs:
             return Response(status_code=204)
         return JSONResponse([{"id": j.id, "input": j.input} for j in jobs])
