@@ -80,7 +80,7 @@ class Platform:
     `intake` ("events": the worker's own; "sdk": the runpod SDK's polling loop)."""
 
     def __init__(self, stream_post_delay: float, log_path: Path, script: Path = HANDLER,
-                 intake: str = "events") -> None:
+                 intake: str = "events", concurrency: int = 64) -> None:
         self.port = free_port()
         self.endpoint = le.Endpoint(100_000, stream_post_delay)
         self.log_path = log_path
@@ -88,7 +88,8 @@ class Platform:
         env = le.worker_env(base, "bench-worker-key")
         env.pop("MODEL_NAME", None)
         env.update({k: v for k, v in _demo_env().items() if k not in env})
-        env.update(MAX_CONCURRENCY="64", RUNPOD_LOG_LEVEL="INFO", JOB_INTAKE=intake)
+        env.update(MAX_CONCURRENCY=str(concurrency), RUNPOD_LOG_LEVEL="INFO",
+                   JOB_INTAKE=intake)
         self.env = env
         app = le.create_app(self.endpoint, None, "bench-worker-key")
         import uvicorn

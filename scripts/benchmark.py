@@ -200,20 +200,22 @@ def full_path_rows(args: argparse.Namespace, raw: list[dict]) -> list[dict]:
     for rtt in ((args.rtt_ms / 1000,) if args.smoke else (0.0, args.rtt_ms / 1000)):
         for name, script, routes in processes:
             for intake in ("sdk", "events"):
-                log = run_dir / f"{name}-{intake}-rtt{int(rtt * 1000)}.log"
-                platform = fp.Platform(rtt, log, script, intake)
-                try:
-                    for route in routes:
-                        loads = [fp.Load(args.path_jobs, args.path_tokens, c)
-                                 for c in concurrencies]
-                        if rtt and name == "worker":
-                            loads.append(single)
-                        for load in loads:
-                            row = fp.measure_platform(platform, load, route,
-                                                      f"{name}, {route}, {intake} intake")
-                            rows.append({**row, "rtt": f"{rtt * 1000:.0f} ms"})
-                finally:
-                    platform.close()
+                for c in concurrencies:
+                    # MAX_CONCURRENCY = the load's concurrency: the worker is full whenever
+                    # the load is, as on RunPod when jobs wait in the queue.
+                    log = run_dir / f"{name}-{intake}-c{c}-rtt{int(rtt * 1000)}.log"
+                    platform = fp.Platform(rtt, log, script, intake, concurrency=c)
+                    loads = [fp.Load(args.path_jobs, args.path_tokens, c)]
+                    if rtt and name == "worker" and c == concurrencies[0]:
+                        loads.append(single)
+                    try:
+                        for route in routes:
+                            for load in loads:
+                                row = fp.measure_platform(platform, load, route,
+                                                          f"{name}, {route}, {intake} intake")
+                                rows.append({**row, "rtt": f"{rtt * 1000:.0f} ms"})
+                    finally:
+                        platform.close()
     with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid):
         for c in concurrencies:
             rows.append({**fp.measure_vllm_serve(url, pid,
