@@ -97,6 +97,7 @@ def test_a_dying_worker_takes_no_queued_job_and_they_run_on_its_successor(tmp_pa
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
         assert [ep.wait(job, timeout=300)["status"] for job in queued] == ["COMPLETED"] * 28
         print(f"worker exited {exited:.2f} s after its engine core was killed")
-        assert exited < 6, f"the worker took {exited:.1f} s to exit"
+        # Detection (vLLM notices its dead core), at most 2 s to exit, the endpoint's 0.5 s poll.
+        assert exited < 3.5, f"the worker took {exited:.1f} s to exit"
     finally:
         ep.close()
