@@ -49,3 +49,20 @@ def run_handler(*args: str, timeout: float = 600, **env: str) -> subprocess.Comp
         full_env.pop("MODEL_NAME", None)
     return subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY")
+
+
+def run_handler_online(env: dict[str, str], *args: str
+                       ) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python src/handler.py ARGS` with `env`, not offline, and every HTTP(S) call sent to a
+    proxy that only counts connections: (the process, the connections it made)."""
+    from conftest import ROOT
+
+    env = {k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"}
+    with counting_proxy() as (proxy, connections):
+        env.update(dict.fromkeys(PROXY_VARS, proxy), NO_PROXY="", no_proxy="")
+        proc = subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
+                              env=env, capture_output=True, text=True, timeout=600)
+    return proc, connections

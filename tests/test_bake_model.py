@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import ROOT, worker_env
-from helpers import counting_proxy
+from helpers import run_handler_online
 
 spec = importlib.util.spec_from_file_location("bake_model", ROOT / "builder" / "bake_model.py")
 bake_model = importlib.util.module_from_spec(spec)
@@ -47,16 +47,8 @@ def test_worker_serves_baked_model_under_its_original_name(tmp_path, demo_model_
     env = worker_env(BAKED_ARGS_FILE=str(args_file), MODEL_NAME="org/not-this-one",
                      ENFORCE_EAGER="true", MAX_MODEL_LEN="2048",
                      KV_CACHE_MEMORY_BYTES=str(128 * 1024 * 1024))
-    env.pop("HF_HUB_OFFLINE", None)
-    with counting_proxy() as (proxy, connections):
-        env.update({k: proxy for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                                       "https_proxy", "ALL_PROXY")})
-        env["NO_PROXY"] = env["no_proxy"] = ""
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "src" / "handler.py"), "--test_input",
-             '{"input": {"prompt": "hi", "sampling_params": {"max_tokens": 4}}}'],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+    proc, connections = run_handler_online(
+        env, "--test_input", '{"input": {"prompt": "hi", "sampling_params": {"max_tokens": 4}}}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert connections == [], "the worker reached for the network"
     assert json.loads(proc.stdout)["output"][0]["usage"]["output"] == 4

@@ -188,25 +188,16 @@ def test_a_worker_serves_a_lowercased_cached_model_without_the_network(tmp_path,
     model cache on the volume holds: it serves the model under its id and makes no
     connection (every HTTP(S) call would go through a proxy that counts them)."""
     import json
-    import subprocess
-    import sys
 
-    from conftest import ROOT, worker_env
-    from helpers import counting_proxy
+    from conftest import worker_env
+    from helpers import run_handler_online
 
     cached_model(tmp_path, "models--acme--tiny-chat-awq", demo_model_dir, refs=False)
     env = worker_env(MODEL_NAME="Acme/Tiny-Chat-AWQ", BASE_PATH=str(tmp_path),
                      BAKED_ARGS_FILE=str(tmp_path / "absent.json"), ENFORCE_EAGER="true",
                      KV_CACHE_MEMORY_BYTES=str(128 * 1024 * 1024))
-    env.pop("HF_HUB_OFFLINE", None)
-    with counting_proxy() as (proxy, connections):
-        env.update({k: proxy for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                                       "https_proxy", "ALL_PROXY")})
-        env["NO_PROXY"] = env["no_proxy"] = ""
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "src" / "handler.py"), "--test_input",
-             json.dumps({"input": {"openai_route": "/v1/models"}})],
-            env=env, capture_output=True, text=True, timeout=600)
+    proc, connections = run_handler_online(
+        env, "--test_input", json.dumps({"input": {"openai_route": "/v1/models"}}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["output"][0]["data"][0]["id"] == "Acme/Tiny-Chat-AWQ"
     assert connections == [], "the worker reached for the network"
