@@ -163,23 +163,32 @@ class Endpoint:
         if job.status not in ("FAILED", "TIMED_OUT"):
             raise PolicyError(f"Only FAILED or TIMED_OUT jobs can be retried; this one is "
                               f"{job.status}")
-        job.requeue()
         self.counts["retried"] += 1
-        self.queue.append(job.id)
-        self.queued.set()
+        self._requeue([job], front=False)
 
     def worker_exited(self, code: int | None) -> None:
         """The in-progress jobs of a worker that exited go back to the queue (first in line),
         up to MAX_WORKER_RETRIES times each; then they fail."""
-        for job in reversed(self.in_progress()):
+        retried = []
+        for job in self.in_progress():
             if job.attempts > MAX_WORKER_RETRIES:
                 self.finish(job, "FAILED", error=f"The worker exited with code {code} while "
                             f"running this job ({job.attempts} times)")
                 continue
             log.warning("Job %s goes back to the queue: its worker exited", job.id)
+            retried.append(job)
+        self.counts["retried"] += len(retried)
+        self._requeue(retried, front=True)
+
+    def _requeue(self, jobs: list[Job], *, front: bool) -> None:
+        """Jobs back in the queue, their earlier output gone: first in line (in their order)
+        or last."""
+        for job in reversed(jobs) if front else jobs:
             job.requeue()
-            self.counts["retried"] += 1
-            self.queue.appendleft(job.id)
+            if front:
+                self.queue.appendleft(job.id)
+            else:
+                self.queue.append(job.id)
         self.queued.set()
 
     def finish(self, job: Job, status: str, *, output: Any = None, error: Any = None) -> None:
@@ -263,12 +272,10 @@ class Endpoint:
 
     def _give_back(self, jobs: list[Job]) -> None:
         """Jobs assigned to a worker that hung up before it got them: first in line again."""
-        for job in reversed(jobs):
-            if job.status == "IN_PROGRESS":
-                job.requeue()
-                job.attempts -= 1
-                self.queue.appendleft(job.id)
-        self.queued.set()
+        assigned = [job for job in jobs if job.status == "IN_PROGRESS"]
+        for job in assigned:
+            job.attempts -= 1  # never reached a worker: not an attempt
+        self._requeue(assigned, front=True)
 
     async def _enforce_timeout(self, job: Job) -> None:
         attempt = job.attempts

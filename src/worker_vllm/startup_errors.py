@@ -28,18 +28,25 @@ def vllm_reason(exc: BaseException, engine_root_cause: str | None = None) -> str
         return exc.message
     if engine_root_cause:
         return f"the vLLM engine failed to initialise: {engine_root_cause}"
-    errors = getattr(exc, "errors", None)
-    if callable(errors) and type(exc).__name__ == "ValidationError":
-        try:
-            parts = [_validation_part(e) for e in errors()]
-        except Exception:  # not pydantic's after all
-            parts = []
-        if parts:
-            return f"{type(exc).__name__} ({getattr(exc, 'title', '')}): " + "; ".join(parts)
+    parts = [_validation_part(e) for e in _validation_errors(exc) or ()]
+    if parts:
+        return f"{type(exc).__name__} ({getattr(exc, 'title', '')}): " + "; ".join(parts)
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError) and text.startswith(("'", '"')):
         text = text[1:-1]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _validation_errors(exc: BaseException) -> list[Mapping] | None:
+    """A pydantic ValidationError's error list (vLLM's configs are pydantic models); None for
+    any other exception."""
+    errors = getattr(exc, "errors", None)
+    if not (callable(errors) and type(exc).__name__ == "ValidationError"):
+        return None
+    try:
+        return list(errors())
+    except Exception:  # not pydantic's after all
+        return []
 
 
 def _validation_part(error: Mapping) -> str:
@@ -57,12 +64,9 @@ def settings_named(exc: BaseException, reason: str, sources: Mapping[str, str],
     parameter = getattr(exc, "parameter", None)
     if parameter:
         named.add(str(parameter))
-    errors = getattr(exc, "errors", None)
-    if callable(errors) and type(exc).__name__ == "ValidationError":
-        try:
-            named |= {str(p) for e in errors() for p in e.get("loc", ())}
-        except Exception:
-            pass
+    errors = _validation_errors(exc)
+    if errors is not None:
+        named |= {str(p) for e in errors for p in e.get("loc", ())}
         # A config object given as JSON (SpeculativeConfig <- speculative_config).
         title = str(getattr(exc, "title", ""))
         named.add(re.sub(r"(?<!^)(?=[A-Z])", "_", title).lower())
