@@ -18,8 +18,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from worker_vllm import model_loader  # noqa: E402
-from worker_vllm.settings import DEFAULT_BAKED_ARGS_FILE, is_unset  # noqa: E402
+from worker_vllm.config.settings import DEFAULT_BAKED_ARGS_FILE, is_unset  # noqa: E402
+from worker_vllm.model import loader as model_loader  # noqa: E402
 
 log = logging.getLogger("bake_model")
 SECRET_FILE = Path("/run/secrets/HF_TOKEN")  # BuildKit secret mount; never an ARG or ENV

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import local_platform as le  # noqa: E402
-from worker_vllm.demo_model import DEMO_MODEL_ID, ENGINE_DEFAULTS, ensure_demo_model  # noqa: E402
+from worker_vllm.model.demo import DEMO_MODEL_ID, ENGINE_DEFAULTS, ensure_demo_model  # noqa: E402
 
 STALENESS = re.compile(r"staleness_p95=(\d+)ms")
 LAST_WAIT = re.compile(r"last_wait=(\d+)ms")

@@ -115,8 +115,8 @@ def job_runner(stream: bool):
 
 
 async def measure(name: str, worker: Any, args: argparse.Namespace, jobs: int) -> dict:
-    from worker_vllm.job_input import NativeInput
-    from worker_vllm.native_route import build_sampling_params, tokenize_prompt
+    from worker_vllm.jobs.native import build_sampling_params, tokenize_prompt
+    from worker_vllm.jobs.shapes import NativeInput
 
     sampling = {"max_tokens": args.tokens, "ignore_eos": True, "temperature": 1.0, "seed": 1}
     job_input = {"prompt": "def benchmark():", "sampling_params": sampling}
@@ -154,8 +154,8 @@ async def raw_engine_row(worker: Any, load: Any) -> dict:
     import psutil
     from bench_full_path import pct, tree_cpu
 
-    from worker_vllm.job_input import NativeInput
-    from worker_vllm.native_route import build_sampling_params
+    from worker_vllm.jobs.native import build_sampling_params
+    from worker_vllm.jobs.shapes import NativeInput
 
     semaphore = asyncio.Semaphore(load.concurrency)
     tokenizer = worker.runner.get_tokenizer()
@@ -280,7 +280,7 @@ def main() -> None:
     from worker_vllm.logs import setup_logging
 
     setup_logging()
-    from worker_vllm.startup import build_worker
+    from worker_vllm.startup.build import build_worker
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
     env.pop("MODEL_NAME", None)

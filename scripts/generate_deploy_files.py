@@ -1,5 +1,5 @@
 """Generate worker-config.json, .runpod/hub.json, .runpod/tests.json and docs/configuration.md
-from the one settings declaration (src/worker_vllm/settings.py).
+from the one settings declaration (src/worker_vllm/config/settings.py).
 
     python scripts/generate_deploy_files.py           write the files
     python scripts/generate_deploy_files.py --check   exit 1 if any file differs (CI)
@@ -18,17 +18,19 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "builder"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from cuda_variants import DEFAULT_VARIANT, allowed_cuda, cuda_of  # noqa: E402
-
-from worker_vllm.legacy_settings import MAPPED, REMOVED  # noqa: E402
-from worker_vllm.settings import ALIASES, DEV_ENV, ZERO_MEANS_UNSET  # noqa: E402
-from worker_vllm.settings_catalog import (  # noqa: E402
+from settings_catalog import (  # noqa: E402
+    DEV_ENV,
     VLLM_GROUP,
     SettingInfo,
     all_settings,
     server_only_flags,
 )
+
+from worker_vllm.config.legacy import MAPPED, REMOVED  # noqa: E402
+from worker_vllm.config.settings import ALIASES, ZERO_MEANS_UNSET  # noqa: E402
 
 IMAGE_NAME = "worker-vllm"
 # The default image's CUDA (builder/cuda_variants.py): hosts must run it or newer.

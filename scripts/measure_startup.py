@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model directory (default: demo model)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from worker_vllm.demo_model import ensure_demo_model
+    from worker_vllm.model.demo import ensure_demo_model
 
     model = args.model or str(ensure_demo_model())
     volume = Path(tempfile.mkdtemp(prefix="worker-vllm-volume-"))

@@ -232,7 +232,7 @@ def demo_tokenizer_len() -> Any:
     sys.path.insert(0, str(ROOT / "src"))
     from transformers import AutoTokenizer
 
-    from worker_vllm.demo_model import ensure_demo_model
+    from worker_vllm.model.demo import ensure_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
     return lambda text: len(tokenizer.encode(text))

@@ -19,7 +19,7 @@ from worker_vllm.errors import WorkerError
 from worker_vllm.logs import setup_logging
 
 if TYPE_CHECKING:
-    from worker_vllm.worker import Worker
+    from worker_vllm.jobs.dispatch import Worker
 
 setup_logging()
 log = logging.getLogger("worker_vllm.handler")
@@ -38,9 +38,9 @@ def main() -> int:
         return 2
     from worker_vllm import local_run
     from worker_vllm.errors import InvalidInput
+    from worker_vllm.jobs.dispatch import prevalidate
     from worker_vllm.process_tree import end_children
-    from worker_vllm.startup import build_worker, is_production, startup_error
-    from worker_vllm.worker import prevalidate
+    from worker_vllm.startup.build import build_worker, is_production, startup_error
 
     local = not is_production(os.environ) or "--test_input" in " ".join(sys.argv)
     job = None
@@ -72,7 +72,7 @@ def serve_worker(worker: Worker) -> int:
     from worker_vllm.process_tree import end_children, exit_now
     from worker_vllm.sdk.intake import IntakeGate
     from worker_vllm.sdk.job_loop import serve_jobs
-    from worker_vllm.startup import exit_when_engine_dies
+    from worker_vllm.startup.build import exit_when_engine_dies
 
     gate = IntakeGate()
     worker.on_engine_dead = exit_when_engine_dies(worker.runner, worker.settings, gate.close)
@@ -101,7 +101,7 @@ def serve_startup_error(error: WorkerError) -> int:
     workers that fail the same way (each start billed). ON_STARTUP_ERROR=exit exits instead."""
     from worker_vllm.errors import error_result
     from worker_vllm.sdk.job_loop import serve_jobs
-    from worker_vllm.startup import startup_failure_action
+    from worker_vllm.startup.build import startup_failure_action
 
     if startup_failure_action(os.environ) == "exit":
         return 1

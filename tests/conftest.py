@@ -28,7 +28,7 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
-    from worker_vllm.demo_model import ensure_demo_model
+    from worker_vllm.model.demo import ensure_demo_model
 
     return ensure_demo_model()
 
@@ -47,7 +47,7 @@ def lora_dir(demo_model_dir: Path) -> Path:
 def worker(demo_model_dir: Path, lora_dir: Path) -> Iterator[Any]:
     import json
 
-    from worker_vllm.startup import build_worker
+    from worker_vllm.startup.build import build_worker
 
     env = worker_env(BAKED_ARGS_FILE=str(_RUN_DIR / "no-baked-args.json"),
                      LORA_MODULES=json.dumps([{"name": LORA_NAME, "path": str(lora_dir)}]),

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from worker_vllm import startup
-from worker_vllm.config import (
+from worker_vllm.config.legacy import MAPPED, REMOVED, legacy_names
+from worker_vllm.config.serve_env import (
     ConfigError,
     env_flags,
     known_env_names,
@@ -19,9 +19,9 @@ from worker_vllm.config import (
     resolve,
     server_only_warnings,
 )
+from worker_vllm.config.settings import ALIASES, WorkerSettings, load_worker_settings
 from worker_vllm.errors import WorkerError
-from worker_vllm.legacy_settings import MAPPED, REMOVED, legacy_names
-from worker_vllm.settings import ALIASES, WorkerSettings, load_worker_settings
+from worker_vllm.startup import build as startup
 
 # Facts about worker-vllm's settings (its Hub listing and console template), kept as test data.
 COMPAT = json.loads((ROOT / "tests" / "data" / "worker-vllm-settings.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker_vllm.demo_model import ensure_demo_model, fingerprint
+from worker_vllm.model.demo import ensure_demo_model, fingerprint
 
 pytestmark = pytest.mark.slow
 

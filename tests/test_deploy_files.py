@@ -9,9 +9,10 @@ import re
 import dockerfile
 import pytest
 from conftest import ROOT
+from settings_catalog import DEV_ENV, FOREIGN_ENV
 
-from worker_vllm.config import known_env_names
-from worker_vllm.settings import DEV_ENV, FOREIGN_ENV, WorkerSettings
+from worker_vllm.config.serve_env import known_env_names
+from worker_vllm.config.settings import WorkerSettings
 
 spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "generate_deploy_files.py")
 gen = importlib.util.module_from_spec(spec)

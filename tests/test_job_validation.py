@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import collect
 
-from worker_vllm.worker import Worker
+from worker_vllm.jobs.dispatch import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -144,8 +144,8 @@ async def test_tokenising_a_huge_prompt_does_not_block_the_job_loop(worker):
                                     {"use_beam_search": False}, {"length_penalty": 1.0},
                                     {"early_stopping": False}, {"best_of": None}])
 def test_removed_sampling_params_that_ask_for_nothing_are_accepted(params):
-    from worker_vllm.job_input import NativeInput
-    from worker_vllm.native_route import build_sampling_params
+    from worker_vllm.jobs.native import build_sampling_params
+    from worker_vllm.jobs.shapes import NativeInput
 
     sp = build_sampling_params(NativeInput(prompt="x", sampling_params=params))
     assert sp.n == params.get("n", 1)
@@ -159,8 +159,8 @@ def test_removed_sampling_params_that_ask_for_nothing_are_accepted(params):
                                           ({"use_beam_search": "yes"}, "use_beam_search")])
 def test_removed_sampling_params_that_ask_for_something_fail_with_advice(params, field):
     from worker_vllm.errors import InvalidInput
-    from worker_vllm.job_input import NativeInput
-    from worker_vllm.native_route import build_sampling_params
+    from worker_vllm.jobs.native import build_sampling_params
+    from worker_vllm.jobs.shapes import NativeInput
 
     with pytest.raises(InvalidInput) as err:
         build_sampling_params(NativeInput(prompt="x", sampling_params=params))

@@ -186,7 +186,7 @@ def oai(endpoint):
 
 
 def test_openai_client_chat_models_completions(oai):
-    from worker_vllm.demo_model import DEMO_MODEL_ID
+    from worker_vllm.model.demo import DEMO_MODEL_ID
 
     assert [m.id for m in oai.models.list()] == [DEMO_MODEL_ID]
     messages = [{"role": "user", "content": "hello"}]
@@ -215,7 +215,7 @@ def test_openai_client_gets_http_errors(oai):
 def test_chat_template_set_by_env_reaches_the_serving_layer(oai, demo_model_dir):
     from transformers import AutoTokenizer
 
-    from worker_vllm.demo_model import DEMO_MODEL_ID
+    from worker_vllm.model.demo import DEMO_MODEL_ID
 
     chat = oai.chat.completions.create(model=DEMO_MODEL_ID, max_tokens=2,
                                        messages=[{"role": "user", "content": "hello"}])
@@ -228,7 +228,7 @@ def test_chat_template_set_by_env_reaches_the_serving_layer(oai, demo_model_dir)
 def test_route_jobs_tokenize_detokenize_and_completions(rp_endpoint, demo_model_dir):
     from transformers import AutoTokenizer
 
-    from worker_vllm.demo_model import DEMO_MODEL_ID
+    from worker_vllm.model.demo import DEMO_MODEL_ID
 
     text = "for i in range(3):"
     (tokens,) = rp_endpoint.run_sync({"input": {"route": "/tokenize", "body": {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker_vllm import model_loader
-from worker_vllm.model_loader import ModelLoadError, allow_patterns, resolve
+from worker_vllm.model import loader as model_loader
+from worker_vllm.model.loader import ModelLoadError, allow_patterns, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -52,8 +52,8 @@ def test_offline_missing_model_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_hub_id_is_served_under_its_own_name(tmp_path, monkeypatch):
     """The engine gets the cache path; clients keep seeing the model id."""
-    from worker_vllm import startup
-    from worker_vllm.settings import load_worker_settings
+    from worker_vllm.config.settings import load_worker_settings
+    from worker_vllm.startup import build as startup
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = lay_out_cache(tmp_path, "org/tiny", {"config.json": "{}"})
@@ -68,7 +68,7 @@ FAKE_HUB = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {src!r})
-from worker_vllm import model_loader
+from worker_vllm.model import loader as model_loader
 
 class FakeApi:
     def __init__(self, token=None):

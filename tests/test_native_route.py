@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import collect
 
-from worker_vllm.stream_batching import batched
-from worker_vllm.worker import Worker
+from worker_vllm.jobs.batching import batched
+from worker_vllm.jobs.dispatch import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -106,9 +106,9 @@ async def test_streamed_200_tokens_arrive_in_growing_batches(worker):
 
 async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker):
     """Time bound, measured on the real engine stream with the worker's default policy."""
-    from worker_vllm.job_input import NativeInput
-    from worker_vllm.native_route import build_sampling_params, tokenize_prompt
-    from worker_vllm.worker import batch_policy
+    from worker_vllm.jobs.dispatch import batch_policy
+    from worker_vllm.jobs.native import build_sampling_params, tokenize_prompt
+    from worker_vllm.jobs.shapes import NativeInput
 
     inp = NativeInput(prompt="while True:", stream=True,
                       sampling_params={"temperature": 1.0, "seed": 9, "max_tokens": 200,

@@ -15,7 +15,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from worker_vllm.demo_model import DEMO_MODEL_ID
+from worker_vllm.model.demo import DEMO_MODEL_ID
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +137,7 @@ async def test_messages_parse_with_the_anthropic_client(worker):
 
 
 async def test_raw_openai_output_off_yields_parsed_chunks(worker):
-    from worker_vllm.worker import Worker
+    from worker_vllm.jobs.dispatch import Worker
 
     settings = worker.settings.model_copy(update={"raw_openai_output": False})
     parsed_worker = Worker(worker.runner, settings, worker.app)

@@ -51,16 +51,17 @@ def test_cuda_versions_match_the_variant_table():
 
 @pytest.mark.parametrize("name", sorted(set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", DEPLOY))))
 def test_every_setting_the_guide_names_exists(name):
-    from worker_vllm.config import known_env_names
-    from worker_vllm.settings import FOREIGN_ENV
+    from settings_catalog import FOREIGN_ENV
+
+    from worker_vllm.config.serve_env import known_env_names
 
     build_args = set(re.findall(r"^ARG (\w+)", DOCKERFILE, re.M))
     assert name in known_env_names() | set(FOREIGN_ENV) | build_args, name
 
 
 def test_paths_and_defaults_match_the_code():
-    from worker_vllm.model_loader import hf_cache_dir
-    from worker_vllm.settings import WorkerSettings
+    from worker_vllm.config.settings import WorkerSettings
+    from worker_vllm.model.loader import hf_cache_dir
 
     base = WorkerSettings.model_fields["base_path"].default
     assert f"mounted at `{base}`" in DEPLOY
@@ -70,7 +71,7 @@ def test_paths_and_defaults_match_the_code():
 
 
 def test_the_gpu_memory_default_the_guide_quotes_is_vllms():
-    from worker_vllm.settings_catalog import engine_settings
+    from settings_catalog import engine_settings
 
     (setting,) = [s for s in engine_settings(with_help=False)
                   if s.env == "GPU_MEMORY_UTILIZATION"]

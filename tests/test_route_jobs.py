@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import collect
 
-from worker_vllm.demo_model import DEMO_MODEL_ID
+from worker_vllm.model.demo import DEMO_MODEL_ID
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker_vllm.stream_batching import BatchPolicy, batched
+from worker_vllm.jobs.batching import BatchPolicy, batched
 
 
 async def timed_source(gaps: list[float]):

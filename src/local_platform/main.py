@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from worker_vllm import demo_model
+from worker_vllm.model import demo as demo_model
 
 from .app import create_app
 from .state import Endpoint

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, WorkerError, error_result
+from worker_vllm.errors import InvalidInput, WorkerError, error_result
 
 
 def read_test_job(argv: list[str]) -> dict[str, Any]:

@@ -7,11 +7,15 @@ fails when any other module imports vLLM). The rest of the worker uses this inte
 from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from .app import VLLMApp
-from .log_phases import EngineLogPhases
-from .runner import EngineRunner, cache_key
-from .sampling import SamplingParamsError, make_sampling_params, sampling_param_names
-from .serve_args import (
+from worker_vllm.engine.app import VLLMApp
+from worker_vllm.engine.log_phases import EngineLogPhases
+from worker_vllm.engine.runner import EngineRunner, cache_key
+from worker_vllm.engine.sampling import (
+    SamplingParamsError,
+    make_sampling_params,
+    sampling_param_names,
+)
+from worker_vllm.engine.serve_args import (
     Flag,
     ServeArgsError,
     chat_template_text,

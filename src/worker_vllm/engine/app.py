@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from .runner import EngineRunner
+from worker_vllm.engine.runner import EngineRunner
 
 # Inference routes of `vllm serve` that jobs may call (those the model's tasks registered).
 INFERENCE_ROUTES: dict[str, frozenset[str]] = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from .intake import IntakeGate, install
-from .job_state import use_private_job_state
+from worker_vllm.sdk.intake import IntakeGate, install
+from worker_vllm.sdk.job_state import use_private_job_state
 
 
 def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,

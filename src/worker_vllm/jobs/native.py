@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import EngineRunner, VLLMClientError, make_sampling_params
-from .errors import InvalidInput
-from .job_input import NativeInput
-from .job_limits import check_counts
-from .settings import WorkerSettings
-from .stream_batching import BatchPolicy, batched
+from worker_vllm.config.settings import WorkerSettings
+from worker_vllm.engine import EngineRunner, VLLMClientError, make_sampling_params
+from worker_vllm.errors import InvalidInput
+from worker_vllm.jobs.batching import BatchPolicy, batched
+from worker_vllm.jobs.limits import check_counts
+from worker_vllm.jobs.shapes import NativeInput
 
 log = logging.getLogger(__name__)
 

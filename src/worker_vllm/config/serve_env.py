@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from .engine.serve_args import Flag, ServeArgsError, parse_serve_args, serve_flags
-from .errors import WorkerError
-from .legacy_settings import legacy_names, translate
-from .settings import ALIASES, WorkerSettings, is_unset, parse_bool
+from worker_vllm.config.legacy import legacy_names, translate
+from worker_vllm.config.settings import ALIASES, WorkerSettings, is_unset, parse_bool
+from worker_vllm.engine.serve_args import Flag, ServeArgsError, parse_serve_args, serve_flags
+from worker_vllm.errors import WorkerError
 
 log = logging.getLogger(__name__)
 

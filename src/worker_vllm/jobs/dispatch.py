@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .engine import (
+from worker_vllm.config.settings import WorkerSettings
+from worker_vllm.engine import (
     EngineDeadError,
     EngineGenerateError,
     EngineRunner,
@@ -16,8 +17,11 @@ from .engine import (
     VLLMClientError,
     sampling_param_names,
 )
-from .errors import EngineUnavailable, InvalidInput, WorkerError, error_result
-from .job_input import (
+from worker_vllm.errors import EngineUnavailable, InvalidInput, WorkerError, error_result
+from worker_vllm.jobs.batching import BatchPolicy, batch_waits
+from worker_vllm.jobs.limits import check_openai_body, check_size
+from worker_vllm.jobs.native import build_sampling_params, field_named_in, run_native
+from worker_vllm.jobs.shapes import (
     BatchOverrides,
     JobInput,
     NativeInput,
@@ -25,13 +29,9 @@ from .job_input import (
     RouteInput,
     parse_job_input,
 )
-from .job_limits import check_openai_body, check_size
-from .job_summary import JobSummary
-from .logs import job_id_var
-from .native_route import build_sampling_params, field_named_in, run_native
-from .route_jobs import run_route
-from .settings import WorkerSettings
-from .stream_batching import BatchPolicy, batch_waits
+from worker_vllm.jobs.summary import JobSummary
+from worker_vllm.jobs.vllm_app import run_route
+from worker_vllm.logs import job_id_var
 
 log = logging.getLogger(__name__)
 

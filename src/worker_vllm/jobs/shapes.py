@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import InvalidInput
+from worker_vllm.errors import InvalidInput
 
 
 # strict: JSON values are taken as they are (0 is no boolean, "5" no number), as vLLM's own

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from .errors import WorkerError
+from worker_vllm.errors import WorkerError
 
 MAX_REASON = 1500
 

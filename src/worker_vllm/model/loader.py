@@ -17,7 +17,7 @@ from filelock import FileLock
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from .errors import WorkerError
+from worker_vllm.errors import WorkerError
 
 log = logging.getLogger(__name__)
 

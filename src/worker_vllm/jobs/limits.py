@@ -6,8 +6,8 @@ import json
 import math
 from typing import Any
 
-from .errors import InvalidInput
-from .settings import WorkerSettings
+from worker_vllm.config.settings import WorkerSettings
+from worker_vllm.errors import InvalidInput
 
 
 def _not_json(value: Any, path: str) -> str | None:

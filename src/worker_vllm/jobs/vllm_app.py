@@ -13,10 +13,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .engine import VLLMApp
-from .errors import ErrorObject, WorkerError
-from .job_input import OpenAIInput, RouteInput
-from .stream_batching import BatchPolicy, batched
+from worker_vllm.engine import VLLMApp
+from worker_vllm.errors import ErrorObject, WorkerError
+from worker_vllm.jobs.batching import BatchPolicy, batched
+from worker_vllm.jobs.shapes import OpenAIInput, RouteInput
 
 
 class RouteError(WorkerError):

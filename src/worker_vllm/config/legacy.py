@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import WorkerError
-from .settings import is_unset, parse_bool
+from worker_vllm.config.settings import is_unset, parse_bool
+from worker_vllm.errors import WorkerError
 
 
 class LegacyConfigError(WorkerError):

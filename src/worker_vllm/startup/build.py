@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from . import demo_model, model_loader
-from .config import (
+from worker_vllm.config.serve_env import (
     ConfigError,
     ServeConfig,
     describe,
@@ -20,7 +19,8 @@ from .config import (
     resolve,
     server_only_warnings,
 )
-from .engine import (
+from worker_vllm.config.settings import WorkerSettings, is_unset, load_worker_settings
+from worker_vllm.engine import (
     EngineLogPhases,
     EngineRunner,
     VLLMApp,
@@ -29,12 +29,13 @@ from .engine import (
     engine_args_from,
     make_sampling_params,
 )
-from .errors import WorkerError
-from .process_tree import exit_now
-from .settings import WorkerSettings, is_unset, load_worker_settings
-from .startup_errors import StartupError, explain
-from .startup_phases import StartupPhases
-from .worker import Worker
+from worker_vllm.errors import WorkerError
+from worker_vllm.jobs.dispatch import Worker
+from worker_vllm.model import demo as demo_model
+from worker_vllm.model import loader as model_loader
+from worker_vllm.process_tree import exit_now
+from worker_vllm.startup.errors import StartupError, explain
+from worker_vllm.startup.phases import StartupPhases
 
 log = logging.getLogger(__name__)
 

@@ -4,19 +4,18 @@ Every setting is a field here (env name = field name upper-cased) with its type,
 description and group. The parser, the configuration docs, ``worker-config.json`` and
 ``.runpod/hub.json`` are all derived from this module. vLLM's settings are not repeated here:
 every `vllm serve` flag is settable by its upper-cased name and parsed by vLLM's own parser
-(see ``config``); ``ENGINE_SETTINGS`` only adds presentation metadata for the ones the deploy
-forms show first.
+(see ``serve_env``); the deploy generator's catalog (``scripts/settings_catalog.py``) only
+adds presentation metadata for the ones the deploy forms show first.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from .errors import WorkerError
+from worker_vllm.errors import WorkerError
 
 # Where build-time model baking writes its args: outside /runpod-volume, so an attached
 # network volume cannot shadow a baked model.
@@ -179,35 +178,6 @@ def load_worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
         ) from None
 
 
-# Env vars of other software that the worker reads or sets; not settings of its own.
-FOREIGN_ENV: dict[str, str] = {
-    "RUNPOD_WEBHOOK_GET_JOB": "set by the platform; its presence means production",
-    "RUNPOD_POD_ID": "the platform's worker id",
-    "RUNPOD_LOG_LEVEL": "the runpod SDK's log level; the worker's too (default INFO)",
-    "HF_HUB_OFFLINE": "huggingface_hub's offline switch: use the cache, fetch nothing",
-    "XDG_CACHE_HOME": "base of the demo model's cache",
-    "VLLM_CACHE_ROOT": "vLLM's cache directory (compile caches); set under BASE_PATH",
-    "VLLM_LOGGING_STREAM": "vLLM's log stream; the worker sends it to stderr",
-    "HF_XET_HIGH_PERFORMANCE": "huggingface_hub's high-throughput transfer; on by default",
-}
-
-# Local development only (not shown in the deploy forms).
-DEV_ENV: dict[str, str] = {
-    "WORKER_VLLM_CACHE": "Directory where the demo model is built and cached "
-                         "(default: ~/.cache/worker-vllm).",
-}
-
-
-@dataclass(frozen=True)
-class EngineSetting:
-    """Presentation metadata for an engine arg shown in the deploy forms and docs."""
-
-    group: str
-    description: str
-    advanced: bool = False
-    options: tuple[str, ...] = ()
-
-
 # worker-vllm's names for `vllm serve` flags: alias -> the flag's env name.
 ALIASES: dict[str, str] = {
     "MODEL_NAME": "MODEL",
@@ -216,71 +186,4 @@ ALIASES: dict[str, str] = {
     "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "SERVED_MODEL_NAME",
     "CUSTOM_CHAT_TEMPLATE": "CHAT_TEMPLATE",
     "OPENAI_RESPONSE_ROLE": "RESPONSE_ROLE",
-}
-
-ENGINE_SETTINGS: dict[str, EngineSetting] = {
-    "MODEL_NAME": EngineSetting(
-        "Model", "Hugging Face model id or local directory of the model to serve."
-    ),
-    "MODEL_REVISION": EngineSetting("Model", "Model branch, tag or commit.", advanced=True),
-    "TOKENIZER_NAME": EngineSetting(
-        "Model", "Tokenizer id or directory, when it differs from the model.", advanced=True
-    ),
-    "TOKENIZER_REVISION": EngineSetting("Model", "Tokenizer revision.", advanced=True),
-    "MAX_MODEL_LEN": EngineSetting("Model", "Context length (prompt + output tokens)."),
-    "DTYPE": EngineSetting(
-        "Model", "Weights and activations dtype.",
-        options=("auto", "half", "float16", "bfloat16", "float", "float32"), advanced=True,
-    ),
-    "QUANTIZATION": EngineSetting(
-        "Model", "Quantization method of the weights (awq, gptq, fp8, ...).", advanced=True
-    ),
-    "TRUST_REMOTE_CODE": EngineSetting(
-        "Model", "Allow the model repository's own Python code.", advanced=True
-    ),
-    "TENSOR_PARALLEL_SIZE": EngineSetting(
-        "Parallelism", "GPUs to split the model over; default: all visible GPUs."
-    ),
-    "PIPELINE_PARALLEL_SIZE": EngineSetting(
-        "Parallelism", "Pipeline stages (multi-node with Ray).", advanced=True
-    ),
-    "GPU_MEMORY_UTILIZATION": EngineSetting(
-        "Memory", "Fraction of GPU memory vLLM may use (weights + KV cache).", advanced=True
-    ),
-    "MAX_NUM_SEQS": EngineSetting("Memory", "Most sequences in one engine step.", advanced=True),
-    "ENABLE_PREFIX_CACHING": EngineSetting(
-        "Memory", "Reuse the KV cache of shared prompt prefixes.", advanced=True
-    ),
-    "REASONING_PARSER": EngineSetting(
-        "OpenAI", "vLLM reasoning parser (deepseek_r1, qwen3, ...): separates reasoning from "
-        "the answer.", advanced=True,
-    ),
-    "ENABLE_LORA": EngineSetting("OpenAI", "Enable LoRA adapters (on when LORA_MODULES is set).",
-                                 advanced=True),
-    "MAX_LORA_RANK": EngineSetting("OpenAI", "Largest LoRA rank served.", advanced=True),
-    "ENFORCE_EAGER": EngineSetting(
-        "Memory", "Skip CUDA graphs / compilation (faster start, slower steps).", advanced=True
-    ),
-    "OPENAI_SERVED_MODEL_NAME_OVERRIDE": EngineSetting(
-        "OpenAI", "Model name clients use (in `model` and /v1/models) instead of MODEL_NAME "
-        "(SERVED_MODEL_NAME takes several names)."
-    ),
-    "OPENAI_RESPONSE_ROLE": EngineSetting("OpenAI", "Role of the generated chat message.",
-                                          advanced=True),
-    "CUSTOM_CHAT_TEMPLATE": EngineSetting(
-        "OpenAI", "Jinja chat template (inline, or a file path) replacing the model's, for "
-        "both routes.", advanced=True,
-    ),
-    "ENABLE_AUTO_TOOL_CHOICE": EngineSetting(
-        "OpenAI", "Let the model decide to call tools (needs TOOL_CALL_PARSER)."
-    ),
-    "TOOL_CALL_PARSER": EngineSetting(
-        "OpenAI", "vLLM tool-call parser for the model family (hermes, llama3_json, mistral, "
-        "...)."
-    ),
-    "LORA_MODULES": EngineSetting(
-        "OpenAI", 'LoRA adapters served by name: a JSON list (or one object) of {"name", '
-        '"path", "base_model_name"}, or name=path pairs; select one with `model`.',
-        advanced=True,
-    ),
 }
