@@ -65,7 +65,7 @@ async def run_engine(worker: Any, params: Any, ids: list[int], rid: str) -> tupl
         return await timed(worker.runner.engine.generate({"prompt_token_ids": ids}, params,
                                                          rid))
 
-    return await worker.runner.call(consume)
+    return await worker.runner.loop.call(consume)
 
 
 async def run_bridge(worker: Any, params: Any, ids: list[int], rid: str) -> tuple[float, int]:
@@ -92,8 +92,8 @@ async def run_openai_direct(worker: Any, body: dict, rid: str) -> tuple[float, i
     async def call() -> Any:
         return await serving.create_chat_completion(request, raw)
 
-    generator = await worker.runner.call(call)
-    return await timed(worker.runner.stream(lambda: generator))
+    generator = await worker.runner.loop.call(call)
+    return await timed(worker.runner.loop.stream(lambda: generator))
 
 
 def openai_runner(direct: bool):
@@ -115,8 +115,9 @@ def job_runner(stream: bool):
 
 
 async def measure(name: str, worker: Any, args: argparse.Namespace, jobs: int) -> dict:
-    from worker_vllm.jobs.native import build_sampling_params, tokenize_prompt
+    from worker_vllm.jobs.native import tokenize_prompt
     from worker_vllm.jobs.shapes import NativeInput
+    from worker_vllm.jobs.validate import build_sampling_params
 
     sampling = {"max_tokens": args.tokens, "ignore_eos": True, "temperature": 1.0, "seed": 1}
     job_input = {"prompt": "def benchmark():", "sampling_params": sampling}
@@ -154,8 +155,8 @@ async def raw_engine_row(worker: Any, load: Any) -> dict:
     import psutil
     from bench_full_path import pct, tree_cpu
 
-    from worker_vllm.jobs.native import build_sampling_params
     from worker_vllm.jobs.shapes import NativeInput
+    from worker_vllm.jobs.validate import build_sampling_params
 
     semaphore = asyncio.Semaphore(load.concurrency)
     tokenizer = worker.runner.get_tokenizer()
@@ -280,12 +281,14 @@ def main() -> None:
     from worker_vllm.logs import setup_logging
 
     setup_logging()
-    from worker_vllm.startup.build import build_worker
+    from worker_vllm.jobs.dispatch import JobHandler
+    from worker_vllm.startup.build import build_core
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
     env.pop("MODEL_NAME", None)
     env["BAKED_ARGS_FILE"] = str(Path(run_dir) / "none.json")
-    worker = build_worker(env)
+    core = build_core(env)
+    worker = JobHandler(core.runner, core.settings, core.app, core.chat_template)
 
     async def all_rows() -> list[dict]:
         rows = []
@@ -306,7 +309,7 @@ def main() -> None:
         # One job at a time: its generation time is the floor of take->done at c1.
         raw.append(asyncio.run(raw_engine_row(worker, Load(2 if args.smoke else 8,
                                                            args.tokens, 1))))
-    worker.close()
+    core.close()
     print(f"\n{args.tokens} output tokens per job, median of {args.repeat} runs "
           f"(demo model, CPU build)\n")
     print(f"{'path':<13} {'jobs':>4} {'wall s':>8} {'tok/s':>8} {'vs engine':>9} "

@@ -47,15 +47,14 @@ def lora_dir(demo_model_dir: Path) -> Path:
 def worker(demo_model_dir: Path, lora_dir: Path) -> Iterator[Any]:
     import json
 
-    from worker_vllm.startup.build import build_worker
+    from helpers import job_handler
 
     env = worker_env(BAKED_ARGS_FILE=str(_RUN_DIR / "no-baked-args.json"),
                      LORA_MODULES=json.dumps([{"name": LORA_NAME, "path": str(lora_dir)}]),
                      TOOL_CALL_PARSER="pythonic", ENABLE_AUTO_TOOL_CHOICE="true")
     env.pop("MODEL_NAME", None)
-    w = build_worker(env)
-    yield w
-    w.close()
+    with job_handler(env) as w:
+        yield w
 
 
 async def collect(worker: Any, job_input: dict[str, Any], job_id: str = "test-job") -> list[Any]:

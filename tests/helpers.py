@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -66,3 +67,16 @@ def run_handler_online(env: dict[str, str], *args: str
         proc = subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
                               env=env, capture_output=True, text=True, timeout=600)
     return proc, connections
+
+
+@contextlib.contextmanager
+def job_handler(env: dict[str, str]) -> Iterator[Any]:
+    """The core built from `env` and the queue front-end's job handler on it."""
+    from worker_vllm.jobs.dispatch import JobHandler
+    from worker_vllm.startup.build import build_core
+
+    core = build_core(env)
+    try:
+        yield JobHandler(core.runner, core.settings, core.app, core.chat_template)
+    finally:
+        core.close()

@@ -11,7 +11,6 @@ from conftest import ROOT
 
 from worker_vllm.config.legacy import MAPPED, REMOVED, legacy_names
 from worker_vllm.config.serve_env import (
-    ConfigError,
     env_flags,
     known_env_names,
     near_miss_warnings,
@@ -20,7 +19,7 @@ from worker_vllm.config.serve_env import (
     server_only_warnings,
 )
 from worker_vllm.config.settings import ALIASES, WorkerSettings, load_worker_settings
-from worker_vllm.errors import WorkerError
+from worker_vllm.errors import ConfigError, WorkerError
 from worker_vllm.startup import build as startup
 
 # Facts about worker-vllm's settings (its Hub listing and console template), kept as test data.

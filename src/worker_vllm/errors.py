@@ -48,6 +48,12 @@ class InvalidInput(WorkerError):
     code = 400
 
 
+class ConfigError(WorkerError):
+    """A setting the worker cannot use; the message names it."""
+
+    type = "configuration_error"
+
+
 class EngineUnavailable(WorkerError):
     type = "engine_unavailable"
     code = 503

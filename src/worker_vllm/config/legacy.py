@@ -13,11 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker_vllm.config.settings import is_unset, parse_bool
-from worker_vllm.errors import WorkerError
-
-
-class LegacyConfigError(WorkerError):
-    type = "configuration_error"
+from worker_vllm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class Translation:
 def _truthy(name: str, raw: str) -> bool:
     value = parse_bool(raw)
     if value is None:
-        raise LegacyConfigError(f"Invalid value {raw!r} for {name}: expected true or false")
+        raise ConfigError(f"Invalid value {raw!r} for {name}: expected true or false")
     return value
 
 
@@ -115,7 +111,7 @@ def _speculative(env: Mapping[str, str]) -> dict[str, Any]:
         try:
             config[key] = kind(raw.strip())
         except ValueError:
-            raise LegacyConfigError(f"Invalid value {raw!r} for {name}: expected "
+            raise ConfigError(f"Invalid value {raw!r} for {name}: expected "
                                     f"{kind.__name__}") from None
     if config.get("model") == "[ngram]":  # worker-vllm's way of asking for n-gram lookup
         config.pop("model")
@@ -132,7 +128,7 @@ def translate(env: Mapping[str, str]) -> Translation:
         try:
             explicit = json.loads(current) if not is_unset(current) else {}
         except ValueError as exc:
-            raise LegacyConfigError(f"Invalid SPECULATIVE_CONFIG {current!r}: {exc}") from None
+            raise ConfigError(f"Invalid SPECULATIVE_CONFIG {current!r}: {exc}") from None
         out.env["SPECULATIVE_CONFIG"] = json.dumps({**spec, **explicit})
     overrides: dict[str, Any] = {}
     try:
@@ -145,7 +141,7 @@ def translate(env: Mapping[str, str]) -> Translation:
             out.env["HF_OVERRIDES"] = json.dumps(
                 {**overrides, **(json.loads(current) if not is_unset(current) else {})})
     except ValueError as exc:
-        raise LegacyConfigError(f"Invalid ROPE_SCALING, ROPE_THETA or HF_OVERRIDES: {exc}"
+        raise ConfigError(f"Invalid ROPE_SCALING, ROPE_THETA or HF_OVERRIDES: {exc}"
                                 ) from None
     if not is_unset(raw := env.get("DISABLE_LOG_REQUESTS")) and is_unset(
             env.get("ENABLE_LOG_REQUESTS")):

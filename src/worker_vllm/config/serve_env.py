@@ -27,7 +27,7 @@ import yaml
 from worker_vllm.config.legacy import legacy_names, translate
 from worker_vllm.config.settings import ALIASES, WorkerSettings, is_unset, parse_bool
 from worker_vllm.engine.serve_args import Flag, ServeArgsError, parse_serve_args, serve_flags
-from worker_vllm.errors import WorkerError
+from worker_vllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ _SECRET_NAME = re.compile(r"(^|_)(token|key|secret|password)$", re.IGNORECASE)
 # Flags the worker owns under its own setting: HF_TOKEN is for the worker's download and must
 # never reach vLLM's logged config.
 _WORKER_OWNED = {"HF_TOKEN"}
-
-
-class ConfigError(WorkerError):
-    type = "configuration_error"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from worker_vllm.errors import WorkerError
+from worker_vllm.errors import ConfigError
 
 # Where build-time model baking writes its args: outside /runpod-volume, so an attached
 # network volume cannot shadow a baked model.
@@ -172,10 +172,8 @@ def load_worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]).upper()
-        raise WorkerError(
-            f"Invalid value {values.get(name.lower())!r} for {name}: {first['msg']}",
-            type="configuration_error",
-        ) from None
+        raise ConfigError(
+            f"Invalid value {values.get(name.lower())!r} for {name}: {first['msg']}") from None
 
 
 # worker-vllm's names for `vllm serve` flags: alias -> the flag's env name.

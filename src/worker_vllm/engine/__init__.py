@@ -9,6 +9,7 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from worker_vllm.engine.app import VLLMApp
 from worker_vllm.engine.log_phases import EngineLogPhases
+from worker_vllm.engine.outputs import Completion, Step
 from worker_vllm.engine.runner import EngineRunner, cache_key
 from worker_vllm.engine.sampling import (
     SamplingParamsError,
@@ -25,6 +26,8 @@ from worker_vllm.engine.serve_args import (
 )
 
 __all__ = [
+    "Completion",
+    "Step",
     "EngineDeadError",
     "EngineGenerateError",
     "EngineLogPhases",

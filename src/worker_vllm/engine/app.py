@@ -92,7 +92,7 @@ class VLLMApp:
             await init_app_state(runner.engine, app.state, args, supported_tasks=tasks)
             return app
 
-        return cls(runner, runner._submit(build()).result(),
+        return cls(runner, runner.loop.submit(build()).result(),
                    bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING))
 
     def allowed(self, method: str, path: str) -> bool:
@@ -150,7 +150,7 @@ class VLLMApp:
                       request_id: str) -> AppResponse:
         """Call the app; returns once the response has started. Closing its body (or
         cancelling the caller) disconnects, which makes vLLM abort the request."""
-        events = self.runner.stream(lambda: _asgi_call(self.app, method, path, body,
+        events = self.runner.loop.stream(lambda: _asgi_call(self.app, method, path, body,
                                                        request_id))
         kind, status, content_type = await anext(events)
         assert kind == "start"
@@ -191,19 +191,9 @@ async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
             if not message.get("more_body", False):
                 queue.put_nowait(None)
 
-    headers = [(b"x-request-id", request_id.encode())]
-    if body is not None:
-        headers += [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": headers, "client": ("worker", 0), "server": ("worker", 0),
-             "state": {}}
-
     async def run() -> None:
         try:
-            await app(scope, receive, send)
+            await app(_scope(method, path, body, request_id), receive, send)
         finally:
             queue.put_nowait(None)
 
@@ -217,3 +207,16 @@ async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _scope(method: str, path: str, body: bytes | None, request_id: str) -> dict[str, Any]:
+    """The ASGI scope of one in-process request."""
+    headers = [(b"x-request-id", request_id.encode())]
+    if body is not None:
+        headers += [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())]
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+            "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": headers, "client": ("worker", 0), "server": ("worker", 0),
+            "state": {}}

@@ -1,4 +1,4 @@
-"""The job handler: one validated request in, a stream of results or ONE error shape out."""
+"""The job handler: one validated job in, a stream of results or ONE error shape out."""
 
 from __future__ import annotations
 
@@ -19,17 +19,10 @@ from worker_vllm.engine import (
 )
 from worker_vllm.errors import EngineUnavailable, InvalidInput, WorkerError, error_result
 from worker_vllm.jobs.batching import BatchPolicy, batch_waits
-from worker_vllm.jobs.limits import check_openai_body, check_size
-from worker_vllm.jobs.native import build_sampling_params, field_named_in, run_native
-from worker_vllm.jobs.shapes import (
-    BatchOverrides,
-    JobInput,
-    NativeInput,
-    OpenAIInput,
-    RouteInput,
-    parse_job_input,
-)
+from worker_vllm.jobs.native import run_native
+from worker_vllm.jobs.shapes import BatchOverrides, NativeInput, OpenAIInput
 from worker_vllm.jobs.summary import JobSummary
+from worker_vllm.jobs.validate import ValidJob, invalid_sampling, validate_job
 from worker_vllm.jobs.vllm_app import run_route
 from worker_vllm.logs import job_id_var
 
@@ -43,13 +36,6 @@ def batch_policy(settings: WorkerSettings, overrides: BatchOverrides) -> BatchPo
         growth=overrides.batch_size_growth_factor or settings.default_batch_size_growth_factor,
         flush_interval=settings.stream_flush_interval_ms / 1000,
     )
-
-
-def prevalidate(raw_input: Any) -> None:
-    """Checks that need no engine (used to fail fast before the engine starts)."""
-    inp = parse_job_input(raw_input)
-    if isinstance(inp, NativeInput):
-        build_sampling_params(inp)
 
 
 ENGINE_GONE = "The engine has stopped; this worker is being replaced"
@@ -66,10 +52,7 @@ def as_worker_error(exc: BaseException) -> BaseException:
     if isinstance(exc, (VLLMClientError, ValueError)):
         # vLLM checks a request against the model (vocabulary, logprob limits, schemas) as it
         # is added and raises ValueError subclasses with messages meant for the client.
-        message = str(exc)
-        param = getattr(exc, "parameter", None) or field_named_in(message,
-                                                                  sampling_param_names())
-        return InvalidInput(message, param=f"sampling_params.{param}" if param else None)
+        return invalid_sampling(exc, sampling_param_names(), fallback=None)
     return exc
 
 
@@ -79,26 +62,18 @@ def _close_if_abandoned(results: Any) -> None:
         asyncio.get_running_loop().create_task(results.aclose())
 
 
-class Worker:
-    """Routes jobs to the engine. One instance per process, built before the job loop."""
+class JobHandler:
+    """Validates jobs and routes them to the engine or vLLM's app. One per process."""
 
     def __init__(self, runner: EngineRunner, settings: WorkerSettings,
-                 app: VLLMApp | None = None, chat_template: str | None = None,
-                 concurrency: int = 1) -> None:
+                 app: VLLMApp | None = None, chat_template: str | None = None) -> None:
         self.runner = runner
         self.settings = settings
         self.app = app
-        # Jobs the job loop may run at once (MAX_CONCURRENCY, or the engine's capacity).
-        self.concurrency = concurrency
         # Told once a job finds the engine dead (production: closes the job intake).
         self.on_engine_dead: Callable[[str], None] | None = None
         # The --chat-template text (read once from a file if it named one).
         self.chat_template = chat_template
-
-    def close(self) -> None:
-        """Shut the engine down (vLLM's app holds the engine too: drop it first)."""
-        self.app = None
-        self.runner.shutdown()
 
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[Any]:
         """The job's results. Stopping it, however it happens, aborts the engine request.
@@ -130,18 +105,8 @@ class Worker:
         finally:
             summary.log(outcome)
 
-    def _request(self, raw_input: Any) -> JobInput:
-        """The validated request, within this worker's limits (nothing reaches the engine)."""
-        check_size(self.settings, raw_input)
-        inp = parse_job_input(raw_input)
-        if isinstance(inp, OpenAIInput):
-            check_openai_body(self.settings, inp.openai_input)
-        elif isinstance(inp, RouteInput) and isinstance(inp.body, dict):
-            # Route jobs reach the same generating routes: the same limits bound them.
-            check_openai_body(self.settings, inp.body, prefix="body.")
-        return inp
-
-    def _route(self, inp: JobInput, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
+    def _route(self, job: ValidJob, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
+        inp = job.input
         policy = batch_policy(self.settings, inp)
         if not isinstance(inp, NativeInput):
             if self.app is None:
@@ -155,13 +120,13 @@ class Worker:
             lora = self.app.lora_request(inp.model) if self.app else None
         except LookupError as exc:
             raise InvalidInput(str(exc.args[0]), param="model", code=404) from None
-        return run_native(self.runner, inp, job_id, policy, lora, self.chat_template,
-                          self.settings)
+        return run_native(self.runner, inp, job.sampling, job_id, policy, lora,
+                          self.chat_template)
 
     async def _results(self, job_id: str, raw_input: Any, summary: JobSummary
                        ) -> AsyncIterator[Any]:
         try:
-            items = self._route(self._request(raw_input), job_id, summary)
+            items = self._route(validate_job(raw_input, self.settings), job_id, summary)
             # aclosing: closing this generator closes the route's, which aborts the request.
             async with contextlib.aclosing(items):
                 async for item in items:

@@ -7,134 +7,57 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from worker_vllm.config.settings import WorkerSettings
-from worker_vllm.engine import EngineRunner, VLLMClientError, make_sampling_params
+from worker_vllm.engine import EngineRunner, Step
 from worker_vllm.errors import InvalidInput
 from worker_vllm.jobs.batching import BatchPolicy, batched
-from worker_vllm.jobs.limits import check_counts
 from worker_vllm.jobs.shapes import NativeInput
 
 log = logging.getLogger(__name__)
 
-# The reference worker's users rely on 100, not vLLM's 16.
-DEFAULT_MAX_TOKENS = 100
 # One thread: the tokenizer is shared, and one caller at a time keeps it safe.
 _TOKENIZER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-
-
-def _is_number(value: Any, target: float) -> bool:
-    return type(value) in (int, float) and value == target
-
-
-_BEAM_SEARCH = ("use the OpenAI route (/v1/completions or /v1/chat/completions) with "
-                '"use_beam_search": true')
-# Sampling parameters vLLM removed that RunPod's docs still list: a value that asks for
-# nothing different from their old default is accepted and dropped; any other value fails the
-# job with what to use instead.
-REMOVED_SAMPLING: dict[str, tuple[Any, str]] = {
-    "best_of": (lambda v, p: v is None or (_is_number(v, p.get("n", 1)) and v >= 1),
-                "best_of was removed from vLLM's sampling parameters: ask for `n` choices "
-                f"(with `logprobs` to rank them), or {_BEAM_SEARCH}"),
-    "use_beam_search": (lambda v, p: v is False,
-                        f"beam search is no longer a sampling parameter in vLLM: {_BEAM_SEARCH}"),
-    "length_penalty": (lambda v, p: v is None or _is_number(v, 1),
-                       f"length_penalty applies to beam search only: {_BEAM_SEARCH}"),
-    "early_stopping": (lambda v, p: v is False,
-                       f"early_stopping applies to beam search only: {_BEAM_SEARCH}"),
-}
-
-
-def without_removed_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """`params` without vLLM's removed sampling parameters; InvalidInput for one that asks
-    for what vLLM no longer does."""
-    for name, (harmless, advice) in REMOVED_SAMPLING.items():
-        if name in params and not harmless(params[name], params):
-            raise InvalidInput(f"sampling_params.{name}={params[name]!r}: {advice}",
-                               param=f"sampling_params.{name}")
-    return {k: v for k, v in params.items() if k not in REMOVED_SAMPLING}
-
-
-def build_sampling_params(inp: NativeInput) -> Any:
-    """SamplingParams for the job; an invalid field is an InvalidInput naming it."""
-    params = without_removed_fields({"max_tokens": DEFAULT_MAX_TOKENS, **inp.sampling_params})
-    try:
-        return make_sampling_params(params, stream=inp.stream)
-    except (ValueError, TypeError, VLLMClientError) as exc:
-        param = getattr(exc, "parameter", None) or field_named_in(str(exc), params)
-        raise InvalidInput(
-            f"Invalid sampling_params: {exc}",
-            param=f"sampling_params.{param}" if param else "sampling_params",
-        ) from None
-
-
-def field_named_in(message: str, names: Iterable[str]) -> str | None:
-    """The field a vLLM error speaks of (the first named), when it does not say so itself."""
-    named = sorted((n for n in names if n in message), key=message.index)
-    return named[0] if named else None
 
 
 # Serialised size of one logprob of a streamed delta (token id, text, logprob, rank).
 _LOGPROB_BYTES = 80
 
 
-def output_weight(output: Any) -> int:
-    """About how many bytes a RequestOutput adds to a stream message."""
+def output_weight(step: Step) -> int:
+    """About how many bytes a step adds to a stream message."""
     total = 0
-    for completion in output.outputs:
+    for completion in step.completions:
         total += len(json.dumps(completion.text)) + 8
-        for position in completion.logprobs or ():
-            total += _LOGPROB_BYTES * (1 + len(position))
+        for entry in completion.logprobs or ():
+            total += _LOGPROB_BYTES * (1 + (len(entry["top_logprobs"]) if entry else 0))
     return total
-
-
-def _logprob_entries(position: dict[int, Any] | None, chosen: int | None = None
-                     ) -> dict[str, Any] | None:
-    """One token position's logprobs: the chosen token and the top alternatives."""
-    if position is None:
-        return None
-    top = [{"token_id": tid, "token": lp.decoded_token, "logprob": lp.logprob, "rank": lp.rank}
-           for tid, lp in position.items()]
-    entry: dict[str, Any] = {"top_logprobs": sorted(top, key=lambda t: -t["logprob"])}
-    if chosen is not None and chosen in position:
-        lp = position[chosen]
-        entry = {"token_id": chosen, "token": lp.decoded_token, "logprob": lp.logprob,
-                 "rank": lp.rank, **entry}
-    return entry
 
 
 @dataclass
 class _Choices:
-    """Accumulates per-choice output; merges partial RequestOutputs by choice index."""
+    """Accumulates per-choice output; merges the steps of a batch by choice index."""
 
     n: int
     output_tokens: int = 0
-    finish: dict[int, str] = field(default_factory=dict)
     prompt_logprobs: list[Any] | None = None  # not yet sent
     prompt_logprobs_seen: bool = False
 
-    def take(self, outputs: list[Any]) -> list[dict[str, Any]]:
+    def take(self, steps: list[Step]) -> list[dict[str, Any]]:
         choices: list[dict[str, Any]] = [{"tokens": []} for _ in range(self.n)]
-        for request_output in outputs:
-            if request_output.prompt_logprobs is not None and not self.prompt_logprobs_seen:
+        for step in steps:
+            if step.prompt_logprobs is not None and not self.prompt_logprobs_seen:
                 self.prompt_logprobs_seen = True
-                self.prompt_logprobs = [
-                    _logprob_entries(pos, tid) for pos, tid in
-                    zip(request_output.prompt_logprobs, request_output.prompt_token_ids or [],
-                        strict=False)]
-            for out in request_output.outputs:
+                self.prompt_logprobs = step.prompt_logprobs
+            for out in step.completions:
                 choice = choices[out.index]
                 choice["tokens"].append(out.text)
                 if out.logprobs is not None:
-                    choice.setdefault("logprobs", []).extend(
-                        _logprob_entries(pos, tid)
-                        for pos, tid in zip(out.logprobs, out.token_ids, strict=False))
+                    choice.setdefault("logprobs", []).extend(out.logprobs)
                 self.output_tokens += len(out.token_ids)
                 if out.finish_reason is not None:
-                    self.finish[out.index] = out.finish_reason
                     choice["finish_reason"] = out.finish_reason
         return choices
 
@@ -206,16 +129,13 @@ def tokenize_prompt(runner: EngineRunner, inp: NativeInput, max_tokens: int | No
 async def run_native(
     runner: EngineRunner,
     inp: NativeInput,
+    params: Any,
     request_id: str,
     policy: BatchPolicy,
     lora_request: Any = None,
     chat_template: str | None = None,
-    settings: WorkerSettings | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    params = build_sampling_params(inp)
-    if settings is not None:
-        check_counts(settings, params.n, inp.sampling_params.get("max_tokens"),
-                     "sampling_params.")
+    """The job's results; `params` are its validated SamplingParams."""
     # A long prompt takes seconds to tokenise: never on the job loop, which serves every job.
     prompt_ids = await asyncio.get_running_loop().run_in_executor(
         _TOKENIZER_THREAD, tokenize_prompt, runner, inp, params.max_tokens, chat_template)

@@ -11,12 +11,14 @@ import fnmatch
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+from worker_vllm.config.settings import parse_bool
 from worker_vllm.errors import WorkerError
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def hf_cache_dir(base_path: str) -> Path:
 
 
 def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return parse_bool(os.environ.get("HF_HUB_OFFLINE", "")) is True
 
 
 def allow_patterns(repo_files: list[str], *, weights: bool = True) -> list[str]:
@@ -63,6 +65,7 @@ def resolve(
     token: str | None,
     base_path: str,
     weights: bool = True,
+    on_download: Callable[[dict[str, object]], None] | None = None,
 ) -> Path:
     """Return a local directory for `name` (local path, or hub id downloaded into the cache).
 
@@ -97,7 +100,8 @@ def resolve(
     if fetched > 0:
         log.info("Downloaded %s: %.1f MB in %.1f s (%.1f MB/s)", name, fetched / 1e6, seconds,
                  fetched / 1e6 / max(seconds, 1e-6))
-        last_download.update(name=name, bytes=fetched, seconds=round(seconds, 2))
+        if on_download is not None:
+            on_download({"name": name, "bytes": fetched, "seconds": round(seconds, 2)})
     return path
 
 
@@ -141,7 +145,6 @@ def _complete(snapshot: Path, weights: bool) -> bool:
 
 
 # The last download's figures, for the start-up summary.
-last_download: dict[str, object] = {}
 
 
 def _download(name: str, *, revision: str | None, token: str | None, cache_dir: Path,

@@ -1,4 +1,7 @@
-"""Start-up: settings -> engine args -> model -> engine -> warm-up, before any job is taken."""
+"""The core: settings -> engine args -> model -> engine and vLLM's app -> warm-up.
+
+Both front-ends (the job queue, load-balancing HTTP) start from `build_core`.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +9,19 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker_vllm.config.serve_env import (
-    ConfigError,
     ServeConfig,
     describe,
     near_miss_warnings,
     resolve,
     server_only_warnings,
 )
-from worker_vllm.config.settings import WorkerSettings, is_unset, load_worker_settings
+from worker_vllm.config.settings import WorkerSettings, load_worker_settings
 from worker_vllm.engine import (
     EngineLogPhases,
     EngineRunner,
@@ -29,46 +31,13 @@ from worker_vllm.engine import (
     engine_args_from,
     make_sampling_params,
 )
-from worker_vllm.errors import WorkerError
-from worker_vllm.jobs.dispatch import Worker
+from worker_vllm.errors import ConfigError
 from worker_vllm.model import demo as demo_model
 from worker_vllm.model import loader as model_loader
-from worker_vllm.process_tree import exit_now
-from worker_vllm.startup.errors import StartupError, explain
+from worker_vllm.startup.errors import StartupFailure
 from worker_vllm.startup.phases import StartupPhases
 
 log = logging.getLogger(__name__)
-
-
-# vLLM's engine processes report the root cause of a failed start only in their log.
-ENGINE_LOG = EngineLogPhases()
-
-
-class SettingsInUse(Exception):
-    """A start-up failure after the settings were parsed, with where each came from (so the
-    error can name the env var behind the field vLLM complains about)."""
-
-    def __init__(self, cause: BaseException, config: ServeConfig) -> None:
-        super().__init__(str(cause))
-        self.cause, self.sources = cause, dict(config.sources)
-        self.values = {dest: getattr(config.args, dest, None) for dest in config.sources}
-
-
-def startup_error(exc: BaseException) -> StartupError:
-    """The error every job reports when start-up failed: vLLM's reason and the setting."""
-    if isinstance(exc, SettingsInUse):
-        return explain(exc.cause, exc.sources, ENGINE_LOG.root_cause, exc.values)
-    return explain(exc, None, ENGINE_LOG.root_cause)
-
-
-def startup_failure_action(env: Mapping[str, str]) -> str:
-    """ON_STARTUP_ERROR; read on its own when the settings themselves are what failed."""
-    try:
-        return load_worker_settings(dict(env)).on_startup_error
-    except WorkerError:
-        pass
-    raw = env.get("ON_STARTUP_ERROR")
-    return "exit" if not is_unset(raw) and str(raw).strip().lower() == "exit" else "fail_jobs"
 
 
 def is_production(env: Mapping[str, str]) -> bool:
@@ -106,14 +75,17 @@ def _apply_defaults(config: ServeConfig, env: Mapping[str, str]) -> None:
         config.set("enable_lora", True, "LORA_MODULES")
 
 
-def _resolve_model(config: ServeConfig, settings: WorkerSettings) -> None:
-    """Turn hub ids into local paths; the served name stays the user's id."""
+def _resolve_model(config: ServeConfig, settings: WorkerSettings,
+                   note: Callable[[str, object], None] | None = None) -> None:
+    """Turn hub ids into local paths; the served name stays the user's id. `note("download",
+    figures)` is told of a download."""
     args = config.args
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     model = str(args.model)
     with _naming(config, "model", model):
         path = model_loader.resolve(model, revision=args.revision, token=token,
-                                    base_path=settings.base_path)
+                                    base_path=settings.base_path,
+                                    on_download=note and (lambda d: note("download", d)))
     if str(path) != model:
         if not args.served_model_name:
             config.set("served_model_name", [model], config.sources["model"])
@@ -138,7 +110,8 @@ def _naming(config: ServeConfig, dest: str, value: str) -> Iterator[None]:
         raise model_loader.ModelLoadError(f"{setting}={value!r}: {exc.message}") from None
 
 
-def serve_config(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfig:
+def serve_config(env: Mapping[str, str], settings: WorkerSettings,
+                 phases: StartupPhases | None = None) -> ServeConfig:
     """The parsed `vllm serve` arguments the engine and the serving layer are built from."""
     for warning in near_miss_warnings(env) + server_only_warnings(env):
         log.warning(warning)
@@ -146,7 +119,7 @@ def serve_config(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfi
     for warning in config.warnings:
         log.warning(warning)
     _apply_defaults(config, env)
-    _resolve_model(config, settings)
+    _resolve_model(config, settings, phases.details.__setitem__ if phases else None)
     log.info("vLLM settings (besides vLLM's defaults): %s", describe(config))
     log.info("Worker settings: %s", settings.model_dump(mode="json", exclude={"hf_token"}))
     return config
@@ -161,50 +134,12 @@ async def warm_up(runner: EngineRunner) -> None:
         pass
 
 
-def exit_when_engine_dies(runner: EngineRunner, settings: WorkerSettings,
-                          first: Callable[[str], None] | None = None,
-                          grace: float = 2.0) -> Callable[[str], None]:
-    """A dead engine must not leave a worker that keeps taking jobs: once the engine is known
-    dead (the watchdog's verdict, or a job that found it so) `first(reason)` runs (it closes
-    the job intake) and the process exits with code 1 within `grace` seconds, so the
-    platform replaces it. Returns the function that reports a death."""
-    lock = threading.Lock()
-    reported: list[str] = []
-
-    def on_dead(reason: str) -> None:
-        with lock:
-            if reported:
-                return
-            reported.append(reason)
-        log.error("The vLLM engine died (%s); this worker takes no more jobs and exits within "
-                  "%.0f s so the platform replaces it", reason, grace)
-        timer = threading.Timer(grace, exit_now, args=(1,))
-        timer.daemon = True
-        timer.start()
-        if first is not None:
-            first(reason)
-
-    runner.watch(on_dead, probe_every=settings.engine_probe_interval_s,
-                 probe_timeout=settings.engine_probe_timeout_s)
-    return on_dead
-
-
-def job_concurrency(settings: WorkerSettings, runner: EngineRunner) -> int:
-    """MAX_CONCURRENCY, or what the engine can run at once without preempting: the smaller of
-    its sequence limit and the sequences of a full context its KV cache holds."""
-    max_num_seqs, kv_tokens = runner.capacity()
-    if settings.max_concurrency is not None:
-        log.info("Job concurrency: %d (MAX_CONCURRENCY; the engine runs up to %d sequences, "
-                 "its KV cache holds %d tokens)", settings.max_concurrency, max_num_seqs,
-                 kv_tokens)
-        return settings.max_concurrency
-    full_contexts = kv_tokens // runner.max_model_len
-    concurrency = max(1, min(max_num_seqs, full_contexts))
-    log.info("Job concurrency: %d, from the engine's capacity (MAX_NUM_SEQS=%d; the KV cache "
-             "holds %d tokens = %d sequences of MAX_MODEL_LEN=%d); set MAX_CONCURRENCY to "
-             "override", concurrency, max_num_seqs, kv_tokens, full_contexts,
-             runner.max_model_len)
-    return concurrency
+def _use_volume_cache(settings: WorkerSettings, env: Mapping[str, str],
+                      phases: StartupPhases) -> None:
+    cache = use_volume_cache(settings, env)
+    if cache:
+        log.info("vLLM's cache: %s", cache)
+        phases.details["vllm_cache"] = cache
 
 
 def use_volume_cache(settings: WorkerSettings, env: Mapping[str, str]) -> str | None:
@@ -222,37 +157,55 @@ def use_volume_cache(settings: WorkerSettings, env: Mapping[str, str]) -> str | 
     return str(root)
 
 
-def build_worker(env: Mapping[str, str] | None = None, *,
-                 read_engine_log: bool = False) -> Worker:
-    """The worker, its engine warmed up. `read_engine_log` picks vLLM's own phase figures out
-    of this process's stderr (for a worker process, not for a test harness)."""
+@dataclass
+class Core:
+    """What both front-ends serve: the settings, the engine and vLLM's app on it."""
+
+    settings: WorkerSettings
+    runner: EngineRunner
+    app: VLLMApp
+    # The --chat-template text (read once from a file if it named one).
+    chat_template: str | None
+
+    def close(self) -> None:
+        """Shut the engine down."""
+        self.runner.shutdown()
+
+
+def build_core(env: Mapping[str, str] | None = None, *, read_engine_log: bool = False,
+               phases: StartupPhases | None = None) -> Core:
+    """The engine warmed up and vLLM's app on it; any failure is a StartupFailure.
+    `read_engine_log` picks vLLM's own phase figures (and, on failure, its reason) out of this
+    process's stderr (for a worker process, not for a test harness)."""
     env = os.environ if env is None else env
-    phases = StartupPhases()
-    engine_log = ENGINE_LOG
-    with phases.phase("settings"):
-        settings = load_worker_settings(dict(env))
-        cache = use_volume_cache(settings, env)
-        if cache:
-            log.info("vLLM's cache: %s", cache)
-            phases.details["vllm_cache"] = cache
-        config = serve_config(env, settings)
-    if model_loader.last_download:
-        phases.details["download"] = dict(model_loader.last_download)
-    if read_engine_log:
-        engine_log.start()
+    phases = phases or StartupPhases()
+    engine_log = EngineLogPhases()
+    config = None
     try:
-        with phases.phase("engine (load, profile, compile, KV cache)"):
-            runner = EngineRunner(engine_args_from(config.args))
-        # Built before the job loop, so concurrent first requests cannot race to build them;
-        # from the same parsed arguments as the engine.
-        with phases.phase("vLLM's app (OpenAI and other routes)"):
-            app = VLLMApp.create(runner, config.args)
-        chat_template = chat_template_text(config.args.chat_template)
+        with phases.phase("settings"):
+            settings = load_worker_settings(dict(env))
+            _use_volume_cache(settings, env, phases)
+            config = serve_config(env, settings, phases)
+        if read_engine_log:
+            engine_log.start()
+        core = _start_engine(config, settings, phases)
     except Exception as exc:
-        raise SettingsInUse(exc, config) from exc
+        raise StartupFailure(exc, config, engine_log.root_cause) from exc
+    time.sleep(0.2)  # let the last engine log lines pass the copy
+    phases.ready(engine_log.snapshot(), settings.startup_summary_file)
+    return core
+
+
+def _start_engine(config: ServeConfig, settings: WorkerSettings,
+                  phases: StartupPhases) -> Core:
+    with phases.phase("engine (load, profile, compile, KV cache)"):
+        runner = EngineRunner(engine_args_from(config.args))
+    # Built before any job or request, so concurrent first requests cannot race to build
+    # them; from the same parsed arguments as the engine.
+    with phases.phase("vLLM's app (OpenAI and other routes)"):
+        app = VLLMApp.create(runner, config.args)
+    core = Core(settings, runner, app, chat_template_text(config.args.chat_template))
     if settings.warmup:
         with phases.phase("warm-up request"):
             asyncio.run(warm_up(runner))
-    time.sleep(0.2)  # let the last engine log lines pass the copy
-    phases.ready(engine_log.snapshot(), settings.startup_summary_file)
-    return Worker(runner, settings, app, chat_template, job_concurrency(settings, runner))
+    return core

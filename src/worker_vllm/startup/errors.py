@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
+from worker_vllm.config.settings import is_unset, load_worker_settings
 from worker_vllm.errors import WorkerError
 
 MAX_REASON = 1500
@@ -97,3 +99,31 @@ def explain(exc: BaseException, sources: Mapping[str, str] | None = None,
     culprit = (f" (check {', '.join(settings)})" if settings
                else " (vLLM names no setting; the worker log lists the settings in use)")
     return StartupError(f"The worker could not start: {reason}{culprit}")
+
+
+class StartupFailure(Exception):
+    """A failed start-up with what explains it: where each setting came from (so the error
+    can name the env var behind the field vLLM complains about), and the engine core's own
+    reason from its log."""
+
+    def __init__(self, cause: BaseException, config: Any = None,
+                 engine_root_cause: str | None = None) -> None:
+        super().__init__(str(cause))
+        self.cause, self.engine_root_cause = cause, engine_root_cause
+        self.sources = dict(config.sources) if config is not None else None
+        self.values = ({dest: getattr(config.args, dest, None) for dest in config.sources}
+                       if config is not None else None)
+
+    def error(self) -> StartupError:
+        """The error every job or request reports: vLLM's reason and the setting."""
+        return explain(self.cause, self.sources, self.engine_root_cause, self.values)
+
+
+def startup_failure_action(env: Mapping[str, str]) -> str:
+    """ON_STARTUP_ERROR; read on its own when the settings themselves are what failed."""
+    try:
+        return load_worker_settings(dict(env)).on_startup_error
+    except WorkerError:
+        pass
+    raw = env.get("ON_STARTUP_ERROR")
+    return "exit" if not is_unset(raw) and str(raw).strip().lower() == "exit" else "fail_jobs"

@@ -1,0 +1,93 @@
+"""An event loop on a private thread, usable from any other loop.
+
+The runpod SDK runs each phase (fitness checks, the job loop, local test mode) under a fresh
+``asyncio.run``; vLLM's ``AsyncLLM`` binds its output-handler task to the loop of its first
+request, so an engine shared between loops would break after the warm-up. The engine lives on
+this loop; callers in any loop reach it through ``call`` / ``stream``, which cost one
+thread-safe hand-off per engine output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DONE = object()
+
+
+class LoopThread:
+    """A private event loop running on its own daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Schedule `coro` on this loop, from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Await `make()` on this loop; cancelling the caller cancels it there."""
+
+        async def run() -> T:
+            return await make()
+
+        return await asyncio.wrap_future(self.submit(run()))
+
+    async def stream(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """Iterate `make()` on this loop and relay its items to the caller's loop.
+
+        Closing or cancelling the consumer cancels the producer here (vLLM then aborts the
+        request) and waits until that has happened before returning.
+        """
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+
+        def put(item: Any, exc: BaseException | None = None) -> None:
+            caller.call_soon_threadsafe(queue.put_nowait, (item, exc))
+
+        async def pump() -> None:
+            try:
+                async for item in make():
+                    put(item)
+            except BaseException as exc:  # CancelledError too: the consumer must hear of it
+                put(_DONE, exc)
+                raise
+            put(_DONE)
+
+        future = self.submit(pump())
+        finished = False
+        try:
+            while True:
+                item, exc = await queue.get()
+                if item is _DONE:
+                    finished = True
+                    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                        raise exc
+                    return
+                yield item
+        finally:
+            if not finished:
+                future.cancel()
+                await _drain_until_done(queue)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+async def _drain_until_done(queue: asyncio.Queue, limit: float = 10.0) -> None:
+    """Wait for the producer's end marker, i.e. until vLLM has aborted the request."""
+    try:
+        async with asyncio.timeout(limit):
+            while (await queue.get())[0] is not _DONE:
+                pass
+    except TimeoutError:
+        log.warning("Engine request did not confirm its abort within %.0f s", limit)
