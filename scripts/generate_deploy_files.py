@@ -68,6 +68,7 @@ LABELS = {
     "BAKED_ARGS_FILE": "Baked-args file", "VLLM_CONFIG_FILE": "vLLM config file (YAML)",
     "VLLM_EXTRA_ARGS": "Extra vllm serve flags", "LOG_JOB_TEXT": "Log prompts and outputs",
     "ON_STARTUP_ERROR": "On a start-up error", "STARTUP_SUMMARY_FILE": "Start-up summary file",
+    "JOB_RECORDS_FILE": "Job records file",
     "WARMUP": "Warm-up request", "ENGINE_PROBE_INTERVAL_S": "Engine probe interval (s)",
     "ENGINE_PROBE_TIMEOUT_S": "Engine probe timeout (s)",
     "JOB_MAX_INPUT_BYTES": "Max job input (bytes)", "JOB_MAX_N": "Max choices (n) per job",

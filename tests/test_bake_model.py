@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import ROOT, worker_env
-from helpers import run_handler_online
+from processes import run_handler_online
 
 spec = importlib.util.spec_from_file_location("bake_model", ROOT / "builder" / "bake_model.py")
 bake_model = importlib.util.module_from_spec(spec)

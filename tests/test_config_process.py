@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import ROOT
-from test_local_run import run_handler
+from processes import run_handler
 
 pytestmark = pytest.mark.slow
 

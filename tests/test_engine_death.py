@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from test_faults import Endpoint
+from processes import Endpoint
 
 pytestmark = pytest.mark.slow
 

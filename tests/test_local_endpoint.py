@@ -3,60 +3,29 @@
 from __future__ import annotations
 
 import os
-import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, worker_env
+from processes import Endpoint
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory, demo_model_dir):
-    port = free_port()
-    log_path = Path(tmp_path_factory.mktemp("endpoint")) / "endpoint.log"
+    tmp = tmp_path_factory.mktemp("endpoint")
     # A front-end flag set in the worker process's environment (vLLM's --chat-template).
-    template = log_path.parent / "template.jinja"
+    template = tmp / "template.jinja"
     template.write_text(CHAT_TEMPLATE)
-    env = worker_env(MAX_CONCURRENCY="4", CHAT_TEMPLATE=str(template))
-    env.pop("MODEL_NAME", None)
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "src" / "local_endpoint.py"), "--port", str(port),
-             "--api-key", API_KEY, "--short-policies"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}/v2"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    deadline = time.time() + 300
-    while True:  # ready when the worker has called in (engine built and warmed up)
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            health = requests.get(f"{base}/local/health", headers=headers, timeout=2).json()
-            if health["workers"]["idle"] or health["workers"]["running"]:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(1)
+    ep = Endpoint(tmp, "--api-key", API_KEY, "--short-policies", MAX_CONCURRENCY="4",
+                  CHAT_TEMPLATE=str(template))
+    base = f"http://127.0.0.1:{ep.port}/v2"
     os.environ["RUNPOD_ENDPOINT_BASE_URL"] = base
-    yield {"base": base, "headers": headers, "log": log_path}
-    proc.terminate()
-    proc.wait(timeout=60)
+    yield {"base": base, "headers": ep.headers, "log": ep.log, "process": ep}
+    ep.close()
 
 
 @pytest.fixture()
@@ -71,18 +40,6 @@ def rp_endpoint(endpoint):
 SEEDED = {"temperature": 1.0, "seed": 4, "max_tokens": 16}
 CHAT_TEMPLATE = ("{{ bos_token }}CUSTOM TEMPLATE:"
                  "{% for m in messages %}{{ m['content'] }}{% endfor %}")
-# The worker's log line after a stopped job: the engine's own count of running requests.
-STOPPED = r"job stopped; engine requests still running: (\d+)"
-
-
-def wait_for_log(endpoint, pattern: str, timeout: float = 30) -> re.Match:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        match = re.search(pattern, endpoint["log"].read_text())
-        if match:
-            return match
-        time.sleep(0.5)
-    raise AssertionError(f"{pattern!r} not in the log:\n{endpoint['log'].read_text()[-3000:]}")
 
 
 def test_run_sync(rp_endpoint):
@@ -133,8 +90,9 @@ def test_cancel_ends_cancelled_and_aborts_generation(rp_endpoint, endpoint):
     time.sleep(0.5)
     assert job.cancel()["status"] == "CANCELLED"
     assert job.status() == "CANCELLED"
-    match = wait_for_log(endpoint, rf"\[job {re.escape(job.job_id)}\].*{STOPPED}")
-    assert match.group(1) == "0"
+    record = endpoint["process"].record(job.job_id)
+    assert record["outcome"] == "stopped"
+    assert record["engine_requests_running"] == 0
 
 
 def test_execution_timeout_ends_timed_out_and_aborts(endpoint):
@@ -150,8 +108,9 @@ def test_execution_timeout_ends_timed_out_and_aborts(endpoint):
         assert time.time() < deadline
         time.sleep(0.3)
     assert status["status"] == "TIMED_OUT"
-    match = wait_for_log(endpoint, rf"\[job {re.escape(r['id'])}\].*{STOPPED}")
-    assert match.group(1) == "0"
+    record = endpoint["process"].record(r["id"])
+    assert record["outcome"] == "stopped"
+    assert record["engine_requests_running"] == 0
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])

@@ -9,15 +9,9 @@ import sys
 
 import pytest
 from conftest import ROOT, worker_env
+from processes import run_handler
 
 pytestmark = pytest.mark.slow
-
-
-def run_handler(*args: str, cwd=ROOT, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "handler.py"), *args],
-        cwd=cwd, env=worker_env(**env), capture_output=True, text=True, timeout=600,
-    )
 
 
 def test_invalid_n_exits_nonzero_and_names_n():

@@ -190,7 +190,7 @@ def test_a_worker_serves_a_lowercased_cached_model_without_the_network(tmp_path,
     import json
 
     from conftest import worker_env
-    from helpers import run_handler_online
+    from processes import run_handler_online
 
     cached_model(tmp_path, "models--acme--tiny-chat-awq", demo_model_dir, refs=False)
     env = worker_env(MODEL_NAME="Acme/Tiny-Chat-AWQ", BASE_PATH=str(tmp_path),

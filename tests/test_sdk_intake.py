@@ -21,7 +21,8 @@ from worker_vllm.sdk.intake import EventIntake, IntakeGate
 from worker_vllm.sdk.job_state import use_private_job_state
 
 ROOT = Path(__file__).resolve().parents[1]
-SDK_SCALER = rp_scale.JobScaler if rp_scale.JobScaler is not EventIntake else EventIntake.__base__
+SDK_SCALER = (rp_scale.JobScaler if rp_scale.JobScaler is not EventIntake
+              else EventIntake.__bases__[-1])
 
 
 # ----- the SDK's shape ---------------------------------------------------------------------
@@ -33,7 +34,8 @@ def test_runpod_version_is_the_pinned_one():
 def test_the_sdk_builds_its_scaler_where_install_replaces_it():
     assert "rp_scale.JobScaler(config)" in inspect.getsource(sdk_worker.run_worker)
     assert "asyncio.run(self.run())" in inspect.getsource(SDK_SCALER.start)
-    assert EventIntake.__base__ is SDK_SCALER
+    assert EventIntake.__bases__[-1] is SDK_SCALER
+    assert SDK_SCALER.__module__ == "runpod.serverless.modules.rp_scale"
 
 
 @pytest.mark.parametrize("name,params", [

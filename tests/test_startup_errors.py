@@ -10,8 +10,7 @@ import time
 
 import psutil
 import pytest
-from helpers import run_handler
-from test_faults import Endpoint
+from processes import Endpoint, run_handler
 
 pytestmark = pytest.mark.slow
 

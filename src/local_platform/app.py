@@ -8,11 +8,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from .client_api import client_router
+from . import client_api, openai_api, worker_api
 from .errors import ApiError, error_response, handle_api_error, openai_error_response
-from .openai_api import openai_router
 from .state import Endpoint
-from .worker_api import worker_router
 
 
 class AuthMiddleware:
@@ -46,7 +44,8 @@ def create_app(endpoint: Endpoint, api_key: str | None, worker_key: str,
     app = FastAPI(title="worker-vllm local endpoint", lifespan=lifespan)
     app.add_middleware(AuthMiddleware, api_key=api_key, worker_key=worker_key)
     app.add_exception_handler(ApiError, handle_api_error)
-    app.include_router(client_router(endpoint))
-    app.include_router(openai_router(endpoint))
-    app.include_router(worker_router(endpoint))
+    app.state.endpoint = endpoint  # what every route serves
+    app.include_router(client_api.router)
+    app.include_router(openai_api.router)
+    app.include_router(worker_api.router)
     return app

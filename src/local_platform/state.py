@@ -110,135 +110,60 @@ class Job:
         self.notify()
 
 
-class Endpoint:
-    """Job queue and state: the part of the platform one worker sees."""
+def new_job(body: dict[str, Any], sync: bool, short_policies: bool) -> Job:
+    """The job a /run or /runsync body asks for; PolicyError for a policy the platform
+    refuses (`short_policies`: timeouts below the platform's minimums are accepted)."""
+    policy = body.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise PolicyError("policy must be an object")
+    low_priority = policy.get("lowPriority", False)
+    if not isinstance(low_priority, bool):
+        raise PolicyError("policy.lowPriority must be true or false")
+    return Job(
+        id=f"{uuid.uuid4()}-local",
+        input=body.get("input"),
+        execution_timeout=_policy_ms(policy, "executionTimeout", DEFAULT_EXECUTION_TIMEOUT_MS,
+                                     1 if short_policies else MIN_EXECUTION_TIMEOUT_MS),
+        ttl=_policy_ms(policy, "ttl", DEFAULT_TTL_MS, 1 if short_policies else MIN_TTL_MS),
+        webhook=body.get("webhook"),
+        sync=sync,
+        # One worker here: lowPriority (no scale-up for this job) changes nothing.
+        low_priority=low_priority,
+    )
 
-    def __init__(self, max_queue: int, stream_post_delay: float = 0.0, take_delay: float = 0.0,
-                 short_policies: bool = False, webhook_retry_delay: float = 10.0) -> None:
-        # Seconds each job-stream POST is held before it is answered: the platform's round
-        # trip, which the worker's SDK awaits before it takes the next yield.
-        self.stream_post_delay = stream_post_delay
-        # Seconds a job-take answer takes to reach the worker after its jobs were assigned.
-        self.take_delay = take_delay
-        # Accept policies below the platform's minimums (for tests of timeouts in ms).
-        self.short_policies = short_policies
-        self.webhook_retry_delay = webhook_retry_delay
-        self.jobs: dict[str, Job] = {}
-        self.queue: collections.deque[str] = collections.deque()
-        self.max_queue = max_queue
-        self.queued = asyncio.Event()
-        self.to_stop: set[str] = set()
-        self.stop_requested = asyncio.Event()
-        self.counts = collections.Counter[str]()
-        self.last_seen = 0.0  # last time the worker called in
 
-    # ----- client side ---------------------------------------------------------------
-    def submit(self, body: dict[str, Any], sync: bool = False) -> Job:
-        """Queue a job; PolicyError for a policy the platform refuses."""
-        policy = body.get("policy") or {}
-        if not isinstance(policy, dict):
-            raise PolicyError("policy must be an object")
-        low_priority = policy.get("lowPriority", False)
-        if not isinstance(low_priority, bool):
-            raise PolicyError("policy.lowPriority must be true or false")
-        short = self.short_policies
-        job = Job(
-            id=f"{uuid.uuid4()}-local",
-            input=body.get("input"),
-            execution_timeout=_policy_ms(policy, "executionTimeout", DEFAULT_EXECUTION_TIMEOUT_MS,
-                                         1 if short else MIN_EXECUTION_TIMEOUT_MS),
-            ttl=_policy_ms(policy, "ttl", DEFAULT_TTL_MS, 1 if short else MIN_TTL_MS),
-            webhook=body.get("webhook"),
-            sync=sync,
-            # One worker here: lowPriority (no scale-up for this job) changes nothing.
-            low_priority=low_priority,
-        )
-        self.jobs[job.id] = job
-        self.queue.append(job.id)
-        self.queued.set()
-        return job
+async def post_webhook(job: Job, retry_delay: float) -> None:
+    """POST the final status; a non-2xx answer or a failed call is retried twice."""
+    body = job.view()
+    for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                response = await client.post(job.webhook, json=body)  # type: ignore[arg-type]
+            if response.is_success:
+                return
+            problem = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            problem = str(exc) or type(exc).__name__
+        log.warning("webhook for job %s failed (attempt %d of %d): %s", job.id, attempt,
+                    WEBHOOK_ATTEMPTS, problem)
+        if attempt < WEBHOOK_ATTEMPTS:
+            await asyncio.sleep(retry_delay)
 
-    def retry(self, job: Job) -> None:
-        """/retry: a FAILED or TIMED_OUT job runs again under its id."""
-        if job.status not in ("FAILED", "TIMED_OUT"):
-            raise PolicyError(f"Only FAILED or TIMED_OUT jobs can be retried; this one is "
-                              f"{job.status}")
-        self.counts["retried"] += 1
-        self._requeue([job], front=False)
 
-    def worker_exited(self, code: int | None) -> None:
-        """The in-progress jobs of a worker that exited go back to the queue (first in line),
-        up to MAX_WORKER_RETRIES times each; then they fail."""
-        retried = []
-        for job in self.in_progress():
-            if job.attempts > MAX_WORKER_RETRIES:
-                self.finish(job, "FAILED", error=f"The worker exited with code {code} while "
-                            f"running this job ({job.attempts} times)")
-                continue
-            log.warning("Job %s goes back to the queue: its worker exited", job.id)
-            retried.append(job)
-        self.counts["retried"] += len(retried)
-        self._requeue(retried, front=True)
+class WorkerSide:
+    """The endpoint as the worker's job loop sees it: job-take (a long-poll), the stop
+    channel, timeouts. Mixed into ``Endpoint``, which holds the state."""
 
-    def _requeue(self, jobs: list[Job], *, front: bool) -> None:
-        """Jobs back in the queue, their earlier output gone: first in line (in their order)
-        or last."""
-        for job in reversed(jobs) if front else jobs:
-            job.requeue()
-            if front:
-                self.queue.appendleft(job.id)
-            else:
-                self.queue.append(job.id)
-        self.queued.set()
+    queue: collections.deque[str]
+    jobs: dict[str, Job]
+    queued: asyncio.Event
+    to_stop: set[str]
+    stop_requested: asyncio.Event
+    take_delay: float
+    last_seen: float
+    _requeue: Callable[..., None]
+    stop: Callable[..., None]
 
-    def finish(self, job: Job, status: str, *, output: Any = None, error: Any = None) -> None:
-        if job.status in FINAL:
-            return  # a late result of a cancelled or timed-out job is dropped
-        job.status, job.output, job.error = status, output, error
-        job.finished = time.monotonic()
-        self.counts[status.lower()] += 1
-        if job.id in self.queue:
-            self.queue.remove(job.id)
-        job.notify()
-        if job.webhook:
-            asyncio.get_running_loop().create_task(self._post_webhook(job))
-
-    def stop(self, job: Job, status: str, error: Any = None) -> None:
-        was_running = job.status == "IN_PROGRESS"
-        self.finish(job, status, error=error)
-        if was_running:
-            self.to_stop.add(job.id)
-            self.stop_requested.set()
-
-    async def _post_webhook(self, job: Job) -> None:
-        """POST the final status; a non-2xx answer or a failed call is retried twice."""
-        body = job.view()
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-            try:
-                async with httpx.AsyncClient(timeout=10) as client:
-                    response = await client.post(job.webhook, json=body)  # type: ignore[arg-type]
-                if response.is_success:
-                    return
-                problem = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                problem = str(exc) or type(exc).__name__
-            log.warning("webhook for job %s failed (attempt %d of %d): %s", job.id, attempt,
-                        WEBHOOK_ATTEMPTS, problem)
-            if attempt < WEBHOOK_ATTEMPTS:
-                await asyncio.sleep(self.webhook_retry_delay)
-
-    def expire(self) -> None:
-        """A job's ttl covers its whole life from submission: queued or running, it ends
-        TIMED_OUT; ended jobs go once their results are no longer kept."""
-        now = time.monotonic()
-        for job in list(self.jobs.values()):
-            if job.status not in FINAL and now - job.created > job.ttl:
-                self.stop(job, "TIMED_OUT", error="The job's ttl expired")
-            removal = job.removal_time()
-            if removal is not None and now >= removal:
-                del self.jobs[job.id]
-
-    # ----- worker side ---------------------------------------------------------------
     async def take(self, batch_size: int, worker_id: str = "local-worker",
                    gone: Callable[[], Awaitable[bool]] | None = None) -> list[Job]:
         """Up to `batch_size` queued jobs for a worker's job-take (a long-poll). `gone` says
@@ -294,3 +219,98 @@ class Endpoint:
 
     def in_progress(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.status == "IN_PROGRESS"]
+
+
+class Endpoint(WorkerSide):
+    """Job queue and state: the part of the platform one worker sees."""
+
+    def __init__(self, max_queue: int, stream_post_delay: float = 0.0, take_delay: float = 0.0,
+                 short_policies: bool = False, webhook_retry_delay: float = 10.0) -> None:
+        # Seconds each job-stream POST is held before it is answered: the platform's round
+        # trip, which the worker's SDK awaits before it takes the next yield.
+        self.stream_post_delay = stream_post_delay
+        # Seconds a job-take answer takes to reach the worker after its jobs were assigned.
+        self.take_delay = take_delay
+        # Accept policies below the platform's minimums (for tests of timeouts in ms).
+        self.short_policies = short_policies
+        self.webhook_retry_delay = webhook_retry_delay
+        self.jobs: dict[str, Job] = {}
+        self.queue: collections.deque[str] = collections.deque()
+        self.max_queue = max_queue
+        self.queued = asyncio.Event()
+        self.to_stop: set[str] = set()
+        self.stop_requested = asyncio.Event()
+        self.counts = collections.Counter[str]()
+        self.last_seen = 0.0  # last time the worker called in
+
+    # ----- client side ---------------------------------------------------------------
+    def submit(self, body: dict[str, Any], sync: bool = False) -> Job:
+        """Queue a job; PolicyError for a policy the platform refuses."""
+        job = new_job(body, sync, self.short_policies)
+        self.jobs[job.id] = job
+        self.queue.append(job.id)
+        self.queued.set()
+        return job
+
+    def retry(self, job: Job) -> None:
+        """/retry: a FAILED or TIMED_OUT job runs again under its id."""
+        if job.status not in ("FAILED", "TIMED_OUT"):
+            raise PolicyError(f"Only FAILED or TIMED_OUT jobs can be retried; this one is "
+                              f"{job.status}")
+        self.counts["retried"] += 1
+        self._requeue([job], front=False)
+
+    def worker_exited(self, code: int | None) -> None:
+        """The in-progress jobs of a worker that exited go back to the queue (first in line),
+        up to MAX_WORKER_RETRIES times each; then they fail."""
+        retried = []
+        for job in self.in_progress():
+            if job.attempts > MAX_WORKER_RETRIES:
+                self.finish(job, "FAILED", error=f"The worker exited with code {code} while "
+                            f"running this job ({job.attempts} times)")
+                continue
+            log.warning("Job %s goes back to the queue: its worker exited", job.id)
+            retried.append(job)
+        self.counts["retried"] += len(retried)
+        self._requeue(retried, front=True)
+
+    def _requeue(self, jobs: list[Job], *, front: bool) -> None:
+        """Jobs back in the queue, their earlier output gone: first in line (in their order)
+        or last."""
+        for job in reversed(jobs) if front else jobs:
+            job.requeue()
+            if front:
+                self.queue.appendleft(job.id)
+            else:
+                self.queue.append(job.id)
+        self.queued.set()
+
+    def finish(self, job: Job, status: str, *, output: Any = None, error: Any = None) -> None:
+        if job.status in FINAL:
+            return  # a late result of a cancelled or timed-out job is dropped
+        job.status, job.output, job.error = status, output, error
+        job.finished = time.monotonic()
+        self.counts[status.lower()] += 1
+        if job.id in self.queue:
+            self.queue.remove(job.id)
+        job.notify()
+        if job.webhook:
+            asyncio.get_running_loop().create_task(post_webhook(job, self.webhook_retry_delay))
+
+    def stop(self, job: Job, status: str, error: Any = None) -> None:
+        was_running = job.status == "IN_PROGRESS"
+        self.finish(job, status, error=error)
+        if was_running:
+            self.to_stop.add(job.id)
+            self.stop_requested.set()
+
+    def expire(self) -> None:
+        """A job's ttl covers its whole life from submission: queued or running, it ends
+        TIMED_OUT; ended jobs go once their results are no longer kept."""
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            if job.status not in FINAL and now - job.created > job.ttl:
+                self.stop(job, "TIMED_OUT", error="The job's ttl expired")
+            removal = job.removal_time()
+            if removal is not None and now >= removal:
+                del self.jobs[job.id]

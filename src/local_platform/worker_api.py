@@ -12,56 +12,58 @@ from fastapi.responses import JSONResponse
 from .bodies import worker_body
 from .state import Endpoint
 
+router = APIRouter(prefix="/_worker")
 
-def worker_router(endpoint: Endpoint) -> APIRouter:
-    router = APIRouter(prefix="/_worker")
+@router.get("/job-take/{worker_id}")
+async def job_take(request: Request, worker_id: str) -> Response:
+    endpoint: Endpoint = request.app.state.endpoint
+    jobs = await endpoint.take(1, worker_id, request.is_disconnected)
+    if not jobs:
+        return Response(status_code=204)
+    return JSONResponse({"id": jobs[0].id, "input": jobs[0].input})
 
-    @router.get("/job-take/{worker_id}")
-    async def job_take(request: Request, worker_id: str) -> Response:
-        jobs = await endpoint.take(1, worker_id, request.is_disconnected)
-        if not jobs:
-            return Response(status_code=204)
-        return JSONResponse({"id": jobs[0].id, "input": jobs[0].input})
+@router.get("/job-take-batch/{worker_id}")
+async def job_take_batch(request: Request, worker_id: str, batch_size: int = 1
+                         ) -> Response:
+    endpoint: Endpoint = request.app.state.endpoint
+    jobs = await endpoint.take(batch_size, worker_id, request.is_disconnected)
+    if not jobs:
+        return Response(status_code=204)
+    return JSONResponse([{"id": j.id, "input": j.input} for j in jobs])
 
-    @router.get("/job-take-batch/{worker_id}")
-    async def job_take_batch(request: Request, worker_id: str, batch_size: int = 1
-                             ) -> Response:
-        jobs = await endpoint.take(batch_size, worker_id, request.is_disconnected)
-        if not jobs:
-            return Response(status_code=204)
-        return JSONResponse([{"id": j.id, "input": j.input} for j in jobs])
+@router.get("/job-stop/{worker_id}")
+async def job_stop(request: Request, worker_id: str) -> Response:
+    endpoint: Endpoint = request.app.state.endpoint
+    ids = await endpoint.stops()
+    return JSONResponse({"jobsToStop": ids}) if ids else Response(status_code=204)
 
-    @router.get("/job-stop/{worker_id}")
-    async def job_stop(worker_id: str) -> Response:
-        ids = await endpoint.stops()
-        return JSONResponse({"jobsToStop": ids}) if ids else Response(status_code=204)
+@router.post("/job-stream/{worker_id}/{job_id}")
+async def job_stream(request: Request, job_id: str) -> Response:
+    endpoint: Endpoint = request.app.state.endpoint
+    job = endpoint.jobs.get(job_id)
+    body = await worker_body(request)
+    if job is not None and job.status == "IN_PROGRESS" and "output" in body:
+        job.chunks.append(body["output"])
+        job.chunk_times.append(time.monotonic())
+        job.notify()
+    if endpoint.stream_post_delay:
+        await asyncio.sleep(endpoint.stream_post_delay)
+    return Response(status_code=200)
 
-    @router.post("/job-stream/{worker_id}/{job_id}")
-    async def job_stream(request: Request, job_id: str) -> Response:
-        job = endpoint.jobs.get(job_id)
-        body = await worker_body(request)
-        if job is not None and job.status == "IN_PROGRESS" and "output" in body:
-            job.chunks.append(body["output"])
-            job.chunk_times.append(time.monotonic())
-            job.notify()
-        if endpoint.stream_post_delay:
-            await asyncio.sleep(endpoint.stream_post_delay)
-        return Response(status_code=200)
+@router.post("/job-done/{worker_id}/{job_id}")
+async def job_done(request: Request, job_id: str) -> Response:
+    endpoint: Endpoint = request.app.state.endpoint
+    job = endpoint.jobs.get(job_id)
+    body = await worker_body(request)
+    if job is not None:
+        if body.get("error"):
+            endpoint.finish(job, "FAILED", error=body["error"])
+        else:
+            endpoint.finish(job, "COMPLETED", output=body.get("output"))
+    return Response(status_code=200)
 
-    @router.post("/job-done/{worker_id}/{job_id}")
-    async def job_done(request: Request, job_id: str) -> Response:
-        job = endpoint.jobs.get(job_id)
-        body = await worker_body(request)
-        if job is not None:
-            if body.get("error"):
-                endpoint.finish(job, "FAILED", error=body["error"])
-            else:
-                endpoint.finish(job, "COMPLETED", output=body.get("output"))
-        return Response(status_code=200)
-
-    @router.get("/ping/{worker_id}")
-    async def ping() -> Response:
-        endpoint.last_seen = time.monotonic()
-        return Response(status_code=200)
-
-    return router
+@router.get("/ping/{worker_id}")
+async def ping(request: Request) -> Response:
+    endpoint: Endpoint = request.app.state.endpoint
+    endpoint.last_seen = time.monotonic()
+    return Response(status_code=200)

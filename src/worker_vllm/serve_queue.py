@@ -50,6 +50,7 @@ def run_local(argv: list[str], env: Mapping[str, str]) -> int:
     except (StartupFailure, WorkerError) as exc:
         failure = exc if isinstance(exc, StartupFailure) else StartupFailure(exc)
         return local_run.fail(job_id, _reported(failure))
+    job_concurrency(core.settings, core.runner)  # logged: what the deployed worker would run
     jobs = JobHandler(core.runner, core.settings, core.app, core.chat_template)
     code = local_run.run_job(jobs.handle, job)
     core.close()

@@ -108,6 +108,11 @@ class WorkerSettings(BaseModel):
         None, "Worker", "Write the start-up phase timings as JSON to this file.",
         advanced=True,
     )
+    job_records_file: str | None = _field(
+        None, "Worker", "Append one JSON line per finished job to this file: id, route, "
+        "outcome, tokens, and after a stopped job the engine's count of requests still "
+        "running (for tests and dashboards).", advanced=True,
+    )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "
         "slowed by lazy initialisation.", advanced=True,

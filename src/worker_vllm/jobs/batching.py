@@ -77,6 +77,71 @@ def _one(_item: object) -> int:
     return 1
 
 
+class _Pending(Generic[T]):
+    """The batch being filled from a queue that the source's own task feeds."""
+
+    def __init__(self, queue: asyncio.Queue, policy: BatchPolicy, clock: Callable[[], float],
+                 weigh: Callable[[T], int]) -> None:
+        self.queue, self.policy, self.clock, self.weigh = queue, policy, clock, weigh
+        self.items: list[T] = []
+        self.weight = 0
+        self.oldest = 0.0
+        self.ended: _End | None = None
+
+    def take(self, entry: tuple[T, float] | _End) -> None:
+        if isinstance(entry, _End):
+            self.ended = entry
+            return
+        item, arrived = entry
+        if not self.items:
+            self.oldest = arrived
+        self.items.append(item)
+        self.weight += self.weigh(item)
+
+    def take_queued(self, limit: int | None) -> None:
+        """Move what is already queued into the batch, without waiting: up to `limit` items
+        (None: the whole backlog), and never past one stream message."""
+        while (self.ended is None and not self.queue.empty()
+               and self.weight < self.policy.max_bytes
+               and (limit is None or len(self.items) < limit)):
+            self.take(self.queue.get_nowait())
+
+    async def wait(self) -> None:
+        """Wait for an item: as long as it takes for an empty batch, else until the oldest
+        item's flush interval is over."""
+        if not self.items:
+            self.take(await self.queue.get())
+        elif (remaining := self.oldest + self.policy.flush_interval - self.clock()) > 0:
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that races with a result, and a cancelled job must stop.
+                # A timed-out Queue.get loses no item.
+                async with asyncio.timeout(remaining):
+                    self.take(await self.queue.get())
+            except TimeoutError:
+                pass
+
+    def due(self) -> bool:
+        return bool(self.items) and self.clock() - self.oldest >= self.policy.flush_interval
+
+    def flush(self) -> Batch[T]:
+        batch = Batch(self.items, self.clock() - self.oldest)
+        self.items, self.weight = [], 0
+        return batch
+
+
+async def _feed(source: AsyncIterator[T], queue: asyncio.Queue, clock: Callable[[], float]
+                ) -> None:
+    """Move `source`'s items (with their arrival time) into `queue`, then its end."""
+    try:
+        async for item in source:
+            queue.put_nowait((item, clock()))
+    except Exception as exc:
+        queue.put_nowait(_End(exc))
+    else:
+        queue.put_nowait(_End())
+
+
 async def batched(
     source: AsyncIterator[T],
     policy: BatchPolicy,
@@ -91,71 +156,27 @@ async def batched(
     generator cancels that task and waits for it.
     """
     queue: asyncio.Queue[tuple[T, float] | _End] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for item in source:
-                queue.put_nowait((item, clock()))
-        except Exception as exc:
-            queue.put_nowait(_End(exc))
-        else:
-            queue.put_nowait(_End())
-
-    task = asyncio.ensure_future(pump())
-    size = policy.first_size
-    first = True
-    items: list[T] = []
-    weight = 0
-    oldest = 0.0
-    ended: _End | None = None
-
-    def take(entry: tuple[T, float] | _End) -> None:
-        nonlocal oldest, ended, weight
-        if isinstance(entry, _End):
-            ended = entry
-            return
-        item, arrived = entry
-        if not items:
-            oldest = arrived
-        items.append(item)
-        weight += weigh(item)
-
-    def take_queued(limit: int | None) -> None:
-        """Move what is already queued into the batch, without waiting: up to `limit` items
-        (None: the whole backlog), and never past one stream message."""
-        while (ended is None and not queue.empty() and weight < policy.max_bytes
-               and (limit is None or len(items) < limit)):
-            take(queue.get_nowait())
-
+    task = asyncio.ensure_future(_feed(source, queue, clock))
+    pending: _Pending[T] = _Pending(queue, policy, clock, weigh)
+    size, first = policy.first_size, True
     try:
         while True:
-            if not items:
-                take(await queue.get())
-            elif (remaining := oldest + policy.flush_interval - clock()) > 0:
-                try:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-                    # cancellation that races with a result, and a cancelled job must stop.
-                    # A timed-out Queue.get loses no item.
-                    async with asyncio.timeout(remaining):
-                        take(await queue.get())
-                except TimeoutError:
-                    pass
-            by_time = bool(items) and clock() - oldest >= policy.flush_interval
+            await pending.wait()
+            by_time = pending.due()
             # A flush takes what is already queued: the consumer (one platform round trip per
             # yield) may have let a backlog build up, and it leaves whole (up to one stream
             # message) instead of a batch per round trip. The first delta leaves alone, at once.
-            take_queued(1 if first else None if by_time else size)
-            if ended is not None:
-                if items:
-                    yield Batch(items, clock() - oldest)
-                if ended.error is not None:
-                    raise ended.error
+            pending.take_queued(1 if first else None if by_time else size)
+            if pending.ended is not None:
+                if pending.items:
+                    yield pending.flush()
+                if pending.ended.error is not None:
+                    raise pending.ended.error
                 return
-            if not (first or by_time or len(items) >= size):
+            if not (first or by_time or len(pending.items) >= size):
                 continue
-            yield Batch(items, clock() - oldest)
-            full = len(items) >= size
-            items, weight = [], 0
+            full = len(pending.items) >= size
+            yield pending.flush()
             if first:
                 first = False
             elif full:

@@ -104,6 +104,8 @@ class JobHandler:
                 outcome = "completed"
         finally:
             summary.log(outcome)
+            if self.settings.job_records_file:
+                summary.record(self.settings.job_records_file, job_id, outcome)
 
     def _route(self, job: ValidJob, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
         inp = job.input
@@ -134,6 +136,7 @@ class JobHandler:
         except (asyncio.CancelledError, GeneratorExit):
             # The engine request was aborted on the way out; report what the engine says.
             running = await self.runner.num_unfinished_requests()
+            summary.engine_requests_running = running
             log.info("job stopped; engine requests still running: %d", running)
             raise
         except Exception as exc:

@@ -1,7 +1,9 @@
-"""One summary line per job: route, tokens, time to first token, tokens/s, outcome."""
+"""One summary line per job: route, tokens, time to first token, tokens/s, outcome; and, when
+JOB_RECORDS_FILE is set, the same as one JSON line in that file."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ class JobSummary:
     first_output: float | None = None
     # How long the oldest delta of each streamed message waited for it (set by batching).
     batch_waits: list[float] = field(default_factory=list)
+    # The engine's own count of unfinished requests once a stopped job's request was aborted.
+    engine_requests_running: int | None = None
 
     def saw(self, item: Any) -> None:
         """Account for one yield (the native output or an OpenAI object carries usage)."""
@@ -50,6 +54,22 @@ class JobSummary:
                  "tok/s=%s yields=%d staleness_p95=%s last_wait=%s time=%.2fs", self.route,
                  outcome, _or_dash(self.prompt_tokens), _or_dash(self.output_tokens), ttft,
                  rate, self.yields, staleness, last, elapsed)
+
+
+    def record(self, path: str, job_id: str, outcome: str) -> None:
+        """Append the job's record to `path` (one JSON line; one write, so lines of
+        concurrent jobs never interleave)."""
+        line = json.dumps({
+            "id": job_id, "route": self.route, "outcome": outcome,
+            "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+            "yields": self.yields, "seconds": round(time.monotonic() - self.started, 3),
+            "engine_requests_running": self.engine_requests_running,
+        }) + "\n"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:
+            log.warning("Cannot write the job record to %s: %s", path, exc)
 
 
 def _or_dash(value: int | None) -> str:

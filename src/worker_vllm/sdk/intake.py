@@ -18,23 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from runpod.http_client import AsyncClientSession, TooManyRequests
-from runpod.serverless.modules import rp_job, rp_scale
+from runpod.serverless.modules import rp_scale
+
+from worker_vllm.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
 
 log = logging.getLogger(__name__)
 
-# Back-off after a job-take the platform refused with 429 (the SDK's own figure), and after
-# any other failed job-take (the SDK retries those at once, a busy loop while the platform is
-# unreachable).
-TOO_MANY_REQUESTS_S = 5.0
+# Back-off after a failed job-take (the SDK retries those at once, a busy loop while the
+# platform is unreachable); a 429 backs off TOO_MANY_REQUESTS_S, the SDK's own figure.
 TAKE_ERROR_S = 1.0
-# How long stop signals for jobs this worker has not seen are remembered.
-STOP_MEMORY_S = 3600.0
-# Shortest cycle of the stop channel's poll (for a channel that answers without holding).
-STOP_POLL_FLOOR_S = 0.2
 
 
 class IntakeGate:
@@ -58,7 +53,7 @@ class IntakeGate:
             self._loop.call_soon_threadsafe(self._intake.stop_taking)
 
 
-class EventIntake(rp_scale.JobScaler):
+class EventIntake(StopChannel, rp_scale.JobScaler):
     """The SDK's JobScaler with its polling replaced by waits on events (see the module doc).
 
     Its extra config keys: ``intake_gate`` (an IntakeGate) and ``drain_timeout`` (seconds to
@@ -71,7 +66,7 @@ class EventIntake(rp_scale.JobScaler):
         self.current_concurrency = int(self.concurrency_modifier(1))
         self.gate: IntakeGate = config.get("intake_gate") or IntakeGate()
         self.drain_timeout: float = float(config.get("drain_timeout", 1.0))
-        self.stopped_early: dict[str, float] = {}
+        self.stopped_early = {}  # job id -> when its stop arrived (see StopChannel)
         self._changed = asyncio.Event()  # a slot freed, or the intake closed
         self._taking: asyncio.Future[list[dict[str, Any]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,7 +116,8 @@ class EventIntake(rp_scale.JobScaler):
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            self._taking = asyncio.ensure_future(self._take(session, free))
+            self._taking = asyncio.ensure_future(
+                _take(self.jobs_fetcher, session, free, self.jobs_fetcher_timeout))
             try:
                 jobs = await self._taking
             except asyncio.CancelledError:
@@ -132,20 +128,6 @@ class EventIntake(rp_scale.JobScaler):
                 self._taking = None
             for job in jobs:
                 self._start(session, job)
-
-    async def _take(self, session: Any, count: int) -> list[dict[str, Any]]:
-        try:
-            async with asyncio.timeout(self.jobs_fetcher_timeout):
-                return list(await self.jobs_fetcher(session, count) or [])
-        except TooManyRequests:
-            await asyncio.sleep(TOO_MANY_REQUESTS_S)
-        except TimeoutError:
-            pass  # the long-poll ended without a job
-        except Exception as exc:
-            log.error("Job-take failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
-                      TAKE_ERROR_S)
-            await asyncio.sleep(TAKE_ERROR_S)
-        return []
 
     def _start(self, session: Any, job: dict[str, Any]) -> None:
         job_id = job["id"]
@@ -183,47 +165,22 @@ class EventIntake(rp_scale.JobScaler):
         timeout = None if self.gate.closed is None else self.drain_timeout
         await asyncio.wait(tasks, timeout=timeout)
 
-    # ----- stops ----------------------------------------------------------------------------
-    async def monitor_stop_signals(self, session: Any) -> None:
-        """The stop channel's long-poll, polled again at once after it held; the SDK sleeps
-        1 s after every empty answer, a window in which stops wait unseen."""
-        if self.stop_signals_fetcher is rp_job.get_stop_signals and rp_job._job_stop_url() is None:
-            log.warning("No stop channel (job-take URL not in the expected form): jobs cannot "
-                        "be cancelled")
-            return
-        loop = asyncio.get_running_loop()
-        while self.is_alive():
-            asked = loop.time()
-            try:
-                async with asyncio.timeout(self.stop_signals_fetcher_timeout):
-                    job_ids = await self.stop_signals_fetcher(session)
-            except TooManyRequests:
-                await asyncio.sleep(TOO_MANY_REQUESTS_S)
-                continue
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                log.error("Stop channel failed (%s: %s)", type(exc).__name__, exc)
-                job_ids = []
-            for job_id in job_ids:
-                await self.stop_job(job_id)
-            # A channel that answers at once is not long-polling: do not spin on it.
-            await asyncio.sleep(max(0.0, STOP_POLL_FLOOR_S - (loop.time() - asked)))
 
-    async def stop_job(self, job_id: str) -> bool:
-        """Cancel a running job; remember a stop for a job not seen yet (its take may still be
-        on its way), so that job is never started."""
-        task = self.jobs_tasks.get(job_id)
-        if task is not None:
-            log.info("Stopping job %s", job_id)
-            task.cancel()
-            return True
-        now = time.monotonic()
-        self.stopped_early[job_id] = now
-        for old, seen in list(self.stopped_early.items()):
-            if now - seen > STOP_MEMORY_S:
-                del self.stopped_early[old]
-        return False
+async def _take(fetch: Any, session: Any, count: int, timeout: float
+                ) -> list[dict[str, Any]]:
+    """One job-take for up to `count` jobs: the jobs, or none once it ended without any."""
+    try:
+        async with asyncio.timeout(timeout):
+            return list(await fetch(session, count) or [])
+    except TooManyRequests:
+        await asyncio.sleep(TOO_MANY_REQUESTS_S)
+    except TimeoutError:
+        pass  # the long-poll ended without a job
+    except Exception as exc:
+        log.error("Job-take failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
+                  TAKE_ERROR_S)
+        await asyncio.sleep(TAKE_ERROR_S)
+    return []
 
 
 def install() -> None:

@@ -1,0 +1,177 @@
+"""Processes the tests start and wait for: the local endpoint with its worker, the handler in
+local test mode, and a proxy that counts connections (test modules do not import each other).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import requests
+from conftest import ROOT, worker_env
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Endpoint:
+    """A local endpoint process with its worker, started in `cwd`."""
+
+    def __init__(self, tmp: Path, *args: str, cwd: Path | None = None, ready: bool = True,
+                 **env: str) -> None:
+        self.log = tmp / f"endpoint-{time.monotonic_ns()}.log"
+        self.port = free_port()
+        # Every finished job's record (JOB_RECORDS_FILE): what tests read of the worker.
+        self.records = tmp / f"job-records-{time.monotonic_ns()}.jsonl"
+        full_env = worker_env(**{"JOB_RECORDS_FILE": str(self.records), **env})
+        if "MODEL_NAME" not in env:
+            full_env.pop("MODEL_NAME", None)
+        with open(self.log, "w") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "src" / "local_endpoint.py"), "--port",
+                 str(self.port), *args], env=full_env, stdout=log_file,
+                stderr=subprocess.STDOUT, cwd=cwd or tmp)
+        self.base = f"http://127.0.0.1:{self.port}/v2/local"
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            with contextlib.suppress(requests.ConnectionError):
+                health = self.get("health")
+                if health["workers"]["idle"] or health["workers"]["running"]:
+                    return
+            assert time.time() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def get(self, path: str) -> dict:
+        return requests.get(f"{self.base}/{path}", headers=self.headers, timeout=30).json()
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        return requests.post(f"{self.base}/{path}", json=body, headers=self.headers,
+                             timeout=120).json()
+
+    def run(self, job_input: dict, **extra: object) -> str:
+        return self.post("run", {"input": job_input, **extra})["id"]
+
+    def wait(self, job_id: str, states: tuple[str, ...] = FINAL, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        while (status := self.get(f"status/{job_id}"))["status"] not in states:
+            assert time.time() < deadline, (status, self.log.read_text()[-3000:])
+            time.sleep(0.1)
+        return status
+
+    def worker(self, timeout: float = 60) -> psutil.Process:
+        deadline = time.time() + timeout
+        while not (children := psutil.Process(self.proc.pid).children()):
+            assert time.time() < deadline, "no worker process"
+            time.sleep(0.1)
+        (worker,) = children
+        return worker
+
+    def worker_exit_code(self, timeout: float) -> int:
+        """The worker's exit code, as the endpoint (its parent) logs it."""
+        deadline = time.time() + timeout
+        while not (m := re.search(r"The worker process exited with code (-?\d+)",
+                                  self.log.read_text())):
+            assert time.time() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.2)
+        return int(m.group(1))
+
+    def record(self, job_id: str, timeout: float = 30) -> dict:
+        """The worker's record of a finished job (its JOB_RECORDS_FILE line)."""
+        deadline = time.time() + timeout
+        while True:
+            lines = self.records.read_text().splitlines() if self.records.exists() else []
+            for line in lines:
+                record = json.loads(line)
+                if record["id"] == job_id:
+                    return record
+            assert time.time() < deadline, f"no record of job {job_id}"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
+
+
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still alive after `timeout` seconds."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return alive
+
+
+@contextlib.contextmanager
+def counting_proxy() -> Iterator[tuple[str, list[str]]]:
+    """A TCP listener on loopback that records each connection and closes it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    connections: list[str] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            connections.append(conn.recv(200).decode("latin-1").split("\r\n")[0])
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", connections
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def run_handler(*args: str, timeout: float = 600, cwd: Path = ROOT,
+                **env: str) -> subprocess.CompletedProcess:
+    """`python src/handler.py ARGS` as a worker process with `env` in its real environment
+    (local test mode: the platform's webhooks are unset), in `cwd`."""
+    full_env = worker_env(**env)
+    if "MODEL_NAME" not in env:
+        full_env.pop("MODEL_NAME", None)
+    return subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
+                          env=full_env, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY")
+
+
+def run_handler_online(env: dict[str, str], *args: str
+                       ) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python src/handler.py ARGS` with `env`, not offline, and every HTTP(S) call sent to a
+    proxy that only counts connections: (the process, the connections it made)."""
+    env = {k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"}
+    with counting_proxy() as (proxy, connections):
+        env.update(dict.fromkeys(PROXY_VARS, proxy), NO_PROXY="", no_proxy="")
+        proc = subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
+                              env=env, capture_output=True, text=True, timeout=600)
+    return proc, connections
