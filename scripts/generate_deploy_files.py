@@ -8,6 +8,7 @@ from the one settings declaration (src/worker_vllm/config/settings.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import re
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from cuda_variants import DEFAULT_VARIANT, allowed_cuda, cuda_of  # noqa: E402
 from settings_catalog import (  # noqa: E402
     DEV_ENV,
+    LB_SERVER_GROUP,
     VLLM_GROUP,
     SettingInfo,
     all_settings,
@@ -38,7 +40,7 @@ MINIMUM_CUDA = cuda_of(DEFAULT_VARIANT)
 ALLOWED_CUDA = allowed_cuda(DEFAULT_VARIANT)
 HUB_TEST_MODEL = "Qwen/Qwen3-0.6B"
 GROUP_ORDER = ["Model", "Parallelism", "Memory", "OpenAI", "Streaming", "Worker", "Limits",
-               VLLM_GROUP]
+               LB_SERVER_GROUP, VLLM_GROUP]
 
 
 def vllm_version() -> str:
@@ -69,6 +71,7 @@ LABELS = {
     "VLLM_EXTRA_ARGS": "Extra vllm serve flags", "LOG_JOB_TEXT": "Log prompts and outputs",
     "ON_STARTUP_ERROR": "On a start-up error", "STARTUP_SUMMARY_FILE": "Start-up summary file",
     "JOB_RECORDS_FILE": "Job records file",
+    "ENDPOINT_TYPE": "Endpoint type", "LB_DRAIN_TIMEOUT_S": "Drain time after SIGTERM (s)",
     "WARMUP": "Warm-up request", "ENGINE_PROBE_INTERVAL_S": "Engine probe interval (s)",
     "ENGINE_PROBE_TIMEOUT_S": "Engine probe timeout (s)",
     "JOB_MAX_INPUT_BYTES": "Max job input (bytes)", "JOB_MAX_N": "Max choices (n) per job",
@@ -76,6 +79,13 @@ LABELS = {
     "DEFAULT_MIN_BATCH_SIZE": "Stream batch size (first)",
     "DEFAULT_BATCH_SIZE_GROWTH_FACTOR": "Stream batch growth factor",
     "STREAM_FLUSH_INTERVAL_MS": "Stream flush interval (ms)",
+    "API_KEY": "API key (vLLM's own check)", "ALLOWED_ORIGINS": "CORS allowed origins",
+    "ALLOWED_METHODS": "CORS allowed methods", "ALLOWED_HEADERS": "CORS allowed headers",
+    "ALLOW_CREDENTIALS": "CORS allow credentials", "ROOT_PATH": "Root path (behind a proxy)",
+    "ENABLE_REQUEST_ID_HEADERS": "X-Request-Id headers", "UVICORN_LOG_LEVEL": "HTTP log level",
+    "DISABLE_UVICORN_ACCESS_LOG": "No access log",
+    "H11_MAX_INCOMPLETE_EVENT_SIZE": "Max HTTP header bytes",
+    "H11_MAX_HEADER_COUNT": "Max HTTP headers",
 }
 VLLM_DEFAULT = "vLLM default"
 
@@ -110,10 +120,21 @@ def form_field(s: SettingInfo) -> FormField:
     return FormField("number" if s.kind in ("int", "float") else "text", "")
 
 
-def form_settings(settings: list[SettingInfo]) -> list[SettingInfo]:
-    """What the forms show: the settings users change (every other `vllm serve` flag works
-    by its env var and is listed in docs/configuration.md)."""
-    return [s for s in settings if s.group != VLLM_GROUP]
+def form_settings(settings: list[SettingInfo], endpoint: str = "queue") -> list[SettingInfo]:
+    """What the form of one endpoint type (`queue` or `lb`) shows: the settings users change
+    that this front-end reads (every other `vllm serve` flag works by its env var and is
+    listed in docs/configuration.md). The load-balancing form sets ENDPOINT_TYPE to `lb`;
+    queue workers are recognised by the platform's job webhook."""
+    shown = []
+    for s in settings:
+        if s.group == VLLM_GROUP or s.front_end not in (None, endpoint):
+            continue
+        if s.env == "ENDPOINT_TYPE":
+            if endpoint == "queue":
+                continue
+            s = dataclasses.replace(s, form_value="lb")
+        shown.append(s)
+    return shown
 
 
 def _json_default(value: Any) -> Any:
@@ -126,9 +147,9 @@ def _groups(settings: list[SettingInfo]) -> list[tuple[str, list[SettingInfo]]]:
     return [(g, [s for s in settings if s.group == g]) for g in names]
 
 
-def worker_config(settings: list[SettingInfo]) -> dict[str, Any]:
+def worker_config(settings: list[SettingInfo], endpoint: str = "queue") -> dict[str, Any]:
     schema: dict[str, Any] = {}
-    shown = form_settings(settings)
+    shown = form_settings(settings, endpoint)
     for s in shown:
         field = form_field(s)
         value = field.value
@@ -159,9 +180,9 @@ def worker_config(settings: list[SettingInfo]) -> dict[str, Any]:
     }
 
 
-def hub_json(settings: list[SettingInfo]) -> dict[str, Any]:
+def hub_json(settings: list[SettingInfo], endpoint: str = "queue") -> dict[str, Any]:
     env = []
-    for s in form_settings(settings):
+    for s in form_settings(settings, endpoint):
         field = form_field(s)
         kind = "huggingface" if s.env == "MODEL_NAME" else {
             "toggle": "boolean", "number": "number"}.get(field.kind, "string")
@@ -174,13 +195,17 @@ def hub_json(settings: list[SettingInfo]) -> dict[str, Any]:
         if s.advanced:
             entry["advanced"] = True
         env.append({"key": s.env, "input": entry})
+    lb = endpoint == "lb"
     return {
-        "title": "vLLM",
+        "title": "vLLM (load-balancing endpoint)" if lb else "vLLM",
         "description": "Serve any vLLM-supported LLM with an OpenAI-compatible API, "
-                       "streaming and continuous batching.",
+                       "streaming and continuous batching."
+                       + (" vLLM's own HTTP API, straight to the worker: "
+                          "https://ENDPOINT_ID.api.runpod.ai/v1/..." if lb else ""),
         "type": "serverless",
         "category": "language",
         "config": {
+            **({"endpointType": "LB"} if lb else {}),
             "runsOn": "GPU",
             "containerDiskInGb": 150,
             "gpuCount": 1,
@@ -235,8 +260,11 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+FRONT_END_NOTE = {"queue": " (Queue endpoints only.)", "lb": " (Load-balancing endpoints only.)"}
+
+
 def _describe(s: SettingInfo) -> str:
-    text = s.description
+    text = s.description + FRONT_END_NOTE.get(s.front_end or "", "")
     if s.options:
         text += f" One of: {', '.join(s.options)}."
     if s.flag:
@@ -304,8 +332,9 @@ def configuration_md(settings: list[SettingInfo]) -> str:
         "",
         "## Not applicable",
         "",
-        "These `vllm serve` flags configure its own HTTP server or process layout, which a "
-        "worker does not have; they are not read from the environment: "
+        "These `vllm serve` flags configure its HTTP server's TLS, sockets or process layout, "
+        "which are the platform's business on both endpoint types; they are not read from "
+        "the environment: "
         + ", ".join(f"`{f.option}`" for f in server_only_flags()) + ".",
     ]
     return "\n".join(lines) + "\n"
@@ -320,6 +349,8 @@ def rendered() -> dict[Path, str]:
     return {
         ROOT / "worker-config.json": as_json(worker_config(settings)),
         ROOT / ".runpod" / "hub.json": as_json(hub_json(settings)),
+        ROOT / ".runpod" / "lb" / "worker-config.json": as_json(worker_config(settings, "lb")),
+        ROOT / ".runpod" / "lb" / "hub.json": as_json(hub_json(settings, "lb")),
         ROOT / ".runpod" / "tests.json": as_json(tests_json()),
         ROOT / "docs" / "configuration.md": configuration_md(settings),
     }

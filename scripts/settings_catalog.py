@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from worker_vllm.config.serve_env import LB_SERVER_FLAGS
 from worker_vllm.config.settings import ALIASES, WorkerSettings
 from worker_vllm.engine import Flag, serve_flags
 
@@ -37,6 +38,7 @@ class SettingInfo:
     # The value the deploy forms start with: a vLLM flag starts empty ("" = vLLM's default).
     form_value: Any = None
     flag: str | None = None  # the `vllm serve` flag it sets
+    front_end: str | None = None  # "queue" or "lb" when only that front-end reads it
 
 
 def _kind(annotation: Any) -> str:
@@ -61,6 +63,7 @@ def worker_settings() -> list[SettingInfo]:
             advanced=bool(extra.get("advanced", False)), secret=secret,
             options=tuple(extra.get("options", ())),  # type: ignore[arg-type]
             form_value=None if secret else field.default,
+            front_end=extra.get("front_end"),  # type: ignore[arg-type]
         ))
     return out
 
@@ -98,13 +101,28 @@ def engine_settings(with_help: bool = True) -> list[SettingInfo]:
     return out
 
 
+LB_SERVER_GROUP = "HTTP server (load-balancing endpoints)"
+
+
+def lb_server_settings(with_help: bool = True) -> list[SettingInfo]:
+    """The `vllm serve` HTTP-server flags a load-balancing worker honours."""
+    return [_flag_info(f.env, f, LB_SERVER_GROUP, f.help, f.env not in LB_FEATURED)
+            for f in serve_flags(with_help) if f.env in LB_SERVER_FLAGS]
+
+
+# Shown first in the load-balancing form (the rest are advanced).
+LB_FEATURED = {"API_KEY", "ALLOWED_ORIGINS", "DISABLE_UVICORN_ACCESS_LOG"}
+
+
 def all_settings(with_help: bool = True) -> list[SettingInfo]:
-    return engine_settings(with_help) + worker_settings()
+    lb = [dataclasses.replace(s, front_end="lb") for s in lb_server_settings(with_help)]
+    return engine_settings(with_help) + worker_settings() + lb
 
 
 def server_only_flags() -> list[Flag]:
-    """`vllm serve` flags of its own HTTP server, which a worker does not have."""
-    return [f for f in serve_flags() if f.server_only]
+    """`vllm serve` flags of its own HTTP server that no worker reads (the platform's
+    business: TLS, sockets, process layout)."""
+    return [f for f in serve_flags() if f.server_only and f.env not in LB_SERVER_FLAGS]
 
 
 # Env vars of other software that the worker reads or sets; not settings of its own.
@@ -117,6 +135,8 @@ FOREIGN_ENV: dict[str, str] = {
     "VLLM_CACHE_ROOT": "vLLM's cache directory (compile caches); set under BASE_PATH",
     "VLLM_LOGGING_STREAM": "vLLM's log stream; the worker sends it to stderr",
     "HF_XET_HIGH_PERFORMANCE": "huggingface_hub's high-throughput transfer; on by default",
+    "PORT_HEALTH": "set by the platform on load-balancing endpoints: the port of /ping "
+                   "(default PORT)",
 }
 
 # Local development only (not shown in the deploy forms).

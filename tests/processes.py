@@ -175,3 +175,62 @@ def run_handler_online(env: dict[str, str], *args: str
         proc = subprocess.run([sys.executable, str(ROOT / "src" / "handler.py"), *args],
                               env=env, capture_output=True, text=True, timeout=600)
     return proc, connections
+
+
+class LBWorker:
+    """`python src/handler.py` serving a load-balancing endpoint (ENDPOINT_TYPE=lb) on a free
+    port, its /ping polled from the moment the process starts."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"lb-worker-{time.monotonic_ns()}.log"
+        full_env = worker_env(**{"ENDPOINT_TYPE": "lb", "PORT": str(self.port), **env})
+        if "MODEL_NAME" not in env:
+            full_env.pop("MODEL_NAME", None)
+        self.started = time.monotonic()
+        with open(self.log, "w") as log_file:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "handler.py")],
+                                         env=full_env, stdout=log_file,
+                                         stderr=subprocess.STDOUT, cwd=tmp)
+        # (seconds since start, /ping status or None when nothing listened), in order.
+        self.pings: list[tuple[float, int | None]] = []
+        self._polling = True
+        self._poller = threading.Thread(target=self._poll, daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        with requests.Session() as session:
+            while self._polling and self.proc.poll() is None:
+                try:
+                    status: int | None = session.get(f"{self.base}/ping", timeout=5).status_code
+                except requests.RequestException:
+                    status = None
+                if not self.pings or self.pings[-1][1] != status:
+                    self.pings.append((time.monotonic() - self.started, status))
+                time.sleep(0.05)
+
+    def ping(self) -> requests.Response:
+        return requests.get(f"{self.base}/ping", timeout=10)
+
+    def wait_ping(self, status: int, timeout: float = 300) -> requests.Response:
+        deadline = time.time() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            with contextlib.suppress(requests.ConnectionError):
+                if (response := self.ping()).status_code == status:
+                    return response
+            assert time.time() < deadline, (self.pings, self.log.read_text()[-3000:])
+            time.sleep(0.1)
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def close(self) -> None:
+        self._polling = False
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

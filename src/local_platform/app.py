@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from . import client_api, openai_api, worker_api
-from .errors import ApiError, error_response, handle_api_error, openai_error_response
+from .messages import ApiError, error_response, handle_api_error, openai_error_response
 from .state import Endpoint
 
 

@@ -8,8 +8,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .bodies import RUN_LIMIT, RUNSYNC_LIMIT, json_body
-from .errors import ApiError
+from .messages import RUN_LIMIT, RUNSYNC_LIMIT, ApiError, json_body
 from .state import FINAL, LONG_POLL_S, Endpoint, Job, PolicyError
 
 RUNSYNC_DEFAULT_WAIT_MS = 90_000

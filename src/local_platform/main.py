@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 from typing import Any
 
 import uvicorn
@@ -15,8 +17,9 @@ from fastapi import FastAPI
 from worker_vllm.model import demo as demo_model
 
 from .app import create_app
+from .gateway import Gateway, WorkerHealth, create_gateway
 from .state import Endpoint
-from .worker_process import WorkerProcess, housekeeping, worker_env
+from .worker_process import WorkerProcess, housekeeping, queue_worker_exited, worker_env
 
 log = logging.getLogger("local_platform")
 
@@ -45,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="do not restart the worker when it exits (the platform does)")
     parser.add_argument("--worker-key", default=None,
                         help="key the worker authenticates with (default: random)")
+    parser.add_argument("--lb", action="store_true",
+                        help="play a load-balancing endpoint instead: any path is forwarded to "
+                             "a worker serving vLLM's app (ENDPOINT_TYPE=lb)")
+    parser.add_argument("--health-port", action="store_true",
+                        help="with --lb: the worker answers /ping on a port of its own "
+                             "(PORT_HEALTH differs from PORT)")
     return parser.parse_args(argv)
 
 
@@ -52,6 +61,48 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    if args.lb:
+        serve_lb_gateway(args)
+    else:
+        serve_queue_endpoint(args)
+
+
+def _with_demo_model(env: dict[str, str]) -> dict[str, str]:
+    if not env.get("MODEL_NAME") and not env.get("MODEL"):
+        log.info("MODEL_NAME is not set: the worker serves the built-in demo model")
+        env.update(demo_model.demo_env(env))
+    return env
+
+
+def serve_lb_gateway(args: argparse.Namespace) -> None:
+    """RunPod's load-balancing gateway in front of one worker in `lb` mode."""
+    port = free_port()
+    health_port = free_port() if args.health_port else port
+    env = _with_demo_model(dict(os.environ, ENDPOINT_TYPE="lb", PORT=str(port),
+                                PORT_HEALTH=str(health_port)))
+    env.setdefault("RUNPOD_POD_ID", "local-worker")
+    health = WorkerHealth(f"http://127.0.0.1:{health_port}/ping")
+    gateway = Gateway(f"http://127.0.0.1:{port}", health, args.api_key)
+    worker = WorkerProcess(env, lambda _code: None, restart=not args.no_restart)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> Any:
+        worker.start()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(worker.supervise()), loop.create_task(health.poll(worker.end))]
+        log.info("Load-balancing endpoint: http://%s:%d/<path> (OpenAI base URL: .../v1)",
+                 args.host, args.port)
+        yield
+        for task in tasks:
+            task.cancel()
+        worker.stop()
+
+    uvicorn.run(create_gateway(gateway, lifespan), host=args.host, port=args.port,
+                log_level="warning")
+
+
+def serve_queue_endpoint(args: argparse.Namespace) -> None:
+    """RunPod's queue endpoint API in front of one worker on the SDK's job loop."""
     worker_key = args.worker_key or secrets.token_urlsafe(16)
     base_url = f"http://{args.host}:{args.port}"
     endpoint = Endpoint(args.max_queue, args.stream_post_delay_ms / 1000,
@@ -69,10 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             print("Start a worker with:\n" + "\n".join(f"export {k}='{env[k]}'" for k in keys)
                   + "\npython src/handler.py", flush=True)
         else:
-            if not env.get("MODEL_NAME") and not env.get("MODEL"):
-                log.info("MODEL_NAME is not set: the worker serves the built-in demo model")
-                env.update(demo_model.demo_env(env))
-            worker = WorkerProcess(env, endpoint, restart=not args.no_restart)
+            _with_demo_model(env)
+            worker = WorkerProcess(env, queue_worker_exited(endpoint),
+                                   restart=not args.no_restart)
             worker.start()
             asyncio.get_running_loop().create_task(worker.supervise())
         log.info("Endpoint: %s/v2/local (any endpoint id works)", base_url)
@@ -83,3 +133,9 @@ def main(argv: list[str] | None = None) -> None:
 
     app = create_app(endpoint, args.api_key, worker_key, lifespan)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

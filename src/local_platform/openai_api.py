@@ -15,8 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .bodies import RUNSYNC_LIMIT, json_body
-from .errors import ApiError, OpenAIApiError, openai_error_response
+from .messages import RUNSYNC_LIMIT, ApiError, OpenAIApiError, json_body, openai_error_response
 from .state import FINAL, Endpoint, Job
 
 

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from .bodies import worker_body
+from .messages import worker_body
 from .state import Endpoint
 
 router = APIRouter(prefix="/_worker")

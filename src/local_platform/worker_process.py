@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -37,6 +38,16 @@ def worker_env(base_url: str, worker_key: str, base: dict[str, str] | None = Non
     return env
 
 
+def queue_worker_exited(endpoint: Endpoint) -> Callable[[int | None], None]:
+    """A queue worker's exit: no worker until the next one calls in; its jobs go back."""
+
+    def on_exit(code: int | None) -> None:
+        endpoint.last_seen = 0.0
+        endpoint.worker_exited(code)
+
+    return on_exit
+
+
 async def housekeeping(endpoint: Endpoint) -> None:
     while True:
         await asyncio.sleep(1)
@@ -46,8 +57,10 @@ async def housekeeping(endpoint: Endpoint) -> None:
 class WorkerProcess:
     """The worker process, restarted when it exits (as the platform replaces workers)."""
 
-    def __init__(self, env: dict[str, str], endpoint: Endpoint, restart: bool) -> None:
-        self.env, self.endpoint, self.restart = env, endpoint, restart
+    def __init__(self, env: dict[str, str], on_exit: Callable[[int | None], None],
+                 restart: bool) -> None:
+        # on_exit(code): what the platform does with the exited worker's work.
+        self.env, self.on_exit, self.restart = env, on_exit, restart
         self.proc: subprocess.Popen | None = None
         self.stopping = False
         self.starts = 0
@@ -67,10 +80,9 @@ class WorkerProcess:
             if self.stopping:
                 return
             code = self.proc.returncode
-            self.endpoint.last_seen = 0.0  # no worker until the next one calls in
             log.error("The worker process exited with code %s", code)
             _end(tree)  # what a killed worker left running (its engine, its heartbeat)
-            self.endpoint.worker_exited(code)
+            self.on_exit(code)
             if not self.restart:
                 return
             await asyncio.sleep(min(30, 2 ** min(self.starts, 5)))  # back off on repeated exits
@@ -82,6 +94,11 @@ class WorkerProcess:
             return psutil.Process(self.proc.pid).children(recursive=True)  # type: ignore[union-attr]
         except psutil.Error:
             return []
+
+    def end(self) -> None:
+        """End the worker (SIGTERM); `supervise` starts the next one."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
 
     def stop(self) -> None:
         self.stopping = True

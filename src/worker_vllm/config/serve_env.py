@@ -57,9 +57,22 @@ class ServeConfig:
         self.sources[dest] = source
 
 
-def env_flags() -> dict[str, Flag]:
-    """Env name -> flag, for every flag that configures the engine or the serving layer."""
-    return {f.env: f for f in serve_flags() if not f.server_only and f.env not in _WORKER_OWNED}
+# `vllm serve` HTTP-server flags that mean something when the worker serves vLLM's app over
+# HTTP itself (load-balancing endpoints): API key, CORS, root path, request ids, logging and
+# header limits. PORT is read by the front-end (RunPod's default differs from vLLM's); TLS,
+# sockets and multi-process serving are the platform's business.
+LB_SERVER_FLAGS = frozenset({
+    "API_KEY", "ALLOWED_ORIGINS", "ALLOWED_METHODS", "ALLOWED_HEADERS", "ALLOW_CREDENTIALS",
+    "ROOT_PATH", "ENABLE_REQUEST_ID_HEADERS", "UVICORN_LOG_LEVEL", "DISABLE_UVICORN_ACCESS_LOG",
+    "H11_MAX_INCOMPLETE_EVENT_SIZE", "H11_MAX_HEADER_COUNT",
+})
+
+
+def env_flags(server: frozenset[str] = frozenset()) -> dict[str, Flag]:
+    """Env name -> flag, for every flag that configures the engine or the serving layer (and
+    the HTTP-server flags named in `server`)."""
+    return {f.env: f for f in serve_flags()
+            if (not f.server_only or f.env in server) and f.env not in _WORKER_OWNED}
 
 
 def _flags_by_dest() -> dict[str, Flag]:
@@ -99,9 +112,10 @@ def flag_tokens(flag: Flag, raw: Any, origin: str) -> list[str]:
     return [flag.option, text.strip() if isinstance(raw, str) else text]
 
 
-def _env_tokens(env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+def _env_tokens(env: Mapping[str, str], server: frozenset[str] = frozenset()
+                ) -> tuple[list[str], dict[str, str]]:
     """Tokens for the env settings (aliases included) and the env name behind each dest."""
-    flags = env_flags()
+    flags = env_flags(server)
     names: dict[str, str] = {}  # flag env name -> the env var that sets it
     for alias, target in ALIASES.items():
         if is_unset(env.get(alias), alias):
@@ -191,8 +205,10 @@ def _explain(message: str, env: Mapping[str, str], sources: dict[str, str],
     return f"Invalid vllm serve settings: {message}"
 
 
-def resolve(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfig:
-    """Parse the environment's settings with `vllm serve`'s parser; raise ConfigError."""
+def resolve(env: Mapping[str, str], settings: WorkerSettings,
+            server: frozenset[str] = frozenset()) -> ServeConfig:
+    """Parse the environment's settings with `vllm serve`'s parser (with the HTTP-server
+    flags named in `server`); raise ConfigError."""
     legacy = translate(env)
     merged = {**env, **{k: v for k, v in legacy.env.items()
                         if is_unset(env.get(k), k) or k in ("SPECULATIVE_CONFIG",
@@ -202,7 +218,7 @@ def resolve(env: Mapping[str, str], settings: WorkerSettings) -> ServeConfig:
     if settings.vllm_config_file:
         argv += ["--config", settings.vllm_config_file]
         sources.update(_file_sources(settings.vllm_config_file))
-    tokens, env_sources = _env_tokens(merged)
+    tokens, env_sources = _env_tokens(merged, server)
     argv += tokens
     sources.update(env_sources)
     if settings.vllm_extra_args:
@@ -246,12 +262,20 @@ def near_miss_warnings(env: Mapping[str, str]) -> list[str]:
     return warnings
 
 
-def server_only_warnings(env: Mapping[str, str]) -> list[str]:
-    """`vllm serve` flags of its HTTP server (host, port, TLS, ...) mean nothing here."""
+def server_only_warnings(env: Mapping[str, str], honoured: frozenset[str] = frozenset()
+                         ) -> list[str]:
+    """`vllm serve` flags of its HTTP server (host, TLS, ...) mean nothing here, except those
+    the load-balancing front-end honours."""
     names = sorted(f.env for f in serve_flags() if f.server_only and f.env in env
-                   and not is_unset(env.get(f.env), f.env) and f.env not in ("HOST", "PORT"))
-    return [f"{', '.join(names)}: vllm serve HTTP-server settings; the worker has no HTTP "
-            "server of its own, so they have no effect"] if names else []
+                   and not is_unset(env.get(f.env), f.env) and f.env not in ("HOST", "PORT")
+                   and f.env not in honoured)
+    if not names:
+        return []
+    where = ("the worker serves vLLM's app itself but leaves these to the platform"
+             if honoured else "the queue worker has no HTTP server of its own (on a "
+             "load-balancing endpoint some of them apply; see docs/load-balancing.md)")
+    return [f"{', '.join(names)}: vllm serve HTTP-server settings; {where}, so they have "
+            "no effect"]
 
 
 def redacted(values: Mapping[str, Any]) -> dict[str, Any]:

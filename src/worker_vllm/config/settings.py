@@ -49,7 +49,8 @@ def parse_bool(raw: str) -> bool | None:
 
 def _field(default: Any, group: str, description: str, **kwargs: Any) -> Any:
     extra = {"group": group}
-    for key in ("advanced", "options", "title"):
+    # front_end: "queue" or "lb" for a setting only that front-end reads (default: both).
+    for key in ("advanced", "options", "title", "front_end"):
         if key in kwargs:
             extra[key] = kwargs.pop(key)
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
@@ -61,16 +62,27 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     # --- Worker ---
+    endpoint_type: Literal["auto", "queue", "lb"] = _field(
+        "auto", "Worker", "The RunPod endpoint type served: `queue` (jobs through /run, "
+        "/runsync, /openai/v1) or `lb` (load-balancing: vLLM's app over HTTP on PORT, /ping "
+        "on PORT_HEALTH). `auto`: `queue` where the platform's job webhook is set, `lb` where "
+        "PORT_HEALTH is, else `queue`.", options=("auto", "queue", "lb"),
+    )
+    lb_drain_timeout_s: float = _field(
+        60.0, "Worker", "Load-balancing endpoints: after SIGTERM, seconds the requests in "
+        "flight may take to finish before they are cut off.", ge=0, advanced=True, front_end="lb",
+    )
     max_concurrency: int | None = _field(
         None, "Worker", "Jobs one worker runs at once (vLLM batches them continuously). "
         "Default: the engine's capacity, the smaller of MAX_NUM_SEQS and the number of "
-        "sequences of MAX_MODEL_LEN tokens its KV cache holds (logged at start-up).", ge=1
+        "sequences of MAX_MODEL_LEN tokens its KV cache holds (logged at start-up).", ge=1,
+        front_end="queue",
     )
     job_intake: Literal["events", "sdk"] = _field(
         "events", "Worker", "How jobs are taken: `events` takes the next job the moment a "
         "slot frees and starts it at once; `sdk` keeps the runpod SDK's own polling intake "
         "(a slot can idle up to 1 s; for comparison).", advanced=True,
-        options=("events", "sdk"),
+        options=("events", "sdk"), front_end="queue",
     )
     base_path: str = _field(
         "/runpod-volume", "Worker",
@@ -97,7 +109,7 @@ class WorkerSettings(BaseModel):
     )
     log_job_text: bool = _field(
         False, "Worker", "Log prompt and output text of each job (off: only sizes).",
-        advanced=True,
+        advanced=True, front_end="queue",
     )
     on_startup_error: Literal["fail_jobs", "exit"] = _field(
         "fail_jobs", "Worker", "When start-up fails: `fail_jobs` keeps the worker up and ends "
@@ -111,7 +123,7 @@ class WorkerSettings(BaseModel):
     job_records_file: str | None = _field(
         None, "Worker", "Append one JSON line per finished job to this file: id, route, "
         "outcome, tokens, and after a stopped job the engine's count of requests still "
-        "running (for tests and dashboards).", advanced=True,
+        "running (for tests and dashboards).", advanced=True, front_end="queue",
     )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "
@@ -130,37 +142,41 @@ class WorkerSettings(BaseModel):
     # --- Limits of one job ---
     job_max_input_bytes: int = _field(
         10 * 1024 * 1024, "Limits", "Largest job input (its JSON size, bytes).", ge=1,
-        advanced=True,
+        advanced=True, front_end="queue",
     )
     job_max_n: int = _field(
-        16, "Limits", "Most choices (`n`) one job may ask for.", ge=1, advanced=True
+        16, "Limits", "Most choices (`n`) one job may ask for.", ge=1, advanced=True,
+        front_end="queue",
     )
     job_max_tokens: int | None = _field(
         None, "Limits", "Most output tokens one job may ask for (default: the context "
-        "length).", ge=1, advanced=True,
+        "length).", ge=1, advanced=True, front_end="queue",
     )
 
     # --- OpenAI route ---
     raw_openai_output: bool = _field(
         True, "OpenAI", "Stream OpenAI responses as SSE text (on) or as lists of parsed chunk "
-        "objects (off, the reference worker's other mode).", advanced=True,
+        "objects (off, the reference worker's other mode).", advanced=True, front_end="queue",
     )
 
     # --- Streaming ---
     default_batch_size: int = _field(
         50, "Streaming", "Largest number of token deltas in one streamed chunk while the stream "
         "keeps up; a backlog behind a slow platform leaves whole (up to one 1 MB message).",
-        ge=1
+        ge=1, front_end="queue",
     )
     default_min_batch_size: int = _field(
-        1, "Streaming", "Deltas in the first chunks; chunk size then grows by the factor.", ge=1
+        1, "Streaming", "Deltas in the first chunks; chunk size then grows by the factor.", ge=1,
+        front_end="queue",
     )
     default_batch_size_growth_factor: float = _field(
-        3.0, "Streaming", "Factor by which the chunk size grows after each chunk.", ge=1.0
+        3.0, "Streaming", "Factor by which the chunk size grows after each chunk.", ge=1.0,
+        front_end="queue",
     )
     stream_flush_interval_ms: int = _field(
         50, "Streaming",
         "A chunk is sent when its oldest delta has waited this long, even if not full.", ge=0,
+        front_end="queue",
     )
 
 

@@ -24,6 +24,7 @@ from worker_vllm.engine.serve_args import (
     parse_serve_args,
     serve_flags,
 )
+from worker_vllm.loop_thread import LoopThread
 
 __all__ = [
     "Completion",
@@ -32,6 +33,7 @@ __all__ = [
     "EngineGenerateError",
     "EngineLogPhases",
     "EngineRunner",
+    "LoopThread",
     "Flag",
     "ServeArgsError",
     "SamplingParamsError",

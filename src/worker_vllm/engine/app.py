@@ -95,6 +95,11 @@ class VLLMApp:
         return cls(runner, runner.loop.submit(build()).result(),
                    bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING))
 
+    def lifespan(self) -> Any:
+        """vLLM's own app lifespan (periodic stats logging, a frozen start-up heap), as
+        `vllm serve` runs it: an async context manager, entered on the engine loop."""
+        return self.app.router.lifespan_context(self.app)
+
     def allowed(self, method: str, path: str) -> bool:
         return any(p.match(path) and method in self.routes[t] for p, t in self._patterns)
 

@@ -1,7 +1,7 @@
 """The engine facade: vLLM's AsyncLLMEngine on its own loop thread, plain data out.
 
 Every engine operation the worker uses is a method here; callers in any event loop use it
-(see ``loop_thread``). Generation yields ``outputs.Step``, not vLLM's output classes.
+(see ``worker_vllm.loop_thread``). Generation yields ``outputs.Step``, not vLLM's output classes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
-from worker_vllm.engine.loop_thread import LoopThread
 from worker_vllm.engine.outputs import Step, plain_step
 from worker_vllm.engine.watchdog import watch
+from worker_vllm.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,14 @@ def cache_key() -> str:
 class EngineRunner:
     """An AsyncLLMEngine on a private thread and event loop, usable from any other loop."""
 
-    def __init__(self, args: AsyncEngineArgs) -> None:
-        self.loop = LoopThread("vllm-engine-loop")
+    def __init__(self, args: AsyncEngineArgs, loop: LoopThread | None = None) -> None:
+        """`loop`: a loop thread that already serves something (an HTTP server): the engine
+        is then built on another thread, so that loop keeps serving while the model loads."""
+        self.loop = loop or LoopThread("vllm-engine-loop")
         self.closing = False
+        build = self._build_beside(args) if loop is not None else self._build(args)
         try:
-            self.engine = self.loop.submit(self._build(args)).result()
+            self.engine = self.loop.submit(build).result()
         except BaseException:
             self.loop.stop()
             raise
@@ -57,6 +60,18 @@ class EngineRunner:
     @staticmethod
     async def _build(args: AsyncEngineArgs) -> Any:
         return AsyncLLMEngine.from_engine_args(args)
+
+    @staticmethod
+    async def _build_beside(args: AsyncEngineArgs) -> Any:
+        engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+        # Built off the loop, vLLM defers its output handler to the first request; start it
+        # now, as a build on the loop does, so an engine core failure is seen at once.
+        engine._run_output_handler()
+        return engine
+
+    def unfinished_requests_now(self) -> int:
+        """The engine's count of unfinished requests; call on the engine loop only."""
+        return self.engine.get_num_unfinished_requests()
 
     async def generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str,
                        **kwargs: Any) -> AsyncIterator[Step]:

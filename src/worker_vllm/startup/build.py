@@ -11,8 +11,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker_vllm.config.serve_env import (
     ServeConfig,
@@ -25,6 +26,7 @@ from worker_vllm.config.settings import WorkerSettings, load_worker_settings
 from worker_vllm.engine import (
     EngineLogPhases,
     EngineRunner,
+    LoopThread,
     VLLMApp,
     cache_key,
     chat_template_text,
@@ -111,11 +113,13 @@ def _naming(config: ServeConfig, dest: str, value: str) -> Iterator[None]:
 
 
 def serve_config(env: Mapping[str, str], settings: WorkerSettings,
-                 phases: StartupPhases | None = None) -> ServeConfig:
-    """The parsed `vllm serve` arguments the engine and the serving layer are built from."""
-    for warning in near_miss_warnings(env) + server_only_warnings(env):
+                 phases: StartupPhases | None = None,
+                 server: frozenset[str] = frozenset()) -> ServeConfig:
+    """The parsed `vllm serve` arguments the engine and the serving layer are built from
+    (with the HTTP-server flags named in `server`)."""
+    for warning in near_miss_warnings(env) + server_only_warnings(env, server):
         log.warning(warning)
-    config = resolve(env, settings)
+    config = resolve(env, settings, server)
     for warning in config.warnings:
         log.warning(warning)
     _apply_defaults(config, env)
@@ -162,21 +166,34 @@ class Core:
     """What both front-ends serve: the settings, the engine and vLLM's app on it."""
 
     settings: WorkerSettings
+    # The parsed `vllm serve` arguments everything was built from.
+    args: Any
     runner: EngineRunner
     app: VLLMApp
     # The --chat-template text (read once from a file if it named one).
     chat_template: str | None
 
+    closers: list[Callable[[], object]] = field(default_factory=list)
+
+    def on_close(self, closer: Callable[[], object]) -> None:
+        """Run `closer` first when the core closes (what a front-end started on it)."""
+        self.closers.append(closer)
+
     def close(self) -> None:
         """Shut the engine down."""
+        for closer in self.closers:
+            closer()
         self.runner.shutdown()
 
 
 def build_core(env: Mapping[str, str] | None = None, *, read_engine_log: bool = False,
-               phases: StartupPhases | None = None) -> Core:
+               phases: StartupPhases | None = None, loop: LoopThread | None = None,
+               server: frozenset[str] = frozenset()) -> Core:
     """The engine warmed up and vLLM's app on it; any failure is a StartupFailure.
     `read_engine_log` picks vLLM's own phase figures (and, on failure, its reason) out of this
-    process's stderr (for a worker process, not for a test harness)."""
+    process's stderr (for a worker process, not for a test harness). `loop`: the loop thread
+    the engine is to share with an HTTP server; `server`: the `vllm serve` HTTP-server flags
+    that server honours."""
     env = os.environ if env is None else env
     phases = phases or StartupPhases()
     engine_log = EngineLogPhases()
@@ -185,10 +202,10 @@ def build_core(env: Mapping[str, str] | None = None, *, read_engine_log: bool = 
         with phases.phase("settings"):
             settings = load_worker_settings(dict(env))
             _use_volume_cache(settings, env, phases)
-            config = serve_config(env, settings, phases)
+            config = serve_config(env, settings, phases, server)
         if read_engine_log:
             engine_log.start()
-        core = _start_engine(config, settings, phases)
+        core = _start_engine(config, settings, phases, loop)
     except Exception as exc:
         raise StartupFailure(exc, config, engine_log.root_cause) from exc
     time.sleep(0.2)  # let the last engine log lines pass the copy
@@ -196,15 +213,16 @@ def build_core(env: Mapping[str, str] | None = None, *, read_engine_log: bool = 
     return core
 
 
-def _start_engine(config: ServeConfig, settings: WorkerSettings,
-                  phases: StartupPhases) -> Core:
+def _start_engine(config: ServeConfig, settings: WorkerSettings, phases: StartupPhases,
+                  loop: LoopThread | None) -> Core:
     with phases.phase("engine (load, profile, compile, KV cache)"):
-        runner = EngineRunner(engine_args_from(config.args))
+        runner = EngineRunner(engine_args_from(config.args), loop)
     # Built before any job or request, so concurrent first requests cannot race to build
     # them; from the same parsed arguments as the engine.
     with phases.phase("vLLM's app (OpenAI and other routes)"):
         app = VLLMApp.create(runner, config.args)
-    core = Core(settings, runner, app, chat_template_text(config.args.chat_template))
+    core = Core(settings, config.args, runner, app,
+                chat_template_text(config.args.chat_template))
     if settings.warmup:
         with phases.phase("warm-up request"):
             asyncio.run(warm_up(runner))

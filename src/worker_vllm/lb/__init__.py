@@ -1,0 +1,1 @@
+"""The load-balancing front-end: vLLM's app served over HTTP on PORT, /ping on PORT_HEALTH."""
