@@ -244,13 +244,47 @@ async def _drive_vllm_serve(url: str, load: Load) -> tuple[list[float], list[int
     return ttfts, events
 
 
-def measure_vllm_serve(url: str, pid: int, load: Load) -> dict[str, Any]:
+@contextlib.contextmanager
+def lb_worker(log_path: Path) -> Iterator[tuple[str, int, dict[str, float]]]:
+    """The worker serving a load-balancing endpoint (ENDPOINT_TYPE=lb), reached directly (no
+    gateway), with the same engine settings and access log setting as `vllm serve` here.
+    Yields its URL, pid and cold start: seconds from the process start to the first /ping
+    204 and to the first 200."""
+    port = free_port()
+    env = dict(os.environ, VLLM_RPC_BASE_PATH=tempfile.mkdtemp(prefix="bench-rpc-"),
+               ENDPOINT_TYPE="lb", PORT=str(port), DISABLE_UVICORN_ACCESS_LOG="true")
+    env.pop("MODEL_NAME", None)
+    env.update(_demo_env())
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, str(HANDLER)], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+    first: dict[str, float] = {}
+    try:
+        while "200" not in first:
+            if proc.poll() is not None or time.monotonic() - started > 600:
+                raise RuntimeError(log_path.read_text()[-3000:])
+            with contextlib.suppress(httpx.HTTPError):
+                status = str(httpx.get(f"{url}/ping", timeout=2).status_code)
+                first.setdefault(status, time.monotonic() - started)
+            time.sleep(0.02)
+        yield url, proc.pid, first
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def measure_vllm_serve(url: str, pid: int, load: Load,
+                       label: str = "vllm serve, HTTP SSE") -> dict[str, Any]:
+    """Streamed chat completions over HTTP against `vllm serve` (or the worker serving
+    vLLM's app on a load-balancing endpoint)."""
     cpu0 = tree_cpu(pid)
     started = time.monotonic()
     ttfts, events = asyncio.run(_drive_vllm_serve(url, load))
     wall = time.monotonic() - started
     tokens = load.jobs * load.tokens
-    return {"path": "vllm serve, HTTP SSE", "c": load.concurrency, "tokens": load.tokens,
+    return {"path": label, "c": load.concurrency, "tokens": load.tokens,
             "tps": tokens / wall, "take_p50": None, "take_done_p50": None,
             "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "take_ttft_p50": None,
             "msgs": statistics.median(events), "stale_p95": None, "last_wait_max": None,

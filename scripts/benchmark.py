@@ -217,11 +217,26 @@ def full_path_rows(args: argparse.Namespace, raw: list[dict]) -> list[dict]:
                                 rows.append({**row, "rtt": f"{rtt * 1000:.0f} ms"})
                     finally:
                         platform.close()
-    with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid):
+    return rows + http_rows(args, run_dir)
+
+
+def http_rows(args: argparse.Namespace, run_dir: Path) -> list[dict]:
+    """`vllm serve` and the worker on a load-balancing endpoint, each over direct HTTP under
+    the same loads, alternating per concurrency so that drift affects both alike."""
+    import bench_full_path as fp
+
+    rows: list[dict] = []
+    concurrencies = (2,) if args.smoke else (16, 32)
+    with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid), \
+            fp.lb_worker(run_dir / "lb-worker.log") as (lb_url, lb_pid, cold):
         for c in concurrencies:
-            rows.append({**fp.measure_vllm_serve(url, pid,
-                                                 fp.Load(args.path_jobs, args.path_tokens, c)),
+            load = fp.Load(args.path_jobs, args.path_tokens, c)
+            rows.append({**fp.measure_vllm_serve(url, pid, load), "rtt": "-"})
+            rows.append({**fp.measure_vllm_serve(lb_url, lb_pid, load,
+                                                 "worker, load-balancing, HTTP SSE"),
                          "rtt": "-"})
+    print(f"\nLoad-balancing worker cold start: first /ping 204 after {cold['204']:.2f} s, "
+          f"first 200 after {cold['200']:.2f} s (from the process start)")
     return rows
 
 
@@ -269,6 +284,9 @@ def main() -> None:
     parser.add_argument("--path-jobs", type=int, default=64)
     parser.add_argument("--path-tokens", type=int, default=128)
     parser.add_argument("--rtt-ms", type=float, default=100.0)
+    parser.add_argument("--lb", action="store_true",
+                        help="of the full path, only `vllm serve` and the worker on a "
+                             "load-balancing endpoint (direct HTTP)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
     if args.smoke:
@@ -300,7 +318,7 @@ def main() -> None:
 
     rows = asyncio.run(all_rows())
     raw: list[dict] = []
-    if args.full_path:
+    if args.full_path or args.lb:
         from bench_full_path import Load
 
         for c in ((2,) if args.smoke else (16, 32)):
@@ -319,7 +337,10 @@ def main() -> None:
         print(f"{row['name']:<13} {row['jobs']:>4} {row['wall']:>8.2f} {row['tps']:>8.0f} "
               f"{row['tps'] / base['tps']:>9.2f} {row['ttft'] * 1000:>8.1f} "
               f"{row['yields']:>10.0f}")
-    if args.full_path:
+    if args.lb:
+        run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
+        print_full_path(raw + http_rows(args, run_dir), args)
+    elif args.full_path:
         print_full_path(full_path_rows(args, raw), args)
 
 

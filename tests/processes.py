@@ -195,6 +195,7 @@ class LBWorker:
                                          stderr=subprocess.STDOUT, cwd=tmp)
         # (seconds since start, /ping status or None when nothing listened), in order.
         self.pings: list[tuple[float, int | None]] = []
+        self._lock = threading.Lock()
         self._polling = True
         self._poller = threading.Thread(target=self._poll, daemon=True)
         self._poller.start()
@@ -206,12 +207,18 @@ class LBWorker:
                     status: int | None = session.get(f"{self.base}/ping", timeout=5).status_code
                 except requests.RequestException:
                     status = None
-                if not self.pings or self.pings[-1][1] != status:
-                    self.pings.append((time.monotonic() - self.started, status))
+                self._saw(status)
                 time.sleep(0.05)
 
+    def _saw(self, status: int | None) -> None:
+        with self._lock:
+            if not self.pings or self.pings[-1][1] != status:
+                self.pings.append((time.monotonic() - self.started, status))
+
     def ping(self) -> requests.Response:
-        return requests.get(f"{self.base}/ping", timeout=10)
+        response = requests.get(f"{self.base}/ping", timeout=10)
+        self._saw(response.status_code)
+        return response
 
     def wait_ping(self, status: int, timeout: float = 300) -> requests.Response:
         deadline = time.time() + timeout
