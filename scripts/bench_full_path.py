@@ -85,7 +85,7 @@ class Platform:
         self.endpoint = le.Endpoint(100_000, stream_post_delay)
         self.log_path = log_path
         base = f"http://127.0.0.1:{self.port}"
-        env = le.worker_env(base, "bench-worker-key")
+        env = le.platform_env(base, "bench-worker-key")
         env.pop("MODEL_NAME", None)
         env.update({k: v for k, v in _demo_env().items() if k not in env})
         env.update(MAX_CONCURRENCY=str(concurrency), RUNPOD_LOG_LEVEL="INFO",

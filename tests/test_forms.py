@@ -1,5 +1,6 @@
 """An untouched deploy form is `vllm serve --model X`: every value the console form
-(worker-config.json) and the Hub form (.runpod/hub.json) send when nobody touches a field,
+(worker-config.json) and the Hub form (.runpod/hub.json), of both endpoint types (the
+load-balancing ones in .runpod/lb/), send when nobody touches a field,
 given to a worker process in its real environment, yields exactly the engine arguments vLLM's
 own parser gives for `vllm serve --model X`, but for the worker's deliberate defaults."""
 
@@ -24,22 +25,28 @@ import json, os, sys
 sys.path.insert(0, {src!r})
 from worker_vllm.engine import parse_serve_args
 from worker_vllm.config.settings import load_worker_settings
+from worker_vllm.config.serve_env import LB_SERVER_FLAGS
 from worker_vllm.startup.build import serve_config
 
-config = serve_config(os.environ, load_worker_settings(dict(os.environ)))
+server = LB_SERVER_FLAGS if os.environ.get("ENDPOINT_TYPE") == "lb" else frozenset()
+config = serve_config(os.environ, load_worker_settings(dict(os.environ)), server=server)
 reference = parse_serve_args(["--model", os.environ["MODEL_NAME"]])
 print(json.dumps({{"worker": {{k: repr(v) for k, v in vars(config.args).items()}},
                   "serve": {{k: repr(v) for k, v in vars(reference).items()}}}}))
 """
 
 
-def console_form() -> dict[str, str]:
-    schema = json.loads((ROOT / "worker-config.json").read_text())["schema"]
+FORMS = {"queue": ROOT, "lb": ROOT / ".runpod" / "lb"}
+
+
+def console_form(endpoint: str) -> dict[str, str]:
+    schema = json.loads((FORMS[endpoint] / "worker-config.json").read_text())["schema"]
     return {name: str(field["value"]) for name, field in schema.items()}
 
 
-def hub_form() -> dict[str, str]:
-    env = json.loads((ROOT / ".runpod" / "hub.json").read_text())["config"]["env"]
+def hub_form(endpoint: str) -> dict[str, str]:
+    folder = ROOT / ".runpod" if endpoint == "queue" else FORMS[endpoint]
+    env = json.loads((folder / "hub.json").read_text())["config"]["env"]
     values = {}
     for entry in env:
         default = entry["input"].get("default", "")
@@ -48,10 +55,13 @@ def hub_form() -> dict[str, str]:
     return values
 
 
+@pytest.mark.parametrize("endpoint", ["queue", "lb"])
 @pytest.mark.parametrize("form", [console_form, hub_form], ids=["console", "hub"])
-def test_an_untouched_form_gives_the_engine_vllm_serves_arguments(form, demo_model_dir):
-    values = form()
+def test_an_untouched_form_gives_the_engine_vllm_serves_arguments(form, endpoint,
+                                                                   demo_model_dir):
+    values = form(endpoint)
     assert len(values) >= 30, "the form lost its fields"
+    assert (values.get("ENDPOINT_TYPE") == "lb") == (endpoint == "lb")
     env = worker_env(**values)
     env["MODEL_NAME"] = str(demo_model_dir)  # the one field a user must fill
     env["BAKED_ARGS_FILE"] = str(demo_model_dir / "no-baked-args.json")

@@ -8,6 +8,6 @@ worker-facing webhooks under ``/_worker/``.
 
 from .app import create_app
 from .state import FINAL, Endpoint, Job
-from .worker_process import WorkerProcess, worker_env
+from .worker_process import WorkerProcess, platform_env
 
-__all__ = ["FINAL", "Endpoint", "Job", "WorkerProcess", "create_app", "worker_env"]
+__all__ = ["FINAL", "Endpoint", "Job", "WorkerProcess", "create_app", "platform_env"]

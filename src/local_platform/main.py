@@ -19,7 +19,7 @@ from worker_vllm.model import demo as demo_model
 from .app import create_app
 from .gateway import Gateway, WorkerHealth, create_gateway
 from .state import Endpoint
-from .worker_process import WorkerProcess, housekeeping, queue_worker_exited, worker_env
+from .worker_process import WorkerProcess, housekeeping, platform_env, queue_worker_exited
 
 log = logging.getLogger("local_platform")
 
@@ -114,7 +114,7 @@ def serve_queue_endpoint(args: argparse.Namespace) -> None:
     async def lifespan(_app: FastAPI) -> Any:
         nonlocal worker
         chores = asyncio.get_running_loop().create_task(housekeeping(endpoint))
-        env = worker_env(base_url, worker_key)
+        env = platform_env(base_url, worker_key)
         if args.no_worker:
             keys = [k for k in env if k.startswith("RUNPOD_")]
             print("Start a worker with:\n" + "\n".join(f"export {k}='{env[k]}'" for k in keys)

@@ -19,7 +19,7 @@ log = logging.getLogger("local_platform")
 HANDLER = Path(__file__).resolve().parents[1] / "handler.py"
 
 
-def worker_env(base_url: str, worker_key: str, base: dict[str, str] | None = None
+def platform_env(base_url: str, worker_key: str, base: dict[str, str] | None = None
                ) -> dict[str, str]:
     """The platform's env for a worker that talks to this endpoint."""
     env = dict(os.environ if base is None else base)

@@ -8,7 +8,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from worker_vllm.engine.app import VLLMApp
-from worker_vllm.engine.log_phases import EngineLogPhases
+from worker_vllm.engine.core_log import EngineCoreLog
 from worker_vllm.engine.outputs import Completion, Step
 from worker_vllm.engine.runner import EngineRunner, cache_key
 from worker_vllm.engine.sampling import (
@@ -31,7 +31,7 @@ __all__ = [
     "Step",
     "EngineDeadError",
     "EngineGenerateError",
-    "EngineLogPhases",
+    "EngineCoreLog",
     "EngineRunner",
     "LoopThread",
     "Flag",

@@ -24,7 +24,7 @@ from worker_vllm.config.serve_env import (
 )
 from worker_vllm.config.settings import WorkerSettings, load_worker_settings
 from worker_vllm.engine import (
-    EngineLogPhases,
+    EngineCoreLog,
     EngineRunner,
     LoopThread,
     VLLMApp,
@@ -196,7 +196,7 @@ def build_core(env: Mapping[str, str] | None = None, *, read_engine_log: bool = 
     that server honours."""
     env = os.environ if env is None else env
     phases = phases or StartupPhases()
-    engine_log = EngineLogPhases()
+    engine_log = EngineCoreLog()
     config = None
     try:
         with phases.phase("settings"):

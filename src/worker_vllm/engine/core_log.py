@@ -45,7 +45,7 @@ SPANS = {
 }
 
 
-class EngineLogPhases:
+class EngineCoreLog:
     """Copies this process's stderr (fd 2) through a pipe, collecting vLLM's phase figures.
 
     The copy runs for the life of the process: the engine core keeps writing to the pipe.
