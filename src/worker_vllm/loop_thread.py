@@ -24,8 +24,9 @@ _DONE = object()
 class LoopThread:
     """A private event loop running on its own daemon thread."""
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, name: str, uvloop: bool = False) -> None:
+        """`uvloop`: run uvloop's event loop, as `vllm serve` does (for an HTTP server)."""
+        self.loop = _uvloop() if uvloop else asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
@@ -91,3 +92,11 @@ async def _drain_until_done(queue: asyncio.Queue, limit: float = 10.0) -> None:
                 pass
     except TimeoutError:
         log.warning("Engine request did not confirm its abort within %.0f s", limit)
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # vLLM's server depends on it; without it, asyncio's own loop
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-if TYPE_CHECKING:
-    from worker_vllm.engine.runner import EngineRunner
+# The runner (`EngineRunner`) is passed in: its `engine`, `loop`, `closing`, `get_tokenizer`.
+Runner = Any
 
 log = logging.getLogger(__name__)
 
 
-def watch(runner: EngineRunner, on_dead: Callable[[str], None], interval: float = 1.0,
+def watch(runner: Runner, on_dead: Callable[[str], None], interval: float = 1.0,
           probe_every: float = 0.0, probe_timeout: float = 60.0) -> None:
     """Call `on_dead(reason)` (from the engine thread) once the engine has died.
 
@@ -47,7 +47,7 @@ def watch(runner: EngineRunner, on_dead: Callable[[str], None], interval: float 
     runner.loop.submit(watchdog())
 
 
-async def _probe(runner: EngineRunner, request_id: str, timeout: float) -> bool:
+async def _probe(runner: Runner, request_id: str, timeout: float) -> bool:
     """Whether a one-token request completes in time (on the engine loop)."""
     engine = runner.engine
     if "generate" not in await engine.get_supported_tasks():

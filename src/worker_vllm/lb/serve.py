@@ -59,7 +59,7 @@ def serve_lb(env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         log.error("%s", exc.message)
         return 1
-    loop = LoopThread("vllm-engine-loop")
+    loop = LoopThread("vllm-engine-loop", uvloop=True)  # as under `vllm serve`
     servers = HTTPServers(loop, port, health_port, _drain_timeout(env))
     with phases.phase("HTTP server"):
         servers.start()
