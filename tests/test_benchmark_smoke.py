@@ -21,11 +21,14 @@ def test_benchmark_smoke_runs_every_path():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     paths = [row.split("|")[1].strip() for row in rows[1:]]
-    expected = {"raw engine (in-process)", "vllm serve, HTTP SSE"}
+    expected = {"raw engine (in-process)", "vllm serve, HTTP SSE",
+                "worker, load-balancing, HTTP SSE"}
     for intake in ("sdk", "events"):
         expected |= {f"floor, native, {intake} intake", f"worker, native, {intake} intake",
                      f"worker, openai, {intake} intake"}
     assert expected <= set(paths), proc.stdout
-    # The worker: 2 routes x 2 intakes x (c2 and c1); the floor: 2 intakes.
-    assert sum(p.startswith("worker") for p in paths) == 8, proc.stdout
+    # The queue worker: 2 routes x 2 intakes x (c2 and c1); the floor: 2 intakes.
+    assert sum(p.startswith(("worker, native", "worker, openai")) for p in paths) == 8, \
+        proc.stdout
+    assert "Load-balancing worker cold start: first /ping 204 after" in proc.stdout
     assert sum(p.startswith("floor") for p in paths) == 2, proc.stdout
