@@ -84,9 +84,6 @@ class HTTPServers:
             except Exception:
                 log.warning("The HTTP server stopped with an error", exc_info=True)
 
-    def run_on_loop(self, coro: Any) -> Future:
-        return self.loop.submit(coro)
-
 
 def _log_like_the_worker() -> None:
     """uvicorn's lines (its access log included) through the worker's log handler."""
