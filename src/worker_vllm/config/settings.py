@@ -122,8 +122,8 @@ class WorkerSettings(BaseModel):
     )
     job_records_file: str | None = _field(
         None, "Worker", "Append one JSON line per finished job to this file: id, route, "
-        "outcome, tokens, and after a stopped job the engine's count of requests still "
-        "running (for tests and dashboards).", advanced=True, front_end="queue",
+        "outcome, tokens, and the engine's count of requests still running once the job's "
+        "own request has ended (for tests and dashboards).", advanced=True, front_end="queue",
     )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "

@@ -102,6 +102,9 @@ class JobHandler:
                     yield item
             if outcome == "stopped":
                 outcome = "completed"
+            if self.settings.job_records_file:
+                # The record of a job that ended on its own carries the engine's count too.
+                summary.engine_requests_running = await self.runner.num_unfinished_requests()
         finally:
             summary.log(outcome)
             if self.settings.job_records_file:

@@ -22,7 +22,7 @@ class JobSummary:
     first_output: float | None = None
     # How long the oldest delta of each streamed message waited for it (set by batching).
     batch_waits: list[float] = field(default_factory=list)
-    # The engine's own count of unfinished requests once a stopped job's request was aborted.
+    # The engine's own count of unfinished requests once the job's own request has ended.
     engine_requests_running: int | None = None
 
     def saw(self, item: Any) -> None:
