@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from runpod.serverless import worker as sdk_worker
 from runpod.serverless.modules import rp_job, rp_scale
 from runpod.serverless.modules.worker_state import JobsProgress
 
+from worker_vllm.admission import Admission
+from worker_vllm.engine.load import EngineLoad, RequestSize
 from worker_vllm.sdk.intake import EventIntake, IntakeGate
 from worker_vllm.sdk.job_state import use_private_job_state
 
@@ -223,3 +226,40 @@ async def test_shutdown_lets_running_jobs_finish():
     await asyncio.wait_for(task, 10)
     assert jobs.running == 0 and len(jobs.ran) == 3
     assert not intake.jobs_tasks
+
+
+async def until(condition: Any, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
+    """Idle: one job; then nothing until the engine's step shows it; a step with room wakes the
+    intake from the engine's thread; requests waiting in the engine stop it."""
+    admission, gate = Admission(128, 4096, 16), IntakeGate()
+    platform, jobs = Platform(20), Jobs(seconds=30)
+    intake = make(EventIntake, platform, jobs, concurrency=1, admission=admission,
+                  intake_gate=gate, drain_timeout=0.1)
+    task = asyncio.ensure_future(intake.run())
+
+    def engine_step(load: EngineLoad) -> None:
+        thread = threading.Thread(target=admission.observe, args=(load,))
+        thread.start()
+        thread.join()
+
+    await until(lambda: jobs.running == 1 and admission._blocked)
+    assert platform.asked == [1]
+    # The job's request: 600 prompt tokens, up to 300 more (912 in blocks); 3 more fit.
+    long = RequestSize(600, 0, 300)
+    engine_step(EngineLoad(running=1, kv_usage=608 / 4096, in_flight=(long,)))
+    await until(lambda: jobs.running == 4 and admission._blocked)
+    assert platform.asked == [1, 3]
+    for load in (EngineLoad(running=3, waiting=1, in_flight=(long,) * 4),
+                 EngineLoad(running=4, in_flight=(long,) * 4)):
+        engine_step(load)
+        assert admission._blocked  # no room: no wake-up was sent
+    await asyncio.sleep(0)
+    assert platform.asked == [1, 3] and jobs.running == 4
+    gate.close("end of test")
+    await asyncio.wait_for(task, 5)

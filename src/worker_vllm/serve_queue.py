@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping
 
 from worker_vllm import local_run
+from worker_vllm.admission import Admission
 from worker_vllm.config.settings import WorkerSettings, load_worker_settings
 from worker_vllm.engine import EngineRunner
 from worker_vllm.errors import InvalidInput, WorkerError, error_result
@@ -50,7 +51,7 @@ def run_local(argv: list[str], env: Mapping[str, str]) -> int:
     except (StartupFailure, WorkerError) as exc:
         failure = exc if isinstance(exc, StartupFailure) else StartupFailure(exc)
         return local_run.fail(job_id, _reported(failure))
-    job_concurrency(core.settings, core.runner)  # logged: what the deployed worker would run
+    job_admission(core.settings, core.runner)  # logged: what the deployed worker would do
     jobs = JobHandler(core.runner, core.settings, core.app, core.chat_template)
     code = local_run.run_job(jobs.handle, job)
     core.close()
@@ -77,10 +78,10 @@ def serve_until_stopped(core: Core) -> int:
     async def engine_is_healthy() -> None:
         await core.runner.check_health()
 
+    admission = job_admission(core.settings, core.runner)
     try:
-        serve_jobs(handler, job_concurrency(core.settings, core.runner),
-                   intake=core.settings.job_intake, gate=gate,
-                   fitness_check=engine_is_healthy)
+        serve_jobs(handler, admission.limit, intake=core.settings.job_intake, gate=gate,
+                   fitness_check=engine_is_healthy, admission=admission)
     finally:
         if gate.closed is not None:
             exit_now(1)  # the engine is dead: no clean shutdown to wait for
@@ -105,19 +106,18 @@ def serve_startup_error(error: WorkerError, env: Mapping[str, str]) -> int:
     return 0
 
 
-def job_concurrency(settings: WorkerSettings, runner: EngineRunner) -> int:
-    """MAX_CONCURRENCY, or what the engine can run at once without preempting: the smaller of
-    its sequence limit and the sequences of a full context its KV cache holds."""
-    max_num_seqs, kv_tokens = runner.capacity()
-    if settings.max_concurrency is not None:
-        log.info("Job concurrency: %d (MAX_CONCURRENCY; the engine runs up to %d sequences, "
-                 "its KV cache holds %d tokens)", settings.max_concurrency, max_num_seqs,
-                 kv_tokens)
-        return settings.max_concurrency
-    full_contexts = kv_tokens // runner.max_model_len
-    concurrency = max(1, min(max_num_seqs, full_contexts))
-    log.info("Job concurrency: %d, from the engine's capacity (MAX_NUM_SEQS=%d; the KV cache "
-             "holds %d tokens = %d sequences of MAX_MODEL_LEN=%d); set MAX_CONCURRENCY to "
-             "override", concurrency, max_num_seqs, kv_tokens, full_contexts,
-             runner.max_model_len)
-    return concurrency
+def job_admission(settings: WorkerSettings, runner: EngineRunner) -> Admission:
+    """Jobs are taken as the engine's load allows (``worker_vllm.admission``), up to
+    MAX_NUM_SEQS or MAX_CONCURRENCY; the SDK's own intake (JOB_INTAKE=sdk) takes that
+    many at once."""
+    max_num_seqs, kv_tokens, block = runner.capacity()
+    admission = Admission(max_num_seqs, kv_tokens, block, settings.max_concurrency)
+    runner.loads.on_step = admission.observe
+    if settings.job_intake == "sdk":
+        log.info("Job concurrency: %d jobs at once (%s; JOB_INTAKE=sdk)", admission.limit,
+                 admission.limit_reason)
+    else:
+        log.info("Job intake: jobs are taken while the engine can start them (no request "
+                 "waiting in it, room in its KV cache of %d tokens), up to %d at once (%s)",
+                 kv_tokens, admission.limit, admission.limit_reason)
+    return admission

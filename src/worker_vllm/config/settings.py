@@ -73,9 +73,10 @@ class WorkerSettings(BaseModel):
         "flight may take to finish before they are cut off.", ge=0, advanced=True, front_end="lb",
     )
     max_concurrency: int | None = _field(
-        None, "Worker", "Jobs one worker runs at once (vLLM batches them continuously). "
-        "Default: the engine's capacity, the smaller of MAX_NUM_SEQS and the number of "
-        "sequences of MAX_MODEL_LEN tokens its KV cache holds (logged at start-up).", ge=1,
+        None, "Worker", "Most jobs one worker runs at once (vLLM batches them continuously). "
+        "Unset: the engine decides: the worker takes another job while no request waits in "
+        "vLLM's scheduler and its KV cache has room for it, up to MAX_NUM_SEQS; set, a cap "
+        "on that.", ge=1,
         front_end="queue",
     )
     job_intake: Literal["events", "sdk"] = _field(
@@ -122,8 +123,10 @@ class WorkerSettings(BaseModel):
     )
     job_records_file: str | None = _field(
         None, "Worker", "Append one JSON line per finished job to this file: id, route, "
-        "outcome, tokens, and the engine's count of requests still running once the job's "
-        "own request has ended (for tests and dashboards).", advanced=True, front_end="queue",
+        "outcome, tokens, the engine's count of requests still running once the job's own "
+        "request has ended, and after its latest step its requests waiting, KV-cache usage "
+        "and preemptions so far, and the most requests waiting in it at any step while the "
+        "job ran (for tests and dashboards).", advanced=True, front_end="queue",
     )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "

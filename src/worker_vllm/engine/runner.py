@@ -14,6 +14,7 @@ from typing import Any
 
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
+from worker_vllm.engine.load import EngineLoads, LoadFeed
 from worker_vllm.engine.outputs import Step, plain_step
 from worker_vllm.engine.watchdog import watch
 from worker_vllm.loop_thread import LoopThread
@@ -43,12 +44,16 @@ class EngineRunner:
         is then built on another thread, so that loop keeps serving while the model loads."""
         self.loop = loop or LoopThread("vllm-engine-loop")
         self.closing = False
-        build = self._build_beside(args) if loop is not None else self._build(args)
+        # The engine's load after each step (vLLM's scheduler statistics).
+        self.loads = EngineLoads()
+        feed = LoadFeed(self.loads.saw)
+        build = self._build_beside(args, feed) if loop is not None else self._build(args, feed)
         try:
             self.engine = self.loop.submit(build).result()
         except BaseException:
             self.loop.stop()
             raise
+        feed.track(self.engine)
         self.model_config = self.engine.model_config
         self.max_model_len: int = self.model_config.max_model_len
         self.served_model_names: list[str] = list(
@@ -58,12 +63,13 @@ class EngineRunner:
         )
 
     @staticmethod
-    async def _build(args: AsyncEngineArgs) -> Any:
-        return AsyncLLMEngine.from_engine_args(args)
+    async def _build(args: AsyncEngineArgs, feed: LoadFeed) -> Any:
+        return AsyncLLMEngine.from_engine_args(args, stat_loggers=[feed.factory()])
 
     @staticmethod
-    async def _build_beside(args: AsyncEngineArgs) -> Any:
-        engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+    async def _build_beside(args: AsyncEngineArgs, feed: LoadFeed) -> Any:
+        engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args,
+                                         stat_loggers=[feed.factory()])
         # Built off the loop, vLLM defers its output handler to the first request; start it
         # now, as a build on the loop does, so an engine core failure is seen at once.
         engine._run_output_handler()
@@ -96,11 +102,14 @@ class EngineRunner:
     async def check_health(self) -> None:
         await self.loop.call(self.engine.check_health)
 
-    def capacity(self) -> tuple[int, int]:
-        """(max_num_seqs, tokens the KV cache holds): what the engine can run at once."""
+    def capacity(self) -> tuple[int, int, int]:
+        """(max_num_seqs, tokens the KV cache holds, tokens per KV block): what the engine can
+        run at once."""
         config = self.engine.vllm_config
-        blocks = config.cache_config.num_gpu_blocks or 0
-        return config.scheduler_config.max_num_seqs, blocks * config.cache_config.block_size
+        # vLLM keeps one block as its null block.
+        blocks = max(0, (config.cache_config.num_gpu_blocks or 0) - 1)
+        block = config.cache_config.block_size
+        return config.scheduler_config.max_num_seqs, blocks * block, block
 
     @property
     def errored(self) -> bool:

@@ -92,23 +92,26 @@ class JobHandler:
         if owner is not None:
             owner.add_done_callback(lambda _task: _close_if_abandoned(results))
         outcome = "stopped"
-        try:
-            async with contextlib.aclosing(results):
-                async for item in results:
-                    if isinstance(item, dict) and item.get("error"):
-                        outcome = f"failed:{item['error'].get('type', 'error')}"
-                    else:
-                        summary.saw(item)
-                    yield item
-            if outcome == "stopped":
-                outcome = "completed"
-            if self.settings.job_records_file:
-                # The record of a job that ended on its own carries the engine's count too.
-                summary.engine_requests_running = await self.runner.num_unfinished_requests()
-        finally:
-            summary.log(outcome)
-            if self.settings.job_records_file:
-                summary.record(self.settings.job_records_file, job_id, outcome)
+        with self.runner.loads.watching() as load:
+            try:
+                async with contextlib.aclosing(results):
+                    async for item in results:
+                        if isinstance(item, dict) and item.get("error"):
+                            outcome = f"failed:{item['error'].get('type', 'error')}"
+                        else:
+                            summary.saw(item)
+                        yield item
+                if outcome == "stopped":
+                    outcome = "completed"
+                if self.settings.job_records_file:
+                    # The record of a job that ended on its own carries the engine's count.
+                    summary.engine_requests_running = \
+                        await self.runner.num_unfinished_requests()
+            finally:
+                summary.log(outcome)
+                if self.settings.job_records_file:
+                    summary.engine_load(self.runner.loads.latest, load.waiting_max)
+                    summary.record(self.settings.job_records_file, job_id, outcome)
 
     def _route(self, job: ValidJob, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
         inp = job.input

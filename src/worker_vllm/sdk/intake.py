@@ -3,8 +3,10 @@
 runpod 1.10.0's ``JobScaler`` sleeps 1 s whenever its slots are full and starts taken jobs from
 a loop that wakes every 0.1 s, so a freed slot stays empty for up to a second and a taken job
 waits before it starts. ``EventIntake`` replaces those loops: a freed slot triggers the next
-job-take at once, a taken job starts at once, a stop signal that arrives before its job is
-remembered so the job never starts, and a closed intake (the engine died) takes nothing more.
+job-take at once, a taken job starts at once, the engine's own load decides how many jobs to
+take (``worker_vllm.admission``: an engine step that frees room wakes the intake), a stop
+signal that arrives before its job is remembered so the job never starts, and a closed intake
+(the engine died) takes nothing more.
 Everything else stays the SDK's: job-take and its batch sizes, stream and done posts, the stop
 channel, the heartbeat's job list, SIGTERM handling.
 
@@ -23,6 +25,7 @@ from typing import Any
 from runpod.http_client import AsyncClientSession, TooManyRequests
 from runpod.serverless.modules import rp_scale
 
+from worker_vllm.admission import Admission, FixedAdmission
 from worker_vllm.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
 
 log = logging.getLogger(__name__)
@@ -56,14 +59,17 @@ class IntakeGate:
 class EventIntake(StopChannel, rp_scale.JobScaler):
     """The SDK's JobScaler with its polling replaced by waits on events (see the module doc).
 
-    Its extra config keys: ``intake_gate`` (an IntakeGate) and ``drain_timeout`` (seconds to
-    let running jobs end after the gate closed).
+    Its extra config keys: ``intake_gate`` (an IntakeGate), ``admission`` (an Admission: how
+    many jobs to take, from the engine's load; without it, the constant concurrency) and
+    ``drain_timeout`` (seconds to let running jobs end after the gate closed).
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        # worker-vllm's concurrency is a constant: read once, never resized.
-        self.current_concurrency = int(self.concurrency_modifier(1))
+        # The SDK's concurrency is a constant: read once, never resized.
+        self.admission: Admission | FixedAdmission = (
+            config.get("admission") or FixedAdmission(int(self.concurrency_modifier(1))))
+        self.current_concurrency = self.admission.limit
         self.gate: IntakeGate = config.get("intake_gate") or IntakeGate()
         self.drain_timeout: float = float(config.get("drain_timeout", 1.0))
         self.stopped_early = {}  # job id -> when its stop arrived (see StopChannel)
@@ -75,6 +81,8 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.gate.bind(self, self._loop)
+        loop = self._loop
+        self.admission.wake = lambda: loop.call_soon_threadsafe(self._changed.set)
         async with AsyncClientSession() as session:
             stops = asyncio.create_task(self.monitor_stop_signals(session))
             try:
@@ -109,9 +117,10 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         return self.is_alive() and self.gate.closed is None
 
     async def get_jobs(self, session: Any) -> None:
-        """Take jobs whenever a slot is free, as many as are free; wait on a freed slot."""
+        """Take jobs whenever there is room, as many as there is room for; wait on a freed
+        slot or (with an admission) an engine step that opens room."""
         while self._open():
-            free = self.current_concurrency - self.current_occupancy()
+            free = self.admission.room(self.current_occupancy())
             if free <= 0:
                 self._changed.clear()
                 await self._changed.wait()

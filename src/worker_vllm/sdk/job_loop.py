@@ -5,17 +5,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
+from worker_vllm.admission import Admission
 from worker_vllm.sdk.intake import IntakeGate, install
 from worker_vllm.sdk.job_state import use_private_job_state
 
 
 def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,
                intake: Literal["events", "sdk"] = "events", gate: IntakeGate | None = None,
-               fitness_check: Callable[[], Awaitable[None]] | None = None) -> None:
+               fitness_check: Callable[[], Awaitable[None]] | None = None,
+               admission: Admission | None = None) -> None:
     """Run ``runpod.serverless.start`` until SIGTERM or until ``gate`` closes.
 
-    ``intake="events"`` takes jobs through ``EventIntake``; ``"sdk"`` keeps the SDK's own
-    polling intake (its 1 s and 0.1 s waits; no gate, stops before start are lost).
+    ``intake="events"`` takes jobs through ``EventIntake``, as many as ``admission`` says (or
+    ``concurrency`` at once without it); ``"sdk"`` keeps the SDK's own polling intake with
+    ``concurrency`` jobs at once (its 1 s and 0.1 s waits; no gate, stops before start are
+    lost).
     """
     import runpod
 
@@ -31,4 +35,5 @@ def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurre
     if intake == "events":
         install()
         config["intake_gate"] = gate if gate is not None else IntakeGate()
+        config["admission"] = admission
     runpod.serverless.start(config)

@@ -1,0 +1,170 @@
+"""Job admission: the worker takes another job when its engine could start it now.
+
+The signals are the engine's own, after each of its steps (``EngineLoad``: running and waiting
+requests, KV-cache usage, the sizes of the requests in flight and of those that finished). The
+worker asks the platform for more jobs while vLLM's scheduler has no request waiting and its KV
+cache has room for what the requests in flight will hold when they end, plus the next job;
+otherwise jobs stay in the platform's queue, where another worker can take them and the
+autoscaler sees them.
+
+What a request will hold when it ends: its prompt plus the share of its ``max_tokens`` that
+requests generated before it (learned from the last finished ones; all of it before any has
+finished), and never less than it holds already; in whole KV blocks. The next job is expected
+to be like the recent ones. After a take, the next one waits for an engine step (so jobs are
+never sized by a load that predates the last ones taken). Bounds: never more jobs than
+``max_num_seqs`` (or ``MAX_CONCURRENCY`` when set, a cap); an idle worker takes one job and
+sizes the next ones by what reaches its engine (a prompt too long for the cache then gets
+vLLM's own error instead of waiting forever); a taken job is never given back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+from worker_vllm.engine.load import EngineLoad, RequestSize
+
+log = logging.getLogger("worker_vllm.admission")
+
+# Finished requests the share of max_tokens is averaged over.
+HISTORY = 64
+# Weight of the latest finished request in the expected size of the next job.
+RECENT_WEIGHT = 0.25
+# Share of the KV cache the projection may fill: the rest absorbs requests that grow past
+# their expected size.
+KV_TARGET = 0.95
+# The intake's state is logged at each change, at most once per REGIME_LOG_S, and once per
+# BUSY_LOG_S while jobs run.
+REGIME_LOG_S = 10.0
+BUSY_LOG_S = 60.0
+
+
+class Admission:
+    """How many more jobs to take now. ``room`` is asked by the job intake (its loop);
+    ``observe`` is told of every engine step (the engine's thread) and calls ``wake`` when room
+    opens for an intake that found none."""
+
+    def __init__(self, max_num_seqs: int, kv_tokens: int, block_tokens: int,
+                 cap: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.kv_tokens, self.block_tokens = kv_tokens, max(1, block_tokens)
+        self.limit = min(cap, max_num_seqs) if cap is not None else max_num_seqs
+        self.limit_reason = "MAX_CONCURRENCY" if cap is not None and cap < max_num_seqs \
+            else "MAX_NUM_SEQS"
+        self.load = EngineLoad()
+        self.shares: deque[float] = deque(maxlen=HISTORY)  # generated / max_tokens
+        self.share = 1.0  # their mean: all of max_tokens before any request finished
+        self.recent_size: float | None = None  # tokens, weighted towards the latest
+        self.wake: Callable[[], None] | None = None
+        self.taken = 0
+        self._blocked = False
+        # Engine steps seen, and how many had been seen at the latest take: a take waits for
+        # a step after the one before, so it never sizes jobs by a load that predates them.
+        self._steps = self._steps_at_take = 0
+        self._clock = clock
+        self._regime = ""
+        self._regime_logged = self._busy_logged = -math.inf
+
+    # ----- the engine's side (its thread) -------------------------------------------------
+    def observe(self, load: EngineLoad) -> None:
+        self.load = load
+        self._steps += 1
+        for r in load.finished:
+            self._learn(r)
+        if self._blocked and self.wake is not None and self._room(self.taken)[0] > 0:
+            self._blocked = False
+            self.wake()
+        now = self._clock()
+        if (load.running or self.taken) and now - self._busy_logged >= BUSY_LOG_S:
+            self._busy_logged = now
+            log.info("Job intake: %s", self.describe(self._room(self.taken)[1]))
+
+    def _learn(self, r: RequestSize) -> None:
+        if r.max_tokens:
+            self.shares.append(min(1.0, r.generated / r.max_tokens))
+            self.share = sum(self.shares) / len(self.shares)
+        size = float(r.prompt + r.generated)
+        self.recent_size = size if self.recent_size is None else \
+            RECENT_WEIGHT * size + (1 - RECENT_WEIGHT) * self.recent_size
+
+    # ----- the intake's side ----------------------------------------------------------------
+    def room(self, taken: int) -> int:
+        """Jobs to take now, with `taken` jobs running; 0 arms ``wake`` for when it opens."""
+        self.taken = taken
+        self._blocked = True  # before the check: a step seen meanwhile then wakes the intake
+        free, regime = self._room(taken)
+        if free > 0:
+            self._blocked = False
+            self._steps_at_take = self._steps
+        self._note(regime)
+        return free
+
+    def final_size(self, r: RequestSize) -> int:
+        """KV tokens the request is expected to hold when it ends, in whole blocks."""
+        return self._blocks(r.prompt + max(r.generated, self.share * r.max_tokens))
+
+    def next_size(self) -> int | None:
+        """KV tokens the next job's request is expected to need; None before anything ran."""
+        in_flight = self.load.in_flight
+        sizes = [self.final_size(r) for r in in_flight]
+        current = sum(sizes) / len(sizes) if sizes else 0.0
+        if self.recent_size is None and not sizes:
+            return None
+        return self._blocks(max(current, self.recent_size or 0.0))
+
+    def _blocks(self, tokens: float) -> int:
+        return max(1, math.ceil(tokens / self.block_tokens - 1e-6)) * self.block_tokens
+
+    def _room(self, taken: int) -> tuple[int, str]:
+        """(jobs to take, the intake's regime)."""
+        if taken >= self.limit:
+            return 0, "at the limit"
+        if taken == 0:
+            return 1, "taking"  # the next ones are sized by what reaches the engine
+        if self._steps == self._steps_at_take:
+            return 0, "waiting for the engine's next step"
+        size = self.next_size()
+        if self.load.waiting > 0:
+            return 0, "requests wait in the engine"
+        if size is None:
+            return 0, "waiting for the first job to reach the engine"
+        free = self._fits(taken, size)
+        return (free, "taking") if free > 0 else (0, "the KV cache is full")
+
+    def _fits(self, taken: int, size: int) -> int:
+        """Jobs of `size` tokens that fit beside what the requests in flight and the taken
+        jobs that have not reached the engine yet will need."""
+        load = self.load
+        committed = max(sum(self.final_size(r) for r in load.in_flight),
+                        load.kv_usage * self.kv_tokens)
+        committed += max(0, taken - len(load.in_flight)) * size
+        fits = int((self.kv_tokens * KV_TARGET - committed) // size)
+        return max(0, min(fits, self.limit - taken))
+
+    # ----- what the log shows -----------------------------------------------------------
+    def describe(self, regime: str) -> str:
+        load, size = self.load, self.next_size()
+        return (f"{regime}: {self.taken} job(s) taken of at most {self.limit} "
+                f"({self.limit_reason}); engine: {load.running} running, {load.waiting} "
+                f"waiting, KV cache {load.kv_usage:.0%} of {self.kv_tokens} tokens, "
+                f"{'-' if size is None else size} tokens expected per job, "
+                f"{load.preempted} preempted so far")
+
+    def _note(self, regime: str) -> None:
+        now = self._clock()
+        if regime != self._regime and now - self._regime_logged >= REGIME_LOG_S:
+            self._regime, self._regime_logged = regime, now
+            log.info("Job intake: %s", self.describe(regime))
+
+
+class FixedAdmission:
+    """A constant number of jobs at once (a worker without an engine to follow)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.wake: Callable[[], None] | None = None
+
+    def room(self, taken: int) -> int:
+        return self.limit - taken

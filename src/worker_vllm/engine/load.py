@@ -1,0 +1,124 @@
+"""The engine's load after each step, as plain data, from vLLM's own bookkeeping.
+
+``AsyncLLM`` hands every step's ``SchedulerStats`` (running and waiting requests, KV-cache
+usage) and ``IterationStats`` (finished requests, preemptions) to its stat loggers; ``LoadFeed``
+is one of them. It also reads the sizes of the requests in flight from the engine's output
+processor (prompt length, tokens generated, ``max_tokens``), which lives in this process. It
+runs on the engine's loop thread (where those requests are kept): it only builds a snapshot
+and hands it on; its listeners must be cheap and thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+class RequestSize(NamedTuple):
+    """One request's tokens: its prompt, those generated so far, and its ``max_tokens`` (0
+    for a request that generates nothing, such as a pooling one)."""
+
+    prompt: int
+    generated: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine after one step."""
+
+    running: int = 0
+    waiting: int = 0
+    # Share of the KV cache's blocks in use (0..1).
+    kv_usage: float = 0.0
+    # Requests the scheduler preempted so far (their KV blocks were taken back).
+    preempted: int = 0
+    # Every request added to the engine and not finished (running, waiting, or just added).
+    in_flight: tuple[RequestSize, ...] = ()
+    # The requests that finished in this step.
+    finished: tuple[RequestSize, ...] = ()
+
+
+@dataclass(eq=False)  # hashable by identity: the runner keeps a set of them
+class LoadWatch:
+    """The most requests seen waiting in the engine, step by step, while it is watched."""
+
+    waiting_max: int = 0
+
+    def saw(self, load: EngineLoad) -> None:
+        self.waiting_max = max(self.waiting_max, load.waiting)
+
+
+class EngineLoads:
+    """The engine's load after its latest step, and who follows it: ``on_step`` (one
+    listener, told of every step on the engine's thread) and watches (``watching``)."""
+
+    def __init__(self) -> None:
+        self.latest = EngineLoad()
+        self.on_step: Callable[[EngineLoad], None] | None = None
+        self._watches: set[LoadWatch] = set()
+
+    def saw(self, load: EngineLoad) -> None:
+        self.latest = load
+        for watch in tuple(self._watches):  # one C call: safe beside adds on other threads
+            watch.saw(load)
+        if self.on_step is not None:
+            self.on_step(load)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[LoadWatch]:
+        """Follow the load step by step while the block runs."""
+        watch = LoadWatch()
+        watch.saw(self.latest)
+        self._watches.add(watch)
+        try:
+            yield watch
+        finally:
+            self._watches.discard(watch)
+
+
+class LoadFeed(StatLoggerBase):
+    """A vLLM stat logger that reports each step's ``EngineLoad`` to ``listener``."""
+
+    def __init__(self, listener: Callable[[EngineLoad], None]) -> None:
+        self.listener = listener
+        self.preempted = 0
+        # The engine's output processor's requests (``track``), read on its loop only.
+        self.requests: Mapping[str, Any] = {}
+
+    def track(self, engine: Any) -> None:
+        self.requests = engine.output_processor.request_states
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        finished: tuple[RequestSize, ...] = ()
+        if iteration_stats is not None:
+            self.preempted += iteration_stats.num_preempted_reqs
+            finished = tuple(RequestSize(r.num_prompt_tokens, r.num_generation_tokens,
+                                         r.max_tokens_param or 0)
+                             for r in iteration_stats.finished_requests)
+        self.listener(EngineLoad(scheduler_stats.num_running_reqs,
+                                 scheduler_stats.num_waiting_reqs,
+                                 scheduler_stats.kv_cache_usage, self.preempted,
+                                 tuple(_size(r) for r in self.requests.values()), finished))
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def factory(self) -> Callable[[Any, int], StatLoggerBase]:
+        """What ``AsyncLLM(stat_loggers=[...])`` takes: (vllm_config, engine index) -> logger.
+        One engine per worker, so every index gets this one."""
+        return lambda _config, _index: self
+
+
+def _size(request: Any) -> RequestSize:
+    """A request of the output processor (``RequestState``) as its sizes."""
+    stats = request.stats
+    return RequestSize(request.prompt_len or 0, stats.num_generation_tokens if stats else 0,
+                       request.max_tokens_param or 0)

@@ -1,0 +1,142 @@
+"""Job admission from the engine's load (fast: plain data, no engine)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from worker_vllm.admission import KV_TARGET, Admission
+from worker_vllm.engine.load import EngineLoad, RequestSize
+
+KV_TOKENS, BLOCK = 4096, 16  # a cache of 4 full contexts of 1,024 tokens
+TARGET = KV_TOKENS * KV_TARGET
+
+
+def admission(cap: int | None = None, max_num_seqs: int = 128) -> Admission:
+    return Admission(max_num_seqs, KV_TOKENS, BLOCK, cap)
+
+
+def step(a: Admission, running: list[RequestSize] = (), waiting: int = 0,
+         finished: list[RequestSize] = ()) -> None:
+    """One engine step: `running` in flight (all scheduled), `waiting` more queued in it."""
+    held = sum(r.prompt + r.generated for r in running)
+    a.observe(EngineLoad(running=len(running), waiting=waiting, kv_usage=held / KV_TOKENS,
+                         in_flight=tuple(running), finished=tuple(finished)))
+
+
+SHORT = RequestSize(8, 64, 64)  # 72 tokens: 80 in blocks of 16
+LONG = RequestSize(600, 300, 300)  # 900 tokens: 912 in blocks
+
+
+def test_an_idle_worker_takes_one_job_then_waits_for_it_to_reach_the_engine():
+    a = admission()
+    assert a.next_size() is None
+    assert a.room(0) == 1
+    assert a.room(1) == 0  # taken, not in the engine yet: its size is unknown
+    step(a, [RequestSize(8, 0, 64)])
+    # Before anything finished, a request is expected to use all of its max_tokens.
+    assert a.final_size(RequestSize(8, 0, 64)) == 80
+    assert a.room(1) == int(TARGET // 80) - 1
+
+
+def test_short_jobs_fill_the_cache_far_beyond_its_full_contexts():
+    a = admission()
+    step(a, [SHORT._replace(generated=10)] * 10, finished=[SHORT] * 10)
+    free = a.room(10)
+    assert free == int((TARGET - 10 * 80) // 80)
+    assert 10 + free > 2 * KV_TOKENS // 1024  # far more than 4 "full contexts"
+
+
+def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
+    a = admission()
+    step(a, [LONG._replace(generated=5)] * 4)  # 4 x 912 expected: 3648 of 3891
+    assert a.room(4) == 0
+    step(a, [LONG._replace(generated=300)] * 3, finished=[LONG])
+    assert a.room(3) == 1
+
+
+def test_the_share_of_max_tokens_used_is_learned_from_finished_requests():
+    a = admission()
+    chat = RequestSize(100, 0, 924)  # no max_tokens in the body: the rest of the context
+    assert a.final_size(chat) == 1024
+    step(a, [chat], finished=[RequestSize(100, 92, 924)] * 8)  # they stop after ~10%
+    assert a.final_size(chat) == 192  # 100 + 92 -> 12 blocks
+    # A request past its expected share is expected to hold at least what it holds.
+    assert a.final_size(chat._replace(generated=400)) == 512
+
+
+def test_a_change_to_longer_jobs_is_seen_by_the_first_one_to_reach_the_engine():
+    a = admission()
+    step(a, [], finished=[SHORT] * 20)
+    assert a.room(0) == 1  # idle: one job, whatever the history says
+    step(a, [LONG._replace(generated=0)])
+    assert a.next_size() == 912
+    assert a.room(1) == 3  # 4 x 912 fit in the target share, 5 do not
+
+
+def test_requests_waiting_in_the_engine_stop_the_intake():
+    a = admission()
+    step(a, [SHORT] * 8, waiting=1)
+    assert a.room(9) == 0
+    assert a.room(0) == 1  # but an idle worker always takes one
+
+
+def test_a_job_larger_than_the_cache_still_starts_on_an_idle_worker():
+    a = admission()
+    step(a, [], finished=[RequestSize(5000, 10, 10)])
+    assert a.room(0) == 1
+    step(a, [RequestSize(5000, 0, 10)])
+    assert a.room(1) == 0
+
+
+@pytest.mark.parametrize("cap,max_num_seqs,limit,reason", [
+    (3, 128, 3, "MAX_CONCURRENCY"), (30, 8, 8, "MAX_NUM_SEQS"), (None, 16, 16, "MAX_NUM_SEQS")])
+def test_max_concurrency_caps_and_max_num_seqs_bounds(cap, max_num_seqs, limit, reason):
+    a = admission(cap, max_num_seqs)
+    assert (a.limit, a.limit_reason) == (limit, reason)
+    tiny = RequestSize(4, 0, 4)
+    step(a, [tiny], finished=[tiny._replace(generated=4)])
+    assert a.room(1) == limit - 1
+    assert a.room(limit) == 0
+
+
+def test_a_step_that_opens_room_wakes_a_blocked_intake_once():
+    a = admission()
+    woken: list[int] = []
+    a.wake = lambda: woken.append(1)
+    step(a, [SHORT] * 2, waiting=2)
+    assert a.room(4) == 0
+    step(a, [SHORT] * 3, waiting=1)
+    assert woken == []  # still no room
+    step(a, [SHORT] * 4)
+    assert woken == [1]
+    step(a, [SHORT] * 4)
+    assert woken == [1]  # not blocked any more: the intake asks by itself
+
+
+def test_the_intake_state_is_logged_at_each_change(caplog):
+    clock = [0.0]
+    a = Admission(128, KV_TOKENS, BLOCK, None, clock=lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="worker_vllm.admission"):
+        a.room(0)
+        step(a, [SHORT], waiting=3)
+        a.room(1)
+        a.room(1)  # no change: no line
+        clock[0] = 11.0
+        a.room(1)  # the change of 0 s ago is shown once REGIME_LOG_S has passed
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("Job intake: taking: 0 job(s) taken of at most 128")
+    assert any("requests wait in the engine: 1 job(s) taken" in line
+               and "1 running, 3 waiting, KV cache 2%" in line for line in lines), lines
+
+
+def test_a_take_waits_for_an_engine_step_after_the_one_before():
+    """Jobs just taken may not have reached the engine: the load seen before them would size
+    them by the past (a change to longer jobs would over-fill the cache)."""
+    a = admission()
+    step(a, [SHORT] * 2, finished=[SHORT] * 4)
+    assert a.room(2) > 0
+    assert a.room(3) == 0
+    step(a, [SHORT] * 3)
+    assert a.room(3) > 0

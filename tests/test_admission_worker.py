@@ -1,0 +1,104 @@
+"""Job admission in a real worker process: the engine's load decides how many jobs it takes
+(real engine with a small KV cache, the local endpoint, the SDK in production mode)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+from processes import FINAL, Endpoint
+
+pytestmark = pytest.mark.slow
+
+# A KV cache of 4 sequences of MAX_MODEL_LEN tokens (the demo model: 1 KiB per token), so the
+# earlier rule ("jobs = full contexts the cache holds") would take 4 jobs at once.
+SMALL_CACHE = {"KV_CACHE_MEMORY_BYTES": str(4 * 1024 * 1024), "MAX_MODEL_LEN": "1024",
+               "BLOCK_SIZE": "32"}
+FULL_CONTEXTS = 4
+LONG_PROMPT = "value = compute(item)\n" * 75  # 600 tokens of the demo tokenizer
+
+
+class HealthSampler:
+    """/health polled in a thread: (inProgress, inQueue) samples until stopped."""
+
+    def __init__(self, ep: Endpoint) -> None:
+        self.ep, self.samples = ep, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                jobs = session.get(f"{self.ep.base}/health", timeout=30).json()["jobs"]
+                self.samples.append((jobs["inProgress"], jobs["inQueue"]))
+                time.sleep(0.02)
+
+    def stop(self) -> list[tuple[int, int]]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.samples
+
+
+def run_all(ep: Endpoint, inputs: list[dict]) -> tuple[list[dict], list[tuple[int, int]]]:
+    """Submit every job at once; (their final statuses, the /health samples meanwhile)."""
+    sampler = HealthSampler(ep)
+    try:
+        ids = [ep.run(i) for i in inputs]
+        statuses = [ep.wait(job_id, FINAL, timeout=600) for job_id in ids]
+    finally:
+        samples = sampler.stop()
+    assert [s["status"] for s in statuses] == ["COMPLETED"] * len(inputs), statuses
+    return [ep.record(job_id) for job_id in ids], samples
+
+
+def short_job(i: int) -> dict:
+    return {"prompt": f"def job_{i}():", "sampling_params": {
+        "max_tokens": 64, "ignore_eos": True, "temperature": 1.0, "seed": i}}
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, demo_model_dir):
+    ep = Endpoint(tmp_path_factory.mktemp("admission"), **SMALL_CACHE)
+    yield ep
+    ep.close()
+
+
+def test_short_jobs_run_many_more_at_once_than_full_contexts(small_cache):
+    records, samples = run_all(small_cache, [short_job(i) for i in range(24)])
+    assert max(p for p, _ in samples) > 2 * FULL_CONTEXTS, samples
+    for record in records:
+        assert record["output_tokens"] == 64
+        assert isinstance(record["engine_requests_waiting"], int)
+        assert 0.0 <= record["kv_cache_usage"] <= 1.0
+        assert record["engine_requests_waiting_max"] >= record["engine_requests_waiting"]
+    assert "Job intake: jobs are taken while the engine can start them" in \
+        small_cache.log.read_text()
+
+
+def test_long_jobs_wait_on_the_platform_not_in_the_engine(small_cache):
+    """Prompts of 600 tokens and 300 generated: 3 such jobs fill the cache (~900 tokens each,
+    in blocks of 32). The rest waits in the platform's queue; inside the engine at most a
+    couple of requests wait at any step, and none is preempted."""
+    jobs = [{"prompt": LONG_PROMPT, "sampling_params": {
+        "max_tokens": 300, "ignore_eos": True, "temperature": 1.0, "seed": i}}
+        for i in range(8)]
+    records, samples = run_all(small_cache, jobs)
+    assert all(r["prompt_tokens"] == 600 and r["output_tokens"] == 300 for r in records)
+    assert max(p for p, _ in samples) <= FULL_CONTEXTS, samples
+    assert any(p >= 1 and q >= 1 for p, q in samples), samples  # queued on the platform
+    assert max(r["engine_requests_waiting_max"] for r in records) <= 2, records
+    preemptions = [r["engine_preemptions"] for r in records]
+    assert max(preemptions) == min(preemptions), records  # none during these jobs
+
+
+def test_max_concurrency_caps_the_jobs_taken(tmp_path, demo_model_dir):
+    ep = Endpoint(tmp_path, MAX_CONCURRENCY="3", **SMALL_CACHE)
+    try:
+        _, samples = run_all(ep, [short_job(i) for i in range(12)])
+    finally:
+        ep.close()
+    assert max(p for p, _ in samples) == 3, samples
+    assert "up to 3 at once (MAX_CONCURRENCY)" in ep.log.read_text()
