@@ -39,6 +39,8 @@ class Load:
     jobs: int
     tokens: int
     concurrency: int
+    # Every job's prompt (default: a short one of its own).
+    prompt: str | None = None
 
 
 def pct(values: list[float], q: float) -> float:
@@ -80,7 +82,10 @@ class Platform:
     `intake` ("events": the worker's own; "sdk": the runpod SDK's polling loop)."""
 
     def __init__(self, stream_post_delay: float, log_path: Path, script: Path = HANDLER,
-                 intake: str = "events", concurrency: int = 64) -> None:
+                 intake: str = "events", concurrency: int | None = 64,
+                 **extra_env: str) -> None:
+        """`concurrency`: MAX_CONCURRENCY (None: unset, the engine decides); `extra_env`:
+        more of the worker's settings."""
         self.port = free_port()
         self.endpoint = le.Endpoint(100_000, stream_post_delay)
         self.log_path = log_path
@@ -88,8 +93,10 @@ class Platform:
         env = le.platform_env(base, "bench-worker-key")
         env.pop("MODEL_NAME", None)
         env.update({k: v for k, v in _demo_env().items() if k not in env})
-        env.update(MAX_CONCURRENCY=str(concurrency), RUNPOD_LOG_LEVEL="INFO",
-                   JOB_INTAKE=intake)
+        env.update(RUNPOD_LOG_LEVEL="INFO", JOB_INTAKE=intake, **extra_env)
+        env.pop("MAX_CONCURRENCY", None)
+        if concurrency is not None:
+            env["MAX_CONCURRENCY"] = str(concurrency)
         self.env = env
         app = le.create_app(self.endpoint, None, "bench-worker-key")
         import uvicorn
@@ -128,8 +135,16 @@ def _demo_env() -> dict[str, str]:
 
 
 def _native_body(load: Load, i: int) -> dict[str, Any]:
-    return {"input": {"prompt": f"def job_{i}():", "stream": True, "sampling_params": {
-        "max_tokens": load.tokens, "ignore_eos": True, "temperature": 1.0, "seed": i}}}
+    return {"input": {"prompt": load.prompt or f"def job_{i}():", "stream": True,
+                      "sampling_params": {"max_tokens": load.tokens, "ignore_eos": True,
+                                          "temperature": 1.0, "seed": i}}}
+
+
+def _completion_body(load: Load, i: int) -> dict[str, Any]:
+    """The native job's request as `vllm serve`'s /v1/completions takes it."""
+    return {"model": DEMO_MODEL_ID, "prompt": load.prompt or f"def job_{i}():",
+            "max_tokens": load.tokens, "ignore_eos": True, "stream": True, "seed": i,
+            "temperature": 1.0}
 
 
 def _chat_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
@@ -186,6 +201,9 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         "ttft_p50": pct([j.chunk_times[0] - j.created for j in jobs], 0.5),
         "ttft_p95": pct([j.chunk_times[0] - j.created for j in jobs], 0.95),
         "take_ttft_p50": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs], 0.5),
+        "take_ttft_p95": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs],
+                             0.95),
+        "job_ids": [j.id for j in jobs],
         "msgs": statistics.median(len(j.chunks) for j in jobs),
         "stale_p95": pct(staleness, 0.95) / 1000 if staleness else None,
         "last_wait_max": max(last_waits) / 1000 if last_waits else None,
@@ -194,14 +212,16 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
 
 
 @contextlib.contextmanager
-def vllm_serve(log_path: Path) -> Iterator[tuple[str, int]]:
-    """vLLM's own server on the demo model with the worker's engine settings."""
+def vllm_serve(log_path: Path, **engine: Any) -> Iterator[tuple[str, int]]:
+    """vLLM's own server on the demo model with the worker's engine settings (`engine`: other
+    values of the demo's engine defaults, by their names)."""
     port = free_port()
+    settings = {**ENGINE_DEFAULTS, **engine}
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
             str(ensure_demo_model()), "--served-model-name", DEMO_MODEL_ID, "--port", str(port),
             "--dtype", "float32", "--enforce-eager", "--max-model-len",
-            str(ENGINE_DEFAULTS["max_model_len"]), "--kv-cache-memory-bytes",
-            str(ENGINE_DEFAULTS["kv_cache_memory_bytes"]), "--disable-uvicorn-access-log"]
+            str(settings["max_model_len"]), "--kv-cache-memory-bytes",
+            str(settings["kv_cache_memory_bytes"]), "--disable-uvicorn-access-log"]
     env = dict(os.environ, VLLM_RPC_BASE_PATH=tempfile.mkdtemp(prefix="bench-rpc-"))
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -221,7 +241,8 @@ def vllm_serve(log_path: Path) -> Iterator[tuple[str, int]]:
         proc.wait(timeout=120)
 
 
-async def _drive_vllm_serve(url: str, load: Load) -> tuple[list[float], list[int]]:
+async def _drive_vllm_serve(url: str, load: Load, route: str = "chat"
+                            ) -> tuple[list[float], list[int]]:
     semaphore = asyncio.Semaphore(load.concurrency)
     ttfts: list[float] = []
     events: list[int] = []
@@ -230,8 +251,9 @@ async def _drive_vllm_serve(url: str, load: Load) -> tuple[list[float], list[int
         async def one(i: int) -> None:
             async with semaphore:
                 start, first, n = time.monotonic(), None, 0
-                async with client.stream("POST", f"{url}/v1/chat/completions",
-                                         json=_chat_body(load, i)) as r:
+                path, body = (("/v1/chat/completions", _chat_body(load, i)) if route == "chat"
+                              else ("/v1/completions", _completion_body(load, i)))
+                async with client.stream("POST", url + path, json=body) as r:
                     async for line in r.aiter_lines():
                         if line.startswith("data: "):
                             n += 1
@@ -276,16 +298,19 @@ def lb_worker(log_path: Path) -> Iterator[tuple[str, int, dict[str, float]]]:
 
 
 def measure_vllm_serve(url: str, pid: int, load: Load,
-                       label: str = "vllm serve, HTTP SSE") -> dict[str, Any]:
-    """Streamed chat completions over HTTP against `vllm serve` (or the worker serving
-    vLLM's app on a load-balancing endpoint)."""
+                       label: str = "vllm serve, HTTP SSE", route: str = "chat"
+                       ) -> dict[str, Any]:
+    """Streamed chat completions (or, `route="completions"`, completions of the native jobs'
+    prompts) over HTTP against `vllm serve` (or the worker serving vLLM's app on a
+    load-balancing endpoint)."""
     cpu0 = tree_cpu(pid)
     started = time.monotonic()
-    ttfts, events = asyncio.run(_drive_vllm_serve(url, load))
+    ttfts, events = asyncio.run(_drive_vllm_serve(url, load, route))
     wall = time.monotonic() - started
     tokens = load.jobs * load.tokens
     return {"path": label, "c": load.concurrency, "tokens": load.tokens,
             "tps": tokens / wall, "take_p50": None, "take_done_p50": None,
             "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "take_ttft_p50": None,
+            "take_ttft_p95": None,
             "msgs": statistics.median(events), "stale_p95": None, "last_wait_max": None,
             "cpu_per_1k": (tree_cpu(pid) - cpu0) / tokens * 1000, "endpoint_cpu_share": None}

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/benchmark.py [--tokens 256] [--jobs 8] [--repeat 3]
         [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
+    .venv/bin/python scripts/benchmark.py --admission [--smoke]
 
 Table 1, in-process: wall time, output tokens/s, time to first output and yields per job for
   engine     vLLM's AsyncLLM.generate consumed on the engine's own loop (the baseline)
@@ -26,6 +27,10 @@ token p50/p95 (from submission, and from the worker's take), messages per job, t
 p95 (how long a message's oldest token waited for it), the longest wait of a stream's last
 message, process-tree CPU seconds per 1,000 tokens and its ratio to `vllm serve`'s, and the
 platform stand-in's CPU as a share of the worker's.
+
+--admission: jobs per worker instead (scripts/bench_admission.py): the engine deciding against
+fixed counts and `vllm serve` on a KV-limited engine, and the first stream message with
+MAX_CONCURRENCY equal to the load and unset.
 
 Compare ratios within one run only: these machines are noisy, absolute figures are not
 comparable between runs. --smoke runs everything at tiny sizes (for CI: no figures asserted).
@@ -287,8 +292,18 @@ def main() -> None:
     parser.add_argument("--lb", action="store_true",
                         help="of the full path, only `vllm serve` and the worker on a "
                              "load-balancing endpoint (direct HTTP)")
+    parser.add_argument("--admission", action="store_true",
+                        help="only the jobs-per-worker tables (scripts/bench_admission.py)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
+    if args.admission:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_admission
+
+        run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
+        bench_admission.print_tables(bench_admission.kv_limited_rows(run_dir, args.smoke),
+                                     bench_admission.first_message_rows(run_dir, args.smoke))
+        return
     if args.smoke:
         args.tokens, args.jobs, args.repeat = 8, 2, 1
         args.full_path, args.path_jobs, args.path_tokens = True, 4, 8

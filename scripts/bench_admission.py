@@ -1,0 +1,149 @@
+"""Jobs per worker, for scripts/benchmark.py --admission: the engine deciding against fixed
+counts and `vllm serve`, in one run.
+
+Table A, a KV-limited engine (a cache of 4 contexts of MAX_MODEL_LEN=1024 tokens), native jobs
+through the platform stand-in: the rule before (4 jobs at once: min(MAX_NUM_SEQS, KV tokens //
+MAX_MODEL_LEN)), the engine deciding (MAX_CONCURRENCY unset), MAX_CONCURRENCY=32, and `vllm
+serve` with the same engine settings (/v1/completions of the same prompts); (a) 64 jobs x 128
+tokens at c32 and c64, (b) 32 jobs of ~600-token prompts x 300 tokens at c32. Columns beyond
+the full path's: the most requests waiting in vLLM's scheduler at any engine step and the
+engine's preemptions (from the worker's job records), and the most jobs waiting in the
+platform's queue (sampled every 10 ms).
+
+Table B, the demo's default engine: the worker's first stream message from its job-take
+against `vllm serve`'s time to first token, at c16 and c32, native and OpenAI jobs, with
+MAX_CONCURRENCY equal to the load and unset.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import bench_full_path as fp
+
+# 4 contexts of 1,024 tokens: the demo model's KV cache takes 1 KiB per token.
+KV_LIMITED = {"kv_cache_memory_bytes": 4 * 1024 * 1024, "max_model_len": 1024}
+EARLIER_RULE = 4 * 1024 // 1024  # KV tokens // MAX_MODEL_LEN, as the rule before computed it
+LONG_PROMPT = "value = compute(item)\n" * 75  # 600 tokens of the demo tokenizer
+
+
+def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:
+    if smoke:
+        return [("short", fp.Load(4, 8, 2)), ("long", fp.Load(2, 8, 2, LONG_PROMPT))]
+    return [("short", fp.Load(64, 128, 32)), ("short", fp.Load(64, 128, 64)),
+            ("long", fp.Load(32, 300, 32, LONG_PROMPT))]
+
+
+class QueueSampler:
+    """The platform stand-in's queue length, sampled every 10 ms in a thread."""
+
+    def __init__(self, platform: fp.Platform) -> None:
+        self.platform, self.peak = platform, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, len(self.platform.endpoint.queue))
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
+def _engine_figures(records: Path, ids: list[str]) -> dict[str, Any]:
+    wanted, rows = set(ids), []
+    for line in records.read_text().splitlines():
+        record = json.loads(line)
+        if record["id"] in wanted:
+            rows.append(record)
+    preemptions = [r["engine_preemptions"] for r in rows]
+    return {"waiting_max": max(r["engine_requests_waiting_max"] for r in rows),
+            "preempted": max(preemptions) - min(preemptions)}
+
+
+def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    env = {k.upper(): json.dumps(v) for k, v in KV_LIMITED.items()}
+    configs = [(f"earlier rule: {EARLIER_RULE}", EARLIER_RULE), ("engine decides", None),
+               ("MAX_CONCURRENCY=32", 32)]
+    for label, concurrency in configs[1:2] if smoke else configs:  # each start costs ~30 s
+        records = run_dir / f"records-{concurrency}.jsonl"
+        platform = fp.Platform(0.0, run_dir / f"kv-worker-{concurrency}.log",
+                               concurrency=concurrency, JOB_RECORDS_FILE=str(records), **env)
+        try:
+            for kind, load in _loads(smoke):
+                sampler = QueueSampler(platform)
+                row = fp.measure_platform(platform, load, "native", f"worker, {label}")
+                rows.append({**row, "kind": kind, "queue_max": sampler.stop(),
+                             **_engine_figures(records, row["job_ids"])})
+        finally:
+            platform.close()
+    with fp.vllm_serve(run_dir / "kv-vllm-serve.log", **KV_LIMITED) as (url, pid):
+        for kind, load in _loads(smoke):
+            row = fp.measure_vllm_serve(url, pid, load, "vllm serve", route="completions")
+            rows.append({**row, "kind": kind})
+    return rows
+
+
+def first_message_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    concurrencies = (2,) if smoke else (16, 32)
+    jobs, tokens = (4, 8) if smoke else (64, 128)
+    for concurrency in (None,) if smoke else (*concurrencies, None):
+        platform = fp.Platform(0.0, run_dir / f"worker-{concurrency}.log",
+                               concurrency=concurrency)
+        label = "unset" if concurrency is None else "= load"
+        try:
+            for c in concurrencies if concurrency is None else (concurrency,):
+                for route in ("native", "openai"):
+                    rows.append(fp.measure_platform(platform, fp.Load(jobs, tokens, c), route,
+                                                    f"worker, {route}, MAX_CONCURRENCY {label}"))
+        finally:
+            platform.close()
+    with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid):
+        for c in concurrencies:
+            rows.append(fp.measure_vllm_serve(url, pid, fp.Load(jobs, tokens, c)))
+    return rows
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
+    print("\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0\n")
+    print("| load | c | path | tok/s | x MAX_CONCURRENCY=32 | x vllm serve | TTFT p50/p95 ms "
+          "(from submission) | first msg from take p50/p95 ms | engine waiting max | "
+          "preempted | platform queue max |")
+    print("|" + "---|" * 11)
+    for row in kv:
+        def same(prefix: str, r: dict[str, Any] = row) -> dict[str, Any] | None:
+            return next((o for o in kv if o["path"].startswith(prefix) and o["c"] == r["c"]
+                         and o["kind"] == r["kind"]), None)
+
+        def ratio(base: dict[str, Any] | None, r: dict[str, Any] = row) -> str:
+            return f"{r['tps'] / base['tps']:.2f}" if base else "-"
+
+        print(f"| {row['kind']} x{row['tokens']} | {row['c']} | {row['path']} | "
+              f"{row['tps']:.0f} | {ratio(same('worker, MAX_CONCURRENCY=32'))} | "
+              f"{ratio(same('vllm serve'))} | {_ms(row['ttft_p50'])}/{_ms(row['ttft_p95'])} | "
+              f"{_ms(row['take_ttft_p50'])}/{_ms(row['take_ttft_p95'])} | "
+              f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "
+              f"{row.get('queue_max', '-')} |")
+    print("\nB. The first stream message, demo engine defaults, RTT 0\n")
+    print("| path | c | tok/s | first msg from take p50/p95 ms | vllm serve TTFT p50/p95 ms | "
+          "p95 x vllm serve |")
+    print("|" + "---|" * 6)
+    for row in first:
+        if row["path"].startswith("vllm serve"):
+            continue
+        serve = next(o for o in first if o["path"].startswith("vllm serve") and o["c"] == row["c"])
+        print(f"| {row['path']} | {row['c']} | {row['tps']:.0f} | {_ms(row['take_ttft_p50'])}/"
+              f"{_ms(row['take_ttft_p95'])} | {_ms(serve['ttft_p50'])}/{_ms(serve['ttft_p95'])} "
+              f"| {row['take_ttft_p95'] / serve['ttft_p95']:.2f} |")
