@@ -27,7 +27,8 @@ import bench_full_path as fp
 # 4 contexts of 1,024 tokens: the demo model's KV cache takes 1 KiB per token.
 KV_LIMITED = {"kv_cache_memory_bytes": 4 * 1024 * 1024, "max_model_len": 1024}
 EARLIER_RULE = 4 * 1024 // 1024  # KV tokens // MAX_MODEL_LEN, as the rule before computed it
-LONG_PROMPT = "value = compute(item)\n" * 75  # 600 tokens of the demo tokenizer
+# ~605 tokens of the demo tokenizer, a different first block for each job (no prefix shared).
+LONG_PROMPT = "# job {i}\n" + "value = compute(item)\n" * 75
 
 
 def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:

@@ -39,7 +39,7 @@ class Load:
     jobs: int
     tokens: int
     concurrency: int
-    # Every job's prompt (default: a short one of its own).
+    # Every job's prompt, `{i}` standing for the job's number (default: a short one).
     prompt: str | None = None
 
 
@@ -134,15 +134,19 @@ def _demo_env() -> dict[str, str]:
     return env
 
 
+def _prompt(load: Load, i: int) -> str:
+    return load.prompt.format(i=i) if load.prompt else f"def job_{i}():"
+
+
 def _native_body(load: Load, i: int) -> dict[str, Any]:
-    return {"input": {"prompt": load.prompt or f"def job_{i}():", "stream": True,
+    return {"input": {"prompt": _prompt(load, i), "stream": True,
                       "sampling_params": {"max_tokens": load.tokens, "ignore_eos": True,
                                           "temperature": 1.0, "seed": i}}}
 
 
 def _completion_body(load: Load, i: int) -> dict[str, Any]:
     """The native job's request as `vllm serve`'s /v1/completions takes it."""
-    return {"model": DEMO_MODEL_ID, "prompt": load.prompt or f"def job_{i}():",
+    return {"model": DEMO_MODEL_ID, "prompt": _prompt(load, i),
             "max_tokens": load.tokens, "ignore_eos": True, "stream": True, "seed": i,
             "temperature": 1.0}
 

@@ -29,23 +29,25 @@ SHORT = RequestSize(8, 64, 64)  # 72 tokens: 80 in blocks of 16
 LONG = RequestSize(600, 300, 300)  # 900 tokens: 912 in blocks
 
 
-def test_an_idle_worker_takes_one_job_then_waits_for_it_to_reach_the_engine():
+def test_an_idle_worker_takes_one_job_then_doubles_what_reaches_the_engine():
     a = admission()
-    assert a.next_size() is None
+    assert a.sizes.next_job(()) is None
     assert a.room(0) == 1
     assert a.room(1) == 0  # taken, not in the engine yet: its size is unknown
     step(a, [RequestSize(8, 0, 64)])
     # Before anything finished, a request is expected to use all of its max_tokens.
-    assert a.final_size(RequestSize(8, 0, 64)) == 80
-    assert a.room(1) == int(TARGET // 80) - 1
+    assert a.sizes.final(RequestSize(8, 0, 64)) == 80
+    assert a.room(1) == 1  # one take at most doubles the requests in the engine
+    step(a, [RequestSize(8, 1, 64)] * 2)
+    assert a.room(2) == 2
 
 
 def test_short_jobs_fill_the_cache_far_beyond_its_full_contexts():
     a = admission()
-    step(a, [SHORT._replace(generated=10)] * 10, finished=[SHORT] * 10)
-    free = a.room(10)
-    assert free == int((TARGET - 10 * 80) // 80)
-    assert 10 + free > 2 * KV_TOKENS // 1024  # far more than 4 "full contexts"
+    step(a, [SHORT._replace(generated=10)] * 30, finished=[SHORT] * 10)
+    free = a.room(30)
+    assert free == int((TARGET - 30 * 80) // 80)  # the cache, not the doubling, bounds it
+    assert 30 + free > 10 * KV_TOKENS // 1024  # ten times the 4 "full contexts"
 
 
 def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
@@ -59,20 +61,40 @@ def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
 def test_the_share_of_max_tokens_used_is_learned_from_finished_requests():
     a = admission()
     chat = RequestSize(100, 0, 924)  # no max_tokens in the body: the rest of the context
-    assert a.final_size(chat) == 1024
+    assert a.sizes.final(chat) == 1024
     step(a, [chat], finished=[RequestSize(100, 92, 924)] * 8)  # they stop after ~10%
-    assert a.final_size(chat) == 192  # 100 + 92 -> 12 blocks
+    assert a.sizes.final(chat) == 192  # 100 + 92 -> 12 blocks
     # A request past its expected share is expected to hold at least what it holds.
-    assert a.final_size(chat._replace(generated=400)) == 512
+    assert a.sizes.final(chat._replace(generated=400)) == 512
 
 
-def test_a_change_to_longer_jobs_is_seen_by_the_first_one_to_reach_the_engine():
+def test_a_change_to_longer_jobs_is_seen_before_it_over_fills_the_cache():
     a = admission()
     step(a, [], finished=[SHORT] * 20)
     assert a.room(0) == 1  # idle: one job, whatever the history says
     step(a, [LONG._replace(generated=0)])
-    assert a.next_size() == 912
-    assert a.room(1) == 3  # 4 x 912 fit in the target share, 5 do not
+    assert a.sizes.next_job(a.load.in_flight) == 912
+    assert a.room(1) == 1
+    step(a, [LONG._replace(generated=1)] * 2)
+    assert a.room(2) == 2  # 4 x 912 fit in the target share, 5 do not
+    step(a, [LONG._replace(generated=2)] * 4)
+    assert a.room(4) == 0
+
+
+def test_jobs_whose_results_ended_count_as_gone_from_the_engine():
+    """Jobs still posting their last messages hold nothing in the engine: with only those,
+    the worker is as idle as an empty one (one job, sized by what reaches the engine), and
+    the history of short jobs cannot size a burst of long ones."""
+    a = admission()
+    step(a, [], finished=[SHORT] * 20)
+    for job in "abcdef":
+        a.results_ended(job)
+    assert a.room(6) == 1
+    step(a, [LONG._replace(generated=0)])
+    assert a.room(7) == 1
+    for job in "abcdef":
+        a.job_ended(job)
+    assert not a.tails
 
 
 def test_requests_waiting_in_the_engine_stop_the_intake():
@@ -96,8 +118,8 @@ def test_max_concurrency_caps_and_max_num_seqs_bounds(cap, max_num_seqs, limit, 
     a = admission(cap, max_num_seqs)
     assert (a.limit, a.limit_reason) == (limit, reason)
     tiny = RequestSize(4, 0, 4)
-    step(a, [tiny], finished=[tiny._replace(generated=4)])
-    assert a.room(1) == limit - 1
+    step(a, [tiny] * (limit - 1), finished=[tiny._replace(generated=4)])
+    assert a.room(limit - 1) == 1
     assert a.room(limit) == 0
 
 

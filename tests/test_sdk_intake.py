@@ -250,16 +250,20 @@ async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
 
     await until(lambda: jobs.running == 1 and admission._blocked)
     assert platform.asked == [1]
-    # The job's request: 600 prompt tokens, up to 300 more (912 in blocks); 3 more fit.
+    # The job's request: 600 prompt tokens, up to 300 more (912 in blocks); one take at most
+    # doubles the requests in the engine.
     long = RequestSize(600, 0, 300)
     engine_step(EngineLoad(running=1, kv_usage=608 / 4096, in_flight=(long,)))
+    await until(lambda: jobs.running == 2 and admission._blocked)
+    assert platform.asked == [1, 1]
+    engine_step(EngineLoad(running=2, kv_usage=1216 / 4096, in_flight=(long,) * 2))
     await until(lambda: jobs.running == 4 and admission._blocked)
-    assert platform.asked == [1, 3]
+    assert platform.asked == [1, 1, 2]  # 4 x 912 fit in 95% of the cache, 5 would not
     for load in (EngineLoad(running=3, waiting=1, in_flight=(long,) * 4),
                  EngineLoad(running=4, in_flight=(long,) * 4)):
         engine_step(load)
         assert admission._blocked  # no room: no wake-up was sent
     await asyncio.sleep(0)
-    assert platform.asked == [1, 3] and jobs.running == 4
+    assert platform.asked == [1, 1, 2] and jobs.running == 4
     gate.close("end of test")
     await asyncio.wait_for(task, 5)

@@ -11,10 +11,13 @@ What a request will hold when it ends: its prompt plus the share of its ``max_to
 requests generated before it (learned from the last finished ones; all of it before any has
 finished), and never less than it holds already; in whole KV blocks. The next job is expected
 to be like the recent ones. After a take, the next one waits for an engine step (so jobs are
-never sized by a load that predates the last ones taken). Bounds: never more jobs than
-``max_num_seqs`` (or ``MAX_CONCURRENCY`` when set, a cap); an idle worker takes one job and
-sizes the next ones by what reaches its engine (a prompt too long for the cache then gets
-vLLM's own error instead of waiting forever); a taken job is never given back.
+never sized by a load that predates the last ones taken), and one take at most doubles the
+requests in the engine (a change to longer jobs shows before it can over-fill the cache).
+Bounds: never more jobs than ``max_num_seqs`` (or ``MAX_CONCURRENCY`` when set, a cap); a
+worker with no job in its engine (none, or only jobs whose results have ended and whose last
+messages are on their way) takes one job and sizes the next ones by what reaches its engine (a
+prompt too long for the cache then gets vLLM's own error instead of waiting forever); a taken
+job is never given back.
 """
 
 from __future__ import annotations
@@ -42,6 +45,40 @@ REGIME_LOG_S = 10.0
 BUSY_LOG_S = 60.0
 
 
+class RequestSizes:
+    """What requests will hold in the KV cache when they end, learned from those that did."""
+
+    def __init__(self, block_tokens: int) -> None:
+        self.block_tokens = max(1, block_tokens)
+        self.shares: deque[float] = deque(maxlen=HISTORY)  # generated / max_tokens
+        self.share = 1.0  # their mean: all of max_tokens before any request finished
+        self.recent: float | None = None  # tokens, weighted towards the latest
+
+    def learn(self, r: RequestSize) -> None:
+        if r.max_tokens:
+            self.shares.append(min(1.0, r.generated / r.max_tokens))
+            self.share = sum(self.shares) / len(self.shares)
+        size = float(r.prompt + r.generated)
+        self.recent = size if self.recent is None else \
+            RECENT_WEIGHT * size + (1 - RECENT_WEIGHT) * self.recent
+
+    def final(self, r: RequestSize) -> int:
+        """KV tokens the request is expected to hold when it ends, in whole blocks."""
+        return self.blocks(r.prompt + max(r.generated, self.share * r.max_tokens))
+
+    def next_job(self, in_flight: tuple[RequestSize, ...]) -> int | None:
+        """KV tokens the next job's request is expected to need: like the recent ones and the
+        ones in flight; None before anything ran."""
+        sizes = [self.final(r) for r in in_flight]
+        if self.recent is None and not sizes:
+            return None
+        current = sum(sizes) / len(sizes) if sizes else 0.0
+        return self.blocks(max(current, self.recent or 0.0))
+
+    def blocks(self, tokens: float) -> int:
+        return max(1, math.ceil(tokens / self.block_tokens - 1e-6)) * self.block_tokens
+
+
 class Admission:
     """How many more jobs to take now. ``room`` is asked by the job intake (its loop);
     ``observe`` is told of every engine step (the engine's thread) and calls ``wake`` when room
@@ -49,16 +86,17 @@ class Admission:
 
     def __init__(self, max_num_seqs: int, kv_tokens: int, block_tokens: int,
                  cap: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.kv_tokens, self.block_tokens = kv_tokens, max(1, block_tokens)
+        self.kv_tokens = kv_tokens
+        self.sizes = RequestSizes(block_tokens)
         self.limit = min(cap, max_num_seqs) if cap is not None else max_num_seqs
         self.limit_reason = "MAX_CONCURRENCY" if cap is not None and cap < max_num_seqs \
             else "MAX_NUM_SEQS"
         self.load = EngineLoad()
-        self.shares: deque[float] = deque(maxlen=HISTORY)  # generated / max_tokens
-        self.share = 1.0  # their mean: all of max_tokens before any request finished
-        self.recent_size: float | None = None  # tokens, weighted towards the latest
         self.wake: Callable[[], None] | None = None
         self.taken = 0
+        # Jobs taken whose results have ended (their last messages are on their way): they
+        # hold nothing in the engine and will not.
+        self.tails: set[str] = set()
         self._blocked = False
         # Engine steps seen, and how many had been seen at the latest take: a take waits for
         # a step after the one before, so it never sizes jobs by a load that predates them.
@@ -72,7 +110,7 @@ class Admission:
         self.load = load
         self._steps += 1
         for r in load.finished:
-            self._learn(r)
+            self.sizes.learn(r)
         if self._blocked and self.wake is not None and self._room(self.taken)[0] > 0:
             self._blocked = False
             self.wake()
@@ -81,13 +119,12 @@ class Admission:
             self._busy_logged = now
             log.info("Job intake: %s", self.describe(self._room(self.taken)[1]))
 
-    def _learn(self, r: RequestSize) -> None:
-        if r.max_tokens:
-            self.shares.append(min(1.0, r.generated / r.max_tokens))
-            self.share = sum(self.shares) / len(self.shares)
-        size = float(r.prompt + r.generated)
-        self.recent_size = size if self.recent_size is None else \
-            RECENT_WEIGHT * size + (1 - RECENT_WEIGHT) * self.recent_size
+    # ----- the jobs' side (the intake's loop) -------------------------------------------
+    def results_ended(self, job_id: str) -> None:
+        self.tails.add(job_id)
+
+    def job_ended(self, job_id: str) -> None:
+        self.tails.discard(job_id)
 
     # ----- the intake's side ----------------------------------------------------------------
     def room(self, taken: int) -> int:
@@ -101,51 +138,39 @@ class Admission:
         self._note(regime)
         return free
 
-    def final_size(self, r: RequestSize) -> int:
-        """KV tokens the request is expected to hold when it ends, in whole blocks."""
-        return self._blocks(r.prompt + max(r.generated, self.share * r.max_tokens))
-
-    def next_size(self) -> int | None:
-        """KV tokens the next job's request is expected to need; None before anything ran."""
-        in_flight = self.load.in_flight
-        sizes = [self.final_size(r) for r in in_flight]
-        current = sum(sizes) / len(sizes) if sizes else 0.0
-        if self.recent_size is None and not sizes:
-            return None
-        return self._blocks(max(current, self.recent_size or 0.0))
-
-    def _blocks(self, tokens: float) -> int:
-        return max(1, math.ceil(tokens / self.block_tokens - 1e-6)) * self.block_tokens
-
     def _room(self, taken: int) -> tuple[int, str]:
         """(jobs to take, the intake's regime)."""
         if taken >= self.limit:
             return 0, "at the limit"
-        if taken == 0:
+        active = taken - len(self.tails)
+        if active <= 0:
             return 1, "taking"  # the next ones are sized by what reaches the engine
         if self._steps == self._steps_at_take:
             return 0, "waiting for the engine's next step"
-        size = self.next_size()
+        size = self.sizes.next_job(self.load.in_flight)
         if self.load.waiting > 0:
             return 0, "requests wait in the engine"
         if size is None:
             return 0, "waiting for the first job to reach the engine"
-        free = self._fits(taken, size)
+        free = self._fits(taken, active, size)
         return (free, "taking") if free > 0 else (0, "the KV cache is full")
 
-    def _fits(self, taken: int, size: int) -> int:
-        """Jobs of `size` tokens that fit beside what the requests in flight and the taken
-        jobs that have not reached the engine yet will need."""
+    def _fits(self, taken: int, active: int, size: int) -> int:
+        """Jobs of `size` tokens that fit beside what the requests in flight and the `active`
+        jobs that have not reached the engine yet will need; at most as many as are in the
+        engine (a take at most doubles them: a change of job sizes shows before it can
+        over-fill the cache)."""
         load = self.load
-        committed = max(sum(self.final_size(r) for r in load.in_flight),
+        in_flight = len(load.in_flight)
+        committed = max(sum(self.sizes.final(r) for r in load.in_flight),
                         load.kv_usage * self.kv_tokens)
-        committed += max(0, taken - len(load.in_flight)) * size
+        committed += max(0, active - in_flight) * size  # taken, not in the engine yet
         fits = int((self.kv_tokens * KV_TARGET - committed) // size)
-        return max(0, min(fits, self.limit - taken))
+        return max(0, min(fits, self.limit - taken, max(1, in_flight)))
 
     # ----- what the log shows -----------------------------------------------------------
     def describe(self, regime: str) -> str:
-        load, size = self.load, self.next_size()
+        load, size = self.load, self.sizes.next_job(self.load.in_flight)
         return (f"{regime}: {self.taken} job(s) taken of at most {self.limit} "
                 f"({self.limit_reason}); engine: {load.running} running, {load.waiting} "
                 f"waiting, KV cache {load.kv_usage:.0%} of {self.kv_tokens} tokens, "
@@ -168,3 +193,6 @@ class FixedAdmission:
 
     def room(self, taken: int) -> int:
         return self.limit - taken
+
+    def job_ended(self, job_id: str) -> None:
+        pass

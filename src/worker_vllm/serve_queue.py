@@ -79,6 +79,7 @@ def serve_until_stopped(core: Core) -> int:
         await core.runner.check_health()
 
     admission = job_admission(core.settings, core.runner)
+    jobs.on_results_end = admission.results_ended
     try:
         serve_jobs(handler, admission.limit, intake=core.settings.job_intake, gate=gate,
                    fitness_check=engine_is_healthy, admission=admission)

@@ -162,6 +162,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         finally:
             self.job_progress.remove(job)
             self.jobs_tasks.pop(job["id"], None)
+            self.admission.job_ended(job["id"])
             self._changed.set()
 
     async def _drain(self) -> None:
