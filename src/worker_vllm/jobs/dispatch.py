@@ -72,6 +72,8 @@ class JobHandler:
         self.app = app
         # Told once a job finds the engine dead (production: closes the job intake).
         self.on_engine_dead: Callable[[str], None] | None = None
+        # Told of a job's id once its results have ended (production: the admission).
+        self.on_results_end: Callable[[str], None] | None = None
         # The --chat-template text (read once from a file if it named one).
         self.chat_template = chat_template
 
@@ -81,20 +83,32 @@ class JobHandler:
         The SDK cancels a job's task; when that lands while the task awaits the SDK's own
         stream POST (between two of our yields), the cancellation never enters this generator
         and the generator is only closed when garbage-collected, leaving vLLM generating. So
-        the end of the task that drives us closes the generator (and its engine request) too.
+        the end of the task that drives us closes the results (and their engine request) too;
+        whoever closes them first, their close writes the job's summary and record.
         """
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
         summary = JobSummary()
         batch_waits.set(summary.batch_waits)
-        results = self._results(job_id, job.get("input"), summary)
+        results = self._tracked(job_id, job.get("input"), summary)
         owner = asyncio.current_task()
         if owner is not None:
             owner.add_done_callback(lambda _task: _close_if_abandoned(results))
+        try:
+            async for item in results:
+                yield item
+        finally:
+            if results.ag_frame is not None and not results.ag_running:
+                await results.aclose()
+
+    async def _tracked(self, job_id: str, raw_input: Any, summary: JobSummary
+                       ) -> AsyncIterator[Any]:
+        """The job's results; once they end, however, its summary line and record."""
         outcome = "stopped"
         with self.runner.loads.watching() as load:
             try:
-                async with contextlib.aclosing(results):
+                async with contextlib.aclosing(self._results(job_id, raw_input, summary)) \
+                        as results:
                     async for item in results:
                         if isinstance(item, dict) and item.get("error"):
                             outcome = f"failed:{item['error'].get('type', 'error')}"
@@ -108,6 +122,8 @@ class JobHandler:
                     summary.engine_requests_running = \
                         await self.runner.num_unfinished_requests()
             finally:
+                if self.on_results_end is not None:
+                    self.on_results_end(job_id)
                 summary.log(outcome)
                 if self.settings.job_records_file:
                     summary.engine_load(self.runner.loads.latest, load.waiting_max)
