@@ -158,15 +158,16 @@ async def batched(
     queue: asyncio.Queue[tuple[T, float] | _End] = asyncio.Queue()
     task = asyncio.ensure_future(_feed(source, queue, clock))
     pending: _Pending[T] = _Pending(queue, policy, clock, weigh)
-    size, first = policy.first_size, True
+    size, first, behind = policy.first_size, True, False
     try:
         while True:
             await pending.wait()
             by_time = pending.due()
-            # A flush takes what is already queued: the consumer (one platform round trip per
-            # yield) may have let a backlog build up, and it leaves whole (up to one stream
-            # message) instead of a batch per round trip. The first delta leaves alone, at once.
-            pending.take_queued(1 if first else None if by_time else size)
+            # A flush takes what is already queued when the consumer (one platform round trip
+            # per yield) let a backlog build up (items arrived while it held the last batch)
+            # or the time bound triggered it: the backlog leaves whole (up to one stream
+            # message) instead of a batch per round trip. The first delta leaves alone.
+            pending.take_queued(1 if first else None if by_time or behind else size)
             if pending.ended is not None:
                 if pending.items:
                     yield pending.flush()
@@ -176,7 +177,9 @@ async def batched(
             if not (first or by_time or len(pending.items) >= size):
                 continue
             full = len(pending.items) >= size
+            queued = queue.qsize()
             yield pending.flush()
+            behind = queue.qsize() > queued
             if first:
                 first = False
             elif full:
