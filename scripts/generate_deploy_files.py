@@ -194,6 +194,8 @@ def hub_json(settings: list[SettingInfo], endpoint: str = "queue") -> dict[str, 
             entry["options"] = [{"label": label, "value": v} for v, label in field.options]
         if s.advanced:
             entry["advanced"] = True
+        if s.env == "MODEL_NAME":  # the one setting without which nothing can start
+            entry["required"] = True
         env.append({"key": s.env, "input": entry})
     lb = endpoint == "lb"
     return {

@@ -136,6 +136,18 @@ def test_worker_config_shape():
             assert all({"value", "label"} == set(o) for o in entry["options"])
 
 
+@pytest.mark.parametrize("form", ["worker-config.json", ".runpod/lb/worker-config.json"])
+def test_model_name_is_the_one_required_console_field(form):
+    schema = json.loads((ROOT / form).read_text())["schema"]
+    assert [name for name, entry in schema.items() if entry["required"]] == ["MODEL_NAME"]
+
+
+@pytest.mark.parametrize("listing", [".runpod/hub.json", ".runpod/lb/hub.json"])
+def test_model_name_is_the_one_required_hub_field(listing):
+    env = json.loads((ROOT / listing).read_text())["config"]["env"]
+    assert [e["key"] for e in env if e["input"].get("required")] == ["MODEL_NAME"]
+
+
 def test_hub_json_shape():
     hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
     assert hub["type"] == "serverless" and hub["category"] == "language"
