@@ -1,11 +1,13 @@
 """Jobs per worker, for scripts/benchmark.py --admission: the engine deciding against fixed
 counts and `vllm serve`, in one run.
 
-Table A, a KV-limited engine (a cache of 4 contexts of MAX_MODEL_LEN=1024 tokens), native jobs
-through the platform stand-in: the rule before (4 jobs at once: min(MAX_NUM_SEQS, KV tokens //
-MAX_MODEL_LEN)), the engine deciding (MAX_CONCURRENCY unset), MAX_CONCURRENCY=32, and `vllm
-serve` with the same engine settings (/v1/completions of the same prompts); (a) 64 jobs x 128
-tokens at c32 and c64, (b) 32 jobs of ~600-token prompts x 300 tokens at c32. Columns beyond
+Table A, a KV-limited engine (a cache of 4 contexts of MAX_MODEL_LEN=1024 tokens, blocks of 32
+tokens), native jobs through the platform stand-in: the rule before (a fixed 4 jobs at once:
+min(MAX_NUM_SEQS, KV tokens // MAX_MODEL_LEN); JOB_ADMISSION=fixed), the engine deciding
+(MAX_CONCURRENCY unset), a fixed 32 (JOB_ADMISSION=fixed MAX_CONCURRENCY=32: the worker's
+behaviour before with MAX_CONCURRENCY=32), and `vllm serve` with the same engine settings
+(/v1/completions of the same prompts); (a) 64 jobs x 128 tokens at c32 and c64, (b) 32 jobs of
+~600-token prompts x 300 tokens at c32. Columns beyond
 the full path's: the most requests waiting in vLLM's scheduler at any engine step and the
 engine's preemptions (from the worker's job records), and the most jobs waiting in the
 platform's queue (sampled every 10 ms).
@@ -24,8 +26,10 @@ from typing import Any
 
 import bench_full_path as fp
 
-# 4 contexts of 1,024 tokens: the demo model's KV cache takes 1 KiB per token.
-KV_LIMITED = {"kv_cache_memory_bytes": 4 * 1024 * 1024, "max_model_len": 1024}
+# 4 contexts of 1,024 tokens: the demo model's KV cache takes 1 KiB per token. KV blocks of 32
+# tokens (CPU's default is 128; GPUs' 16): a job's last block wastes what it would on a GPU.
+KV_LIMITED = {"kv_cache_memory_bytes": 4 * 1024 * 1024, "max_model_len": 1024,
+              "block_size": 32}
 EARLIER_RULE = 4 * 1024 // 1024  # KV tokens // MAX_MODEL_LEN, as the rule before computed it
 # ~605 tokens of the demo tokenizer, a different first block for each job (no prefix shared).
 LONG_PROMPT = "# job {i}\n" + "value = compute(item)\n" * 75
@@ -33,9 +37,9 @@ LONG_PROMPT = "# job {i}\n" + "value = compute(item)\n" * 75
 
 def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:
     if smoke:
-        return [("short", fp.Load(4, 8, 2)), ("long", fp.Load(2, 8, 2, LONG_PROMPT))]
+        return [("short", fp.Load(4, 8, 2)), ("long", fp.Load(2, 8, 2, LONG_PROMPT, seeded=False))]
     return [("short", fp.Load(64, 128, 32)), ("short", fp.Load(64, 128, 64)),
-            ("long", fp.Load(32, 300, 32, LONG_PROMPT))]
+            ("long", fp.Load(32, 300, 32, LONG_PROMPT, seeded=False))]
 
 
 class QueueSampler:
@@ -71,12 +75,14 @@ def _engine_figures(records: Path, ids: list[str]) -> dict[str, Any]:
 def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     env = {k.upper(): json.dumps(v) for k, v in KV_LIMITED.items()}
-    configs = [(f"earlier rule: {EARLIER_RULE}", EARLIER_RULE), ("engine decides", None),
-               ("MAX_CONCURRENCY=32", 32)]
-    for label, concurrency in configs[1:2] if smoke else configs:  # each start costs ~30 s
+    # (label, MAX_CONCURRENCY, JOB_ADMISSION): the rule before took a fixed count.
+    configs = [(f"earlier rule: fixed {EARLIER_RULE}", EARLIER_RULE, "fixed"),
+               ("engine decides", None, "engine"), ("fixed 32", 32, "fixed")]
+    for label, concurrency, rule in configs[1:2] if smoke else configs:  # a start is ~30 s
         records = run_dir / f"records-{concurrency}.jsonl"
         platform = fp.Platform(0.0, run_dir / f"kv-worker-{concurrency}.log",
-                               concurrency=concurrency, JOB_RECORDS_FILE=str(records), **env)
+                               concurrency=concurrency, JOB_RECORDS_FILE=str(records),
+                               JOB_ADMISSION=rule, **env)
         try:
             for kind, load in _loads(smoke):
                 sampler = QueueSampler(platform)
@@ -119,7 +125,7 @@ def _ms(v: float | None) -> str:
 
 def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
     print("\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0\n")
-    print("| load | c | path | tok/s | x MAX_CONCURRENCY=32 | x vllm serve | TTFT p50/p95 ms "
+    print("| load | c | path | tok/s | x fixed 32 | x vllm serve | TTFT p50/p95 ms "
           "(from submission) | first msg from take p50/p95 ms | engine waiting max | "
           "preempted | platform queue max |")
     print("|" + "---|" * 11)
@@ -132,7 +138,7 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
             return f"{r['tps'] / base['tps']:.2f}" if base else "-"
 
         print(f"| {row['kind']} x{row['tokens']} | {row['c']} | {row['path']} | "
-              f"{row['tps']:.0f} | {ratio(same('worker, MAX_CONCURRENCY=32'))} | "
+              f"{row['tps']:.0f} | {ratio(same('worker, fixed 32'))} | "
               f"{ratio(same('vllm serve'))} | {_ms(row['ttft_p50'])}/{_ms(row['ttft_p95'])} | "
               f"{_ms(row['take_ttft_p50'])}/{_ms(row['take_ttft_p95'])} | "
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "

@@ -41,6 +41,9 @@ class Load:
     concurrency: int
     # Every job's prompt, `{i}` standing for the job's number (default: a short one).
     prompt: str | None = None
+    # Seeded sampling (reproducible text). vLLM's CPU build can kill its engine core on seeded
+    # requests in a chunked prefill (long prompts under preemption): such loads go unseeded.
+    seeded: bool = True
 
 
 def pct(values: list[float], q: float) -> float:
@@ -138,17 +141,21 @@ def _prompt(load: Load, i: int) -> str:
     return load.prompt.format(i=i) if load.prompt else f"def job_{i}():"
 
 
+def _seed(load: Load, i: int) -> dict[str, int]:
+    return {"seed": i} if load.seeded else {}
+
+
 def _native_body(load: Load, i: int) -> dict[str, Any]:
     return {"input": {"prompt": _prompt(load, i), "stream": True,
                       "sampling_params": {"max_tokens": load.tokens, "ignore_eos": True,
-                                          "temperature": 1.0, "seed": i}}}
+                                          "temperature": 1.0, **_seed(load, i)}}}
 
 
 def _completion_body(load: Load, i: int) -> dict[str, Any]:
     """The native job's request as `vllm serve`'s /v1/completions takes it."""
     return {"model": DEMO_MODEL_ID, "prompt": _prompt(load, i),
-            "max_tokens": load.tokens, "ignore_eos": True, "stream": True, "seed": i,
-            "temperature": 1.0}
+            "max_tokens": load.tokens, "ignore_eos": True, "stream": True,
+            "temperature": 1.0, **_seed(load, i)}
 
 
 def _chat_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
@@ -173,6 +180,9 @@ async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le
                                             json=_native_body(load, i))).json()["id"]
                 # The platform's side of the job (this process) says when it is final.
                 while platform.endpoint.jobs[job_id].status not in le.FINAL:
+                    if platform.worker.poll() is not None:
+                        raise RuntimeError("the worker exited: "
+                                           + platform.log_path.read_text()[-3000:])
                     await asyncio.sleep(0.02)
 
         before = set(platform.endpoint.jobs)
@@ -226,6 +236,8 @@ def vllm_serve(log_path: Path, **engine: Any) -> Iterator[tuple[str, int]]:
             "--dtype", "float32", "--enforce-eager", "--max-model-len",
             str(settings["max_model_len"]), "--kv-cache-memory-bytes",
             str(settings["kv_cache_memory_bytes"]), "--disable-uvicorn-access-log"]
+    if "block_size" in settings:
+        args += ["--block-size", str(settings["block_size"])]
     env = dict(os.environ, VLLM_RPC_BASE_PATH=tempfile.mkdtemp(prefix="bench-rpc-"))
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -258,6 +270,8 @@ async def _drive_vllm_serve(url: str, load: Load, route: str = "chat"
                 path, body = (("/v1/chat/completions", _chat_body(load, i)) if route == "chat"
                               else ("/v1/completions", _completion_body(load, i)))
                 async with client.stream("POST", url + path, json=body) as r:
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{path}: {r.status_code} {await r.aread()!r}")
                     async for line in r.aiter_lines():
                         if line.startswith("data: "):
                             n += 1

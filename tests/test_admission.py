@@ -162,3 +162,25 @@ def test_a_take_waits_for_an_engine_step_after_the_one_before():
     assert a.room(3) == 0
     step(a, [SHORT] * 3)
     assert a.room(3) > 0
+
+
+@pytest.mark.parametrize("env,fixed,limit", [
+    ({}, False, 128), ({"MAX_CONCURRENCY": "30"}, False, 30),
+    ({"JOB_ADMISSION": "fixed", "MAX_CONCURRENCY": "32"}, True, 32),
+    ({"JOB_ADMISSION": "fixed"}, True, 128), ({"JOB_INTAKE": "sdk"}, True, 128)])
+def test_the_queue_front_end_picks_the_admission_its_settings_name(env, fixed, limit):
+    from worker_vllm.admission import FixedAdmission
+    from worker_vllm.config.settings import load_worker_settings
+    from worker_vllm.engine.load import EngineLoads
+    from worker_vllm.serve_queue import job_admission
+
+    class Runner:  # the engine's figures the front-end reads
+        loads = EngineLoads()
+
+        def capacity(self) -> tuple[int, int, int]:
+            return 128, KV_TOKENS, BLOCK
+
+    chosen = job_admission(load_worker_settings(env), Runner())
+    assert isinstance(chosen, FixedAdmission) == fixed and chosen.limit == limit
+    if fixed:  # a fixed count: every free slot is taken, whatever the engine's load
+        assert chosen.room(limit - 5) == 5

@@ -194,5 +194,8 @@ class FixedAdmission:
     def room(self, taken: int) -> int:
         return self.limit - taken
 
+    def results_ended(self, job_id: str) -> None:
+        pass
+
     def job_ended(self, job_id: str) -> None:
         pass

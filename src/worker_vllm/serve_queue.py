@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 
 from worker_vllm import local_run
-from worker_vllm.admission import Admission
+from worker_vllm.admission import Admission, FixedAdmission
 from worker_vllm.config.settings import WorkerSettings, load_worker_settings
 from worker_vllm.engine import EngineRunner
 from worker_vllm.errors import InvalidInput, WorkerError, error_result
@@ -107,18 +107,20 @@ def serve_startup_error(error: WorkerError, env: Mapping[str, str]) -> int:
     return 0
 
 
-def job_admission(settings: WorkerSettings, runner: EngineRunner) -> Admission:
+def job_admission(settings: WorkerSettings, runner: EngineRunner
+                  ) -> Admission | FixedAdmission:
     """Jobs are taken as the engine's load allows (``worker_vllm.admission``), up to
-    MAX_NUM_SEQS or MAX_CONCURRENCY; the SDK's own intake (JOB_INTAKE=sdk) takes that
-    many at once."""
+    MAX_NUM_SEQS or MAX_CONCURRENCY; JOB_ADMISSION=fixed and the SDK's own intake
+    (JOB_INTAKE=sdk) keep that many at once."""
     max_num_seqs, kv_tokens, block = runner.capacity()
     admission = Admission(max_num_seqs, kv_tokens, block, settings.max_concurrency)
+    if settings.job_admission == "fixed" or settings.job_intake == "sdk":
+        log.info("Job concurrency: %d jobs at once (%s; JOB_ADMISSION=%s, JOB_INTAKE=%s)",
+                 admission.limit, admission.limit_reason, settings.job_admission,
+                 settings.job_intake)
+        return FixedAdmission(admission.limit)
     runner.loads.on_step = admission.observe
-    if settings.job_intake == "sdk":
-        log.info("Job concurrency: %d jobs at once (%s; JOB_INTAKE=sdk)", admission.limit,
-                 admission.limit_reason)
-    else:
-        log.info("Job intake: jobs are taken while the engine can start them (no request "
-                 "waiting in it, room in its KV cache of %d tokens), up to %d at once (%s)",
-                 kv_tokens, admission.limit, admission.limit_reason)
+    log.info("Job intake: jobs are taken while the engine can start them (no request "
+             "waiting in it, room in its KV cache of %d tokens), up to %d at once (%s)",
+             kv_tokens, admission.limit, admission.limit_reason)
     return admission

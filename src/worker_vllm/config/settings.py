@@ -79,6 +79,14 @@ class WorkerSettings(BaseModel):
         "on that.", ge=1,
         front_end="queue",
     )
+    job_admission: Literal["engine", "fixed"] = _field(
+        "engine", "Worker", "How many jobs the worker takes: `engine` takes another job while "
+        "vLLM's scheduler has none waiting and its KV cache has room for it (MAX_CONCURRENCY, "
+        "if set, caps that); `fixed` keeps MAX_CONCURRENCY jobs (default MAX_NUM_SEQS) "
+        "whatever the engine's load, as worker-vllm did before: jobs beyond what the engine "
+        "can run wait in its scheduler, as they do under `vllm serve`, not in RunPod's "
+        "queue.", advanced=True, options=("engine", "fixed"), front_end="queue",
+    )
     job_intake: Literal["events", "sdk"] = _field(
         "events", "Worker", "How jobs are taken: `events` takes the next job the moment a "
         "slot frees and starts it at once; `sdk` keeps the runpod SDK's own polling intake "

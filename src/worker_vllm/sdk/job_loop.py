@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from worker_vllm.admission import Admission
+from worker_vllm.admission import Admission, FixedAdmission
 from worker_vllm.sdk.intake import IntakeGate, install
 from worker_vllm.sdk.job_state import use_private_job_state
 
@@ -13,7 +13,7 @@ from worker_vllm.sdk.job_state import use_private_job_state
 def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,
                intake: Literal["events", "sdk"] = "events", gate: IntakeGate | None = None,
                fitness_check: Callable[[], Awaitable[None]] | None = None,
-               admission: Admission | None = None) -> None:
+               admission: Admission | FixedAdmission | None = None) -> None:
     """Run ``runpod.serverless.start`` until SIGTERM or until ``gate`` closes.
 
     ``intake="events"`` takes jobs through ``EventIntake``, as many as ``admission`` says (or
