@@ -137,6 +137,8 @@ FOREIGN_ENV: dict[str, str] = {
     "HF_XET_HIGH_PERFORMANCE": "huggingface_hub's high-throughput transfer; on by default",
     "PORT_HEALTH": "set by the platform on load-balancing endpoints: the port of /ping "
                    "(default PORT)",
+    "HEALTH_CHECK_PATH": "the platform's health-check path on load-balancing endpoints "
+                         "(default /ping; /ping keeps answering too)",
 }
 
 # Local development only (not shown in the deploy forms).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -115,6 +116,16 @@ class Endpoint:
 
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """The processes alive in process group `pgid` (whoever their parent is now)."""
+    members = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+    return members
+
+
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """The processes still alive after `timeout` seconds."""
     _, alive = psutil.wait_procs(procs, timeout=timeout)
@@ -179,20 +190,25 @@ def run_handler_online(env: dict[str, str], *args: str
 
 class LBWorker:
     """`python src/handler.py` serving a load-balancing endpoint (ENDPOINT_TYPE=lb) on a free
-    port, its /ping polled from the moment the process starts."""
+    port, its health path (HEALTH_CHECK_PATH, default /ping) polled from the moment the
+    process starts."""
 
-    def __init__(self, tmp: Path, **env: str) -> None:
+    def __init__(self, tmp: Path, own_group: bool = False, **env: str) -> None:
+        """`own_group`: the worker leads a process group of its own (as a terminal's
+        foreground job), for signals sent to the whole group."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"lb-worker-{time.monotonic_ns()}.log"
         full_env = worker_env(**{"ENDPOINT_TYPE": "lb", "PORT": str(self.port), **env})
         if "MODEL_NAME" not in env:
             full_env.pop("MODEL_NAME", None)
+        self.health_path = env.get("HEALTH_CHECK_PATH", "/ping")
         self.started = time.monotonic()
         with open(self.log, "w") as log_file:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "handler.py")],
                                          env=full_env, stdout=log_file,
-                                         stderr=subprocess.STDOUT, cwd=tmp)
+                                         stderr=subprocess.STDOUT, cwd=tmp,
+                                         start_new_session=own_group)
         # (seconds since start, /ping status or None when nothing listened), in order.
         self.pings: list[tuple[float, int | None]] = []
         self._lock = threading.Lock()
@@ -204,7 +220,8 @@ class LBWorker:
         with requests.Session() as session:
             while self._polling and self.proc.poll() is None:
                 try:
-                    status: int | None = session.get(f"{self.base}/ping", timeout=5).status_code
+                    status: int | None = session.get(f"{self.base}{self.health_path}",
+                                                     timeout=5).status_code
                 except requests.RequestException:
                     status = None
                 self._saw(status)

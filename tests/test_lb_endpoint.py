@@ -3,6 +3,7 @@ client, and the local endpoint playing RunPod's load-balancing gateway in front 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import openai
 import psutil
 import pytest
 from conftest import ROOT, worker_env
-from processes import LBWorker, free_port, wait_gone
+from processes import LBWorker, free_port, group_members, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,9 @@ CHAT = [{"role": "user", "content": "Say something."}]
 
 @pytest.fixture(scope="module")
 def lb(tmp_path_factory, demo_model_dir):
-    worker = LBWorker(tmp_path_factory.mktemp("lb"))
+    # The platform checks the path a user set (vLLM's own /health would answer 404 while the
+    # engine loads); /ping keeps answering.
+    worker = LBWorker(tmp_path_factory.mktemp("lb"), HEALTH_CHECK_PATH="/health")
     worker.wait_ping(200)
     yield worker
     worker.close()
@@ -35,10 +38,13 @@ def client(lb) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{lb.base}/v1", api_key="unused", max_retries=0)
 
 
-def test_ping_answers_204_while_starting_then_200(lb):
+def test_the_health_path_answers_204_while_starting_then_200_and_ping_too(lb):
+    # lb.pings: HEALTH_CHECK_PATH=/health, polled from the process start.
     statuses = [status for _, status in lb.pings if status is not None]
     assert statuses[:2] == [204, 200], lb.pings
     assert lb.ping().json() == {"status": "healthy", "engine_requests": 0}
+    health = httpx.get(f"{lb.base}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "healthy"
 
 
 def test_chat_and_completions_streamed_and_not(client):
@@ -153,7 +159,8 @@ def test_the_local_gateway_holds_requests_until_the_worker_is_ready(tmp_path, de
     with open(log, "w") as log_file:
         proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "local_endpoint.py"),
                                  "--lb", "--port", str(port), "--api-key", "k"],
-                                env=worker_env(), stdout=log_file, stderr=subprocess.STDOUT)
+                                env=worker_env(HEALTH_CHECK_PATH="/health"), stdout=log_file,
+                                stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 30
         while True:  # the gateway listens long before its worker is ready
@@ -176,3 +183,20 @@ def test_the_local_gateway_holds_requests_until_the_worker_is_ready(tmp_path, de
         proc.terminate()
         proc.wait(timeout=120)
     assert not wait_gone(tree, 10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_leaves_no_process_once_the_worker_exits(
+        tmp_path, demo_model_dir, signum):
+    """Ctrl-C in a terminal signals the whole foreground group: vLLM's engine core and its
+    worker get it directly and may be re-parented as their parents end."""
+    worker = LBWorker(tmp_path, own_group=True)
+    try:
+        worker.wait_ping(200)
+        assert len(group_members(worker.proc.pid)) >= 2  # the worker and vLLM's engine core
+        os.killpg(worker.proc.pid, signum)
+        assert worker.proc.wait(timeout=120) == 0
+        left = [(p.pid, p.name()) for p in group_members(worker.proc.pid)]
+        assert not left, (left, worker.log.read_text()[-2000:])
+    finally:
+        worker.close()

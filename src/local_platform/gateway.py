@@ -37,6 +37,7 @@ class WorkerHealth:
 
     def __init__(self, ping_url: str, interval: float = 0.5) -> None:
         self.ping_url, self.interval = ping_url, interval
+        self.path = httpx.URL(ping_url).path  # the health path (HEALTH_CHECK_PATH)
         self.status: int | None = None  # the last /ping status (None: nothing listening)
         self.healthy = asyncio.Event()
         self.unhealthy_in_a_row = 0
@@ -90,7 +91,8 @@ class Gateway:
         given = request.headers.get("authorization", "").removeprefix("Bearer ")
         if self.api_key and given != self.api_key:
             return _error(401, "Invalid or missing API key")
-        if request.url.path != "/ping" and not await self.health.wait(self.request_timeout):
+        if request.url.path not in ("/ping", self.health.path) and \
+                not await self.health.wait(self.request_timeout):
             return _error(503, "No worker is ready to take the request")
         url = self.worker_url + request.url.path
         if request.url.query:

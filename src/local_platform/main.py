@@ -81,7 +81,10 @@ def serve_lb_gateway(args: argparse.Namespace) -> None:
     env = _with_demo_model(dict(os.environ, ENDPOINT_TYPE="lb", PORT=str(port),
                                 PORT_HEALTH=str(health_port)))
     env.setdefault("RUNPOD_POD_ID", "local-worker")
-    health = WorkerHealth(f"http://127.0.0.1:{health_port}/ping")
+    # The platform checks the path HEALTH_CHECK_PATH names (default /ping), as the worker
+    # reads it from the same environment.
+    path = os.environ.get("HEALTH_CHECK_PATH", "").strip() or "/ping"
+    health = WorkerHealth(f"http://127.0.0.1:{health_port}{path}")
     gateway = Gateway(f"http://127.0.0.1:{port}", health, args.api_key)
     worker = WorkerProcess(env, lambda _code: None, restart=not args.no_restart)
 

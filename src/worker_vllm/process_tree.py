@@ -13,13 +13,36 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+# Descendants seen so far (``note_descendants``), by pid.
+_seen: dict[int, psutil.Process] = {}
+
+
+def note_descendants() -> None:
+    """Remember the processes started so far, so that they are ended at exit even once they
+    are no longer descendants: a signal to the whole process group (Ctrl-C) ends vLLM's
+    engine core, whose own worker process is then re-parented and lives on."""
+    try:
+        for child in psutil.Process().children(recursive=True):
+            _seen[child.pid] = child
+    except psutil.Error:
+        pass
+
+
+def _descendants() -> list[psutil.Process]:
+    """Descendants now, and remembered ones still running (``is_running`` also checks the
+    start time, so a reused pid is not taken for one)."""
+    found = {p.pid: p for p in _seen.values() if p.is_running()}
+    try:
+        found.update((p.pid, p) for p in psutil.Process().children(recursive=True))
+    except psutil.Error:
+        pass
+    return list(found.values())
+
 
 def end_children(timeout: float = 5.0) -> None:
-    """Terminate every descendant process, then kill those still running after `timeout`."""
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
+    """Terminate every descendant process (and every remembered one), then kill those still
+    running after `timeout`."""
+    children = _descendants()
     for child in children:
         try:
             # multiprocessing's resource tracker ignores SIGTERM (it ends when this process

@@ -40,10 +40,11 @@ def openai_error(error: WorkerError) -> dict[str, ErrorObject]:
 
 
 class LoadBalancerApp:
-    """ASGI app: /ping (when `serves_ping`) and, once ready, vLLM's app for allowed routes."""
+    """ASGI app: the health paths (/ping, and HEALTH_CHECK_PATH where that differs) and, once
+    ready, vLLM's app for allowed routes."""
 
-    def __init__(self, serves_ping: bool = True) -> None:
-        self.serves_ping = serves_ping
+    def __init__(self, health_paths: tuple[str, ...] = ("/ping",)) -> None:
+        self.health_paths = health_paths
         self.vllm: VLLMApp | None = None
         self.runner: EngineRunner | None = None
         self.failure: WorkerError | None = None  # the start-up error
@@ -66,7 +67,7 @@ class LoadBalancerApp:
         if scope["type"] != "http":
             return  # no websocket routes are served
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-        if path == "/ping" and self.serves_ping:
+        if path in self.health_paths:
             await self._ping(send)
             return
         unavailable = self._unavailable()

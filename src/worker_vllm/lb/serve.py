@@ -44,6 +44,18 @@ def lb_ports(env: Mapping[str, str]) -> tuple[int, int]:
     return ports[0], ports[1]
 
 
+def health_path(env: Mapping[str, str]) -> str:
+    """HEALTH_CHECK_PATH: where the platform checks the worker's health (default /ping)."""
+    raw = env.get("HEALTH_CHECK_PATH")
+    if is_unset(raw):
+        return "/ping"
+    path = str(raw).strip()
+    if not path.startswith("/") or any(c in path for c in "?# "):
+        raise ConfigError(f"Invalid value {raw!r} for HEALTH_CHECK_PATH: expected a path "
+                          "such as /ping")
+    return path
+
+
 def _drain_timeout(env: Mapping[str, str]) -> float:
     try:
         return load_worker_settings(dict(env)).lb_drain_timeout_s
@@ -56,17 +68,18 @@ def serve_lb(env: Mapping[str, str]) -> int:
     phases = StartupPhases()
     try:
         port, health_port = lb_ports(env)
+        health = health_path(env)
     except ConfigError as exc:
         log.error("%s", exc.message)
         return 1
     loop = LoopThread("vllm-engine-loop", uvloop=True)  # as under `vllm serve`
-    servers = HTTPServers(loop, port, health_port, _drain_timeout(env))
+    servers = HTTPServers(loop, port, health_port, _drain_timeout(env), health)
     with phases.phase("HTTP server"):
         servers.start()
     # Cold start on RunPod counts from the first 204 to the first 200.
     phases.details["first_ping_possible_s"] = round(time.time() - phases.process_start, 2)
-    log.info("Listening on port %d (/ping on port %d), %.2f s after the process started: "
-             "204 until the engine is ready", port, health_port,
+    log.info("Listening on port %d (%s on port %d), %.2f s after the process started: "
+             "204 until the engine is ready", port, health, health_port,
              phases.details["first_ping_possible_s"])
     shutdown = Shutdown()
     try:

@@ -20,22 +20,30 @@ log = logging.getLogger("worker_vllm.lb")
 class _NoPingLines(logging.Filter):
     """The platform pings every few seconds: keep those lines out of the access log."""
 
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        super().__init__()
+        self.paths = paths
+
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        return not (isinstance(args, tuple) and len(args) >= 3 and args[2] == "/ping")
+        return not (isinstance(args, tuple) and len(args) >= 3 and args[2] in self.paths)
 
 
 class HTTPServers:
-    """The app's server on `port` and, when /ping has its own port, the ping server."""
+    """The app's server on `port` and, when /ping has its own port, the ping server.
+    `health_path`: where the platform checks health (HEALTH_CHECK_PATH), besides /ping."""
 
-    def __init__(self, loop: Any, port: int, health_port: int, drain_timeout: float) -> None:
+    def __init__(self, loop: Any, port: int, health_port: int, drain_timeout: float,
+                 health_path: str = "/ping") -> None:
         self.loop = loop  # a LoopThread
-        self.app = LoadBalancerApp(serves_ping=health_port == port)
+        paths = tuple(dict.fromkeys(("/ping", health_path)))
+        self.app = LoadBalancerApp(paths if health_port == port else ())
         self.servers = [self._server(self.app, port, drain_timeout)]
         if health_port != port:
-            self.servers.append(self._server(LoadBalancerApp(), health_port, drain_timeout))
+            self.servers.append(self._server(LoadBalancerApp(paths), health_port,
+                                             drain_timeout))
         self._tasks: list[Future] = []
-        _log_like_the_worker()
+        _log_like_the_worker(paths)
 
     @staticmethod
     def _server(app: LoadBalancerApp, port: int, drain_timeout: float) -> uvicorn.Server:
@@ -85,11 +93,11 @@ class HTTPServers:
                 log.warning("The HTTP server stopped with an error", exc_info=True)
 
 
-def _log_like_the_worker() -> None:
+def _log_like_the_worker(health_paths: tuple[str, ...]) -> None:
     """uvicorn's lines (its access log included) through the worker's log handler."""
     worker = logging.getLogger("worker_vllm")
     server = logging.getLogger("uvicorn")
     server.handlers[:] = list(worker.handlers)
     server.setLevel(logging.INFO)
     server.propagate = False
-    logging.getLogger("uvicorn.access").addFilter(_NoPingLines())
+    logging.getLogger("uvicorn.access").addFilter(_NoPingLines(health_paths))

@@ -36,6 +36,7 @@ from worker_vllm.engine import (
 from worker_vllm.errors import ConfigError
 from worker_vllm.model import demo as demo_model
 from worker_vllm.model import loader as model_loader
+from worker_vllm.process_tree import note_descendants
 from worker_vllm.startup.errors import StartupFailure
 from worker_vllm.startup.phases import StartupPhases
 
@@ -208,6 +209,7 @@ def build_core(env: Mapping[str, str] | None = None, *, read_engine_log: bool = 
         core = _start_engine(config, settings, phases, loop)
     except Exception as exc:
         raise StartupFailure(exc, config, engine_log.root_cause) from exc
+    note_descendants()  # vLLM's engine processes: ended at exit whoever their parent is
     time.sleep(0.2)  # let the last engine log lines pass the copy
     phases.ready(engine_log.snapshot(), settings.startup_summary_file)
     return core
