@@ -10,11 +10,16 @@ FROM vllm/vllm-openai:v${VLLM_VERSION}${VLLM_IMAGE_SUFFIX}
 #   [--secret id=HF_TOKEN,env=HF_TOKEN] .   The token is a build secret, never an ARG or ENV.
 ARG MODEL_NAME=""
 ARG MODEL_REVISION=""
+# hadolint's DL3064 (sensitive data in ARG/ENV) reads "TOKEN" in these names; they hold a model
+# id, a revision and a switch for the tokenizers library, no secret.
+# hadolint ignore=DL3064
 ARG TOKENIZER_NAME=""
+# hadolint ignore=DL3064
 ARG TOKENIZER_REVISION=""
 ARG QUANTIZATION=""
 ARG BASE_PATH="/runpod-volume"
 
+# hadolint ignore=DL3064
 ENV BASE_PATH=${BASE_PATH} \
     HF_HOME=${BASE_PATH}/huggingface-cache \
     TOKENIZERS_PARALLELISM=false \
