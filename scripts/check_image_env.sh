@@ -46,7 +46,11 @@ echo "== imports"
 echo "== the deploy forms, untouched, parsed by this build's parser"
 model=$(cd "$root" && "$py" -c "import sys; sys.path.insert(0, 'src')
 from worker_vllm.model.demo import ensure_demo_model; print(ensure_demo_model())")
-(cd "$root" && "$py" scripts/image_env_check.py forms "$model") || status=1
+# vLLM asks for a device while it parses its arguments; with no GPU here the CUDA build's
+# parser runs with its CPU platform (the flags and checks are this build's; device defaults
+# are the CPU's).
+(cd "$root" && VLLM_TARGET_DEVICE=cpu "$py" scripts/image_env_check.py forms "$model") \
+  || status=1
 echo "== python src/handler.py on this machine (no usable GPU): one clear start-up error"
 set +e
 out=$(cd "$root" && HF_HUB_OFFLINE=1 VLLM_RPC_BASE_PATH="$(mktemp -d)" timeout 600 \
@@ -58,5 +62,6 @@ echo "$out"
 echo "(last log lines)"
 tail -n 5 "$dir/handler.log"
 grep -q '"startup_error"' <<<"$out" || { echo "NO start-up error reported"; status=1; }
+grep -q 'no usable GPU' <<<"$out" || { echo "the start-up error does not say no GPU was found"; status=1; }
 echo "== $((SECONDS - started)) s; disk: $(du -sh "$dir" | cut -f1)"
 exit $status

@@ -260,3 +260,16 @@ def test_cpu_defaults_to_float32_lora_enables_itself_and_no_secret_is_logged(
     assert "hf_supersecret" not in caplog.text
     assert "vLLM settings" in caplog.text
     assert config.args.hf_token is None and "hf_token" not in config.sources
+
+
+def test_no_gpu_start_up_error_says_so_and_keeps_vllms_words():
+    # What vLLM's CUDA build raises on a machine without a usable GPU (seen with
+    # scripts/check_image_env.sh): it names no setting.
+    from worker_vllm.startup.errors import explain
+
+    error = explain(RuntimeError("Failed to infer device type, please set the environment "
+                                 "variable `VLLM_LOGGING_LEVEL=DEBUG` to turn on verbose "
+                                 "logging to help debug the issue."), {"model": "MODEL_NAME"})
+    assert error.message.startswith("The worker could not start: no usable GPU was found")
+    assert "Failed to infer device type" in error.message
+    assert "check MODEL_NAME" not in error.message

@@ -24,6 +24,24 @@ class StartupError(WorkerError):
     code = 500
 
 
+# vLLM reasons that name no setting, with what they mean for a worker and what to do.
+KNOWN_REASONS = {
+    # vLLM's CUDA build found no GPU through NVML (none attached, or no usable driver).
+    "Failed to infer device type": (
+        "no usable GPU was found: vLLM detected no CUDA device on this machine (no GPU "
+        "attached, or its driver is missing or older than the image's CUDA version). On "
+        "RunPod, give the endpoint a GPU type and the CUDA versions the image supports "
+        "(README, \"Deploy\"); to run on a CPU, use the CPU build (scripts/setup.sh). "
+        "vLLM said: "),
+}
+
+
+def known_reason(reason: str) -> str | None:
+    """What a reason that names no setting means for this worker, with vLLM's words."""
+    return next((meaning + reason for words, meaning in KNOWN_REASONS.items()
+                 if words in reason), None)
+
+
 def vllm_reason(exc: BaseException, engine_root_cause: str | None = None) -> str:
     """The reason vLLM gives, complete, without traceback."""
     if isinstance(exc, WorkerError):
@@ -93,6 +111,8 @@ def explain(exc: BaseException, sources: Mapping[str, str] | None = None,
     reason = vllm_reason(exc, engine_root_cause)
     if len(reason) > MAX_REASON:
         reason = reason[:MAX_REASON] + " [...] (the worker log has all of it)"
+    if (known := known_reason(reason)) is not None:
+        return StartupError(f"The worker could not start: {known}")
     if isinstance(exc, WorkerError) or not sources:
         return StartupError(f"The worker could not start: {reason}")
     settings = settings_named(exc, reason, sources, values)
