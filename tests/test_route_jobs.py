@@ -95,3 +95,24 @@ async def test_a_route_job_over_job_max_n_fails_naming_n(worker):
     (out,) = await collect(worker, {"route": "/v1/completions", "body": {
         "model": DEMO_MODEL_ID, "prompt": "x", "n": worker.settings.job_max_n + 1}})
     assert out["error"]["param"] == "body.n" and "JOB_MAX_N" in out["error"]["message"]
+
+
+async def test_stopping_an_unstreamed_route_job_aborts_its_generation(worker):
+    # vLLM's JSON routes cancel their work when the client disconnects; cancelling the app's
+    # task alone would leave it generating to the end.
+    import asyncio
+    import time
+
+    body = {"model": DEMO_MODEL_ID, "prompt": "a", "max_tokens": 1500, "ignore_eos": True}
+    job = asyncio.ensure_future(collect(worker, {"openai_route": "/v1/completions",
+                                                 "openai_input": body}))
+    while await worker.runner.num_unfinished_requests() == 0:
+        assert not job.done()
+        await asyncio.sleep(0.02)
+    job.cancel()
+    await asyncio.gather(job, return_exceptions=True)
+    stopped = time.monotonic()
+    while (running := await worker.runner.num_unfinished_requests()) and \
+            time.monotonic() - stopped < 1.0:
+        await asyncio.sleep(0.02)
+    assert running == 0

@@ -163,6 +163,10 @@ class WorkerSettings(BaseModel):
         None, "Limits", "Most output tokens one job may ask for (default: the context "
         "length).", ge=1, advanced=True, front_end="queue",
     )
+    job_max_batch_lines: int = _field(
+        50_000, "Limits", "Most request lines in one batch job (the OpenAI Batch API's limit "
+        "per file).", ge=1, advanced=True, front_end="queue",
+    )
 
     # --- OpenAI route ---
     raw_openai_output: bool = _field(

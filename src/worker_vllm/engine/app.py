@@ -48,6 +48,10 @@ LORA_ROUTES: dict[str, frozenset[str]] = {
 }
 
 
+# How long the app may take to end a request once told that its client left.
+DISCONNECT_GRACE_S = 5.0
+
+
 @dataclass
 class AppResponse:
     status: int
@@ -208,7 +212,12 @@ async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
             yield item
         await task  # raises what the app raised
     finally:
+        # The client leaves: the app hears a disconnect first. vLLM's JSON routes cancel their
+        # work on it (`with_cancellation`); cancelling the app's task alone would leave that
+        # work running in a task of its own, generating to the end.
         disconnected.set()
+        if not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_GRACE_S)
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

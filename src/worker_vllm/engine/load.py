@@ -45,12 +45,18 @@ class EngineLoad:
 
 @dataclass(eq=False)  # hashable by identity: the runner keeps a set of them
 class LoadWatch:
-    """The most requests seen waiting in the engine, step by step, while it is watched."""
+    """The most requests seen waiting in the engine, step by step, while it is watched, and
+    the steps seen; ``wake``, when set, is called after each step (on the engine's thread)."""
 
     waiting_max: int = 0
+    steps: int = 0
+    wake: Callable[[], None] | None = None
 
     def saw(self, load: EngineLoad) -> None:
         self.waiting_max = max(self.waiting_max, load.waiting)
+        self.steps += 1
+        if self.wake is not None:
+            self.wake()
 
 
 class EngineLoads:
@@ -70,10 +76,11 @@ class EngineLoads:
             self.on_step(load)
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[LoadWatch]:
-        """Follow the load step by step while the block runs."""
+    def watching(self, wake: Callable[[], None] | None = None) -> Iterator[LoadWatch]:
+        """Follow the load step by step while the block runs (``wake``: see LoadWatch)."""
         watch = LoadWatch()
         watch.saw(self.latest)
+        watch.wake = wake
         self._watches.add(watch)
         try:
             yield watch

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from worker_vllm.batch.job import run_batch
 from worker_vllm.config.settings import WorkerSettings
 from worker_vllm.engine import (
     EngineDeadError,
@@ -20,7 +21,13 @@ from worker_vllm.engine import (
 from worker_vllm.errors import EngineUnavailable, InvalidInput, WorkerError, error_result
 from worker_vllm.jobs.batching import BatchPolicy, batch_waits
 from worker_vllm.jobs.native import run_native
-from worker_vllm.jobs.shapes import BatchOverrides, NativeInput, OpenAIInput
+from worker_vllm.jobs.shapes import (
+    BatchInput,
+    BatchOverrides,
+    NativeInput,
+    OpenAIInput,
+    RouteInput,
+)
 from worker_vllm.jobs.summary import JobSummary
 from worker_vllm.jobs.validate import ValidJob, invalid_sampling, validate_job
 from worker_vllm.jobs.vllm_app import run_route
@@ -60,6 +67,19 @@ def _close_if_abandoned(results: Any) -> None:
     """Close a job's result generator that its (now finished) task left suspended."""
     if results.ag_frame is not None and not results.ag_running:
         asyncio.get_running_loop().create_task(results.aclose())
+
+
+def app_job(app: VLLMApp | None, inp: OpenAIInput | RouteInput | BatchInput,
+            settings: WorkerSettings, policy: BatchPolicy, job_id: str, summary: JobSummary
+            ) -> AsyncIterator[Any]:
+    """The results of a job that vLLM's app answers: a route, or a batch of them."""
+    if app is None:
+        raise InvalidInput("Route and batch jobs are not available", param="route")
+    if isinstance(inp, BatchInput):
+        summary.route = "batch" + ("/stream" if inp.stream else "")
+        return run_batch(app, inp, settings, job_id, policy)
+    summary.route = inp.openai_route if isinstance(inp, OpenAIInput) else inp.route
+    return run_route(app, inp, policy, job_id, settings.raw_openai_output)
 
 
 class JobHandler:
@@ -133,10 +153,7 @@ class JobHandler:
         inp = job.input
         policy = batch_policy(self.settings, inp)
         if not isinstance(inp, NativeInput):
-            if self.app is None:
-                raise InvalidInput("Route jobs are not available", param="route")
-            summary.route = inp.openai_route if isinstance(inp, OpenAIInput) else inp.route
-            return run_route(self.app, inp, policy, job_id, self.settings.raw_openai_output)
+            return app_job(self.app, inp, self.settings, policy, job_id, summary)
         summary.route = "native" + ("/stream" if inp.stream else "")
         if self.settings.log_job_text:
             log.info("input: %s", inp.prompt if inp.prompt is not None else inp.messages)

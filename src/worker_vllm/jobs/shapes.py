@@ -71,13 +71,30 @@ class OpenAIInput(BatchOverrides):
     openai_input: dict[str, Any] | None = None
 
 
+class BatchInput(BatchOverrides):
+    """Many requests in one job: OpenAI Batch API request lines, as a list or as the text of
+    a `.jsonl` file. Each line is checked when it runs (a bad line is an error line)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    batch: list[Any] | None = None
+    batch_jsonl: str | None = None
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BatchInput:
+        if (self.batch is None) == (self.batch_jsonl is None):
+            raise ValueError("give exactly one of 'batch' or 'batch_jsonl'")
+        return self
+
+
 def _describe(exc: ValidationError) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         # The prompt check spans two fields: it is about the prompt.
-        param = param or loc or ("prompt" if "prompt" in err["msg"] else None)
+        param = param or loc or next((f for f in ("prompt", "batch") if f in err["msg"]), None)
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field '{loc}'")
         else:
@@ -85,14 +102,16 @@ def _describe(exc: ValidationError) -> tuple[str, str | None]:
     return "Invalid input: " + "; ".join(parts), param
 
 
-JobInput = NativeInput | OpenAIInput | RouteInput
+JobInput = NativeInput | OpenAIInput | RouteInput | BatchInput
 
 
 def parse_job_input(raw: Any) -> JobInput:
     if not isinstance(raw, dict):
         raise InvalidInput("Job input must be a JSON object", param="input")
     model: type[JobInput] = (OpenAIInput if "openai_route" in raw
-                             else RouteInput if "route" in raw else NativeInput)
+                             else RouteInput if "route" in raw
+                             else BatchInput if "batch" in raw or "batch_jsonl" in raw
+                             else NativeInput)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -1,6 +1,7 @@
 """One validation step for every job shape: `validate_job(raw, settings)`.
 
-Size (JOB_MAX_INPUT_BYTES), shape, per-job limits (JOB_MAX_N, JOB_MAX_TOKENS) and, for native
+Size (JOB_MAX_INPUT_BYTES), shape, per-job limits (JOB_MAX_N, JOB_MAX_TOKENS, a batch's
+JOB_MAX_BATCH_LINES) and, for native
 jobs, the sampling parameters as vLLM's types declare them. Nothing here needs the engine; the
 one error raised names the field. What only the engine can check (the prompt's length against
 the context, a model's vocabulary) is checked when the job runs.
@@ -12,11 +13,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from worker_vllm.batch.lines import line_count
 from worker_vllm.config.settings import WorkerSettings
 from worker_vllm.engine import VLLMClientError, make_sampling_params
 from worker_vllm.errors import InvalidInput
 from worker_vllm.jobs.limits import check_counts, check_openai_body, check_size
-from worker_vllm.jobs.shapes import JobInput, NativeInput, OpenAIInput, RouteInput, parse_job_input
+from worker_vllm.jobs.shapes import (
+    BatchInput,
+    JobInput,
+    NativeInput,
+    OpenAIInput,
+    RouteInput,
+    parse_job_input,
+)
 
 # The reference worker's users rely on 100, not vLLM's 16.
 DEFAULT_MAX_TOKENS = 100
@@ -43,9 +52,24 @@ def validate_job(raw: Any, settings: WorkerSettings) -> ValidJob:
         if isinstance(inp.body, dict):
             check_openai_body(settings, inp.body, prefix="body.")
         return ValidJob(inp)
+    if isinstance(inp, BatchInput):
+        check_batch_lines(settings, inp)
+        return ValidJob(inp)
     params = build_sampling_params(inp)
     check_counts(settings, params.n, inp.sampling_params.get("max_tokens"), "sampling_params.")
     return ValidJob(inp, params)
+
+
+def check_batch_lines(settings: WorkerSettings, inp: BatchInput) -> None:
+    """The batch's line count within JOB_MAX_BATCH_LINES (each line is checked as it runs)."""
+    field = "batch" if inp.batch is not None else "batch_jsonl"
+    count = line_count(inp)
+    if count == 0:
+        raise InvalidInput(f"{field} holds no request line", param=field)
+    if count > settings.job_max_batch_lines:
+        raise InvalidInput(f"{field} holds {count} request lines; this worker takes at most "
+                           f"{settings.job_max_batch_lines} in one job (JOB_MAX_BATCH_LINES)",
+                           param=field, code=413)
 
 
 def _is_number(value: Any, target: float) -> bool:

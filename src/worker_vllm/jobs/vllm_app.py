@@ -49,7 +49,7 @@ def request_of(app: VLLMApp, inp: OpenAIInput | RouteInput) -> tuple[str, str, A
     return method, route_path(app, method, inp.route), body, "route"
 
 
-def _error_from(status: int, raw: bytes) -> RouteError:
+def error_from(status: int, raw: bytes) -> RouteError:
     """vLLM's error body (the OpenAI error object, or FastAPI's `detail`) as the job's error."""
     try:
         data = json.loads(raw)
@@ -100,7 +100,7 @@ async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPo
     response = await app.request(method, path, data, request_id)
     async with contextlib.aclosing(response.body) as chunks:
         if response.status >= 400:
-            error = _error_from(response.status, b"".join([c async for c in chunks]))
+            error = error_from(response.status, b"".join([c async for c in chunks]))
             if error.param is None and response.status < 500 and isinstance(body, dict):
                 error.param = app.locate_bad_field(method, path, body)
             raise error
