@@ -241,6 +241,10 @@ def tests_json() -> dict[str, Any]:
              "input": {"openai_route": "/v1/chat/completions", "openai_input": chat}},
             {"name": "openai_models", "timeout": 300000,
              "input": {"openai_route": "/v1/models"}},
+            {"name": "batch", "timeout": 300000,
+             "input": {"stream": True, "batch": [
+                 {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": chat} for i in range(4)]}},
         ],
         "config": {
             "gpuTypeId": "NVIDIA GeForce RTX 4090",

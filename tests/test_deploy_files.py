@@ -164,7 +164,7 @@ def test_hub_json_shape():
 def test_hub_tests_json_shape():
     tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())
     names = {t["name"] for t in tests["tests"]}
-    assert names == {"native_prompt", "native_stream", "openai_chat", "openai_models"}
+    assert names == {"native_prompt", "native_stream", "openai_chat", "openai_models", "batch"}
     assert all("input" in t and "timeout" in t for t in tests["tests"])
     assert {"gpuCount", "env"} <= set(tests["config"])
 

@@ -71,3 +71,26 @@ async def test_pooling_and_score_routes_on_the_embedding_model(embedder):
         "model": "minilm", "text_1": "a small cat", "text_2": ["a little cat", "tax law"]}})
     close, far = (d["score"] for d in scored["data"])
     assert close > far
+
+
+async def test_a_batch_of_embeddings_and_scores(embedder):
+    # Batch lines on a pooling model: embeddings and score lines run; a chat line (a route
+    # this model does not serve) is an error line naming the routes it does.
+    texts = ["a small cat", "tax law", "a little cat"]
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "minilm", "input": text}} for i, text in enumerate(texts)]
+    lines.append({"custom_id": "s", "method": "POST", "url": "/v1/score", "body": {
+        "model": "minilm", "text_1": "a small cat", "text_2": ["a little cat", "tax law"]}})
+    lines.append({"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "minilm", "messages": [{"role": "user", "content": "x"}]}})
+    (output,) = await collect(embedder, {"batch": lines})
+    got = {line["custom_id"]: line for line in output["lines"]}
+    for i, text in enumerate(texts):
+        (alone,) = await collect(embedder, {"openai_route": "/v1/embeddings",
+                                            "openai_input": {"model": "minilm", "input": text}})
+        assert got[f"e{i}"]["response"]["body"]["data"] == alone["data"]
+    close, far = (d["score"] for d in got["s"]["response"]["body"]["data"])
+    assert close > far
+    assert got["chat"]["response"]["status_code"] == 404
+    assert "/v1/embeddings" in got["chat"]["error"]["message"]
+    assert output["request_counts"] == {"total": 5, "completed": 4, "failed": 1}

@@ -227,3 +227,44 @@ def test_route_job_errors_through_the_sdk_loop(endpoint, rp_endpoint, job_input,
     out = rp_endpoint.run_sync({"input": {"prompt": "x", "sampling_params": {"max_tokens": 2}}},
                                timeout=120)
     assert out[0]["usage"]["output"] == 2
+
+
+def batch_lines(count: int, **body: object) -> list[dict]:
+    return [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "worker-vllm/tiny-demo-llama", "prompt": f"item {i}",
+                      "seed": i, "temperature": 1.0, **body}} for i in range(count)]
+
+
+def test_a_streamed_batch_job(rp_endpoint):
+    # Through the platform: finished lines stream while the batch runs, /runsync of the same
+    # batch holds every line and the counts, and the lines are the same.
+    lines = batch_lines(12, max_tokens=24)
+    job = rp_endpoint.run({"input": {"batch": lines, "stream": True}})
+    messages = []
+    for message in job.stream():
+        messages.append(message)
+        if len(messages) == 1:
+            assert message["lines"]
+    *parts, summary = messages
+    streamed = {line["custom_id"]: line for m in parts for line in m["lines"]}
+    assert sorted(streamed) == sorted(line["custom_id"] for line in lines)
+    assert summary["request_counts"] == {"total": 12, "completed": 12, "failed": 0}
+    (whole,) = rp_endpoint.run_sync({"input": {"batch": lines}}, timeout=120)
+    assert whole["request_counts"] == summary["request_counts"]
+    for line in whole["lines"]:
+        assert line["response"]["body"]["choices"] == \
+            streamed[line["custom_id"]]["response"]["body"]["choices"]
+
+
+def test_cancelling_a_batch_job_aborts_its_lines(rp_endpoint, endpoint):
+    lines = batch_lines(16, max_tokens=1500, ignore_eos=True)
+    lines += [{**line, "custom_id": f"short{i}", "body": {**line["body"], "max_tokens": 1}}
+              for i, line in enumerate(batch_lines(2))]
+    job = rp_endpoint.run({"input": {"batch": lines, "stream": True}})
+    first = next(iter(job.stream()))  # the short lines are out: the long ones still run
+    assert first["lines"]
+    assert job.cancel()["status"] == "CANCELLED"
+    record = endpoint["process"].record(job.job_id)
+    assert record["outcome"] == "stopped" and record["route"] == "batch/stream"
+    # The engine's own count right after the batch's lines were stopped.
+    assert record["engine_requests_running"] == 0

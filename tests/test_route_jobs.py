@@ -116,3 +116,22 @@ async def test_stopping_an_unstreamed_route_job_aborts_its_generation(worker):
             time.monotonic() - stopped < 1.0:
         await asyncio.sleep(0.02)
     assert running == 0
+
+
+async def test_every_hub_test_input_completes_on_the_demo_model(worker):
+    # .runpod/tests.json as the Hub runs it, with the demo model in place of the listing's.
+    import json
+
+    from conftest import ROOT
+
+    def on_demo(value):
+        if isinstance(value, dict):
+            return {k: DEMO_MODEL_ID if k == "model" else on_demo(v) for k, v in value.items()}
+        return [on_demo(v) for v in value] if isinstance(value, list) else value
+
+    for test in json.loads((ROOT / ".runpod" / "tests.json").read_text())["tests"]:
+        outputs = await collect(worker, on_demo(test["input"]), job_id=test["name"])
+        assert outputs and not any(isinstance(o, dict) and o.get("error") for o in outputs), \
+            test["name"]
+        if test["name"] == "batch":
+            assert outputs[-1]["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
