@@ -3,6 +3,7 @@
     .venv/bin/python scripts/benchmark.py [--tokens 256] [--jobs 8] [--repeat 3]
         [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
     .venv/bin/python scripts/benchmark.py --admission [--smoke]
+    .venv/bin/python scripts/benchmark.py --batch [--rtt-ms 100] [--smoke]
 
 Table 1, in-process: wall time, output tokens/s, time to first output and yields per job for
   engine     vLLM's AsyncLLM.generate consumed on the engine's own loop (the baseline)
@@ -32,8 +33,14 @@ platform stand-in's CPU as a share of the worker's.
 fixed counts and `vllm serve` on a KV-limited engine, and the first stream message with
 MAX_CONCURRENCY equal to the load and unset.
 
+--batch: batch work instead (scripts/bench_batch.py): 512 chat requests x 128 tokens as one
+batch job, as 512 `/run` jobs at concurrency 32 (both through the platform stand-in, --rtt-ms
+per job-take and per stream POST) and through `vllm run-batch` on the same file with the same
+engine settings (its start-up taken out: its time on one line).
+
 Compare ratios within one run only: these machines are noisy, absolute figures are not
-comparable between runs. --smoke runs everything at tiny sizes (for CI: no figures asserted).
+comparable between runs. --smoke runs every path at tiny sizes, the queue worker with its own
+intake only (for CI: no figures asserted).
 """
 
 from __future__ import annotations
@@ -205,7 +212,8 @@ def full_path_rows(args: argparse.Namespace, raw: list[dict]) -> list[dict]:
     # --smoke: only under the round trip (each worker start costs tens of seconds).
     for rtt in ((args.rtt_ms / 1000,) if args.smoke else (0.0, args.rtt_ms / 1000)):
         for name, script, routes in processes:
-            for intake in ("sdk", "events"):
+            # --smoke: the worker's own intake only (the SDK's is the same code, another env).
+            for intake in (("events",) if args.smoke else ("sdk", "events")):
                 for c in concurrencies:
                     # MAX_CONCURRENCY = the load's concurrency: the worker is full whenever
                     # the load is, as on RunPod when jobs wait in the queue.
@@ -294,8 +302,18 @@ def main() -> None:
                              "load-balancing endpoint (direct HTTP)")
     parser.add_argument("--admission", action="store_true",
                         help="only the jobs-per-worker tables (scripts/bench_admission.py)")
+    parser.add_argument("--batch", action="store_true",
+                        help="only the batch-work table (scripts/bench_batch.py)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
+    if args.batch:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_batch
+
+        rtt = args.rtt_ms / 1000
+        run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
+        bench_batch.print_table(bench_batch.rows(run_dir, args.smoke, rtt), rtt)
+        return
     if args.admission:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_admission

@@ -227,6 +227,19 @@ def hub_json(settings: list[SettingInfo], endpoint: str = "queue") -> dict[str, 
     }
 
 
+def form_values(path: Path) -> dict[str, str]:
+    """The env a deploy form gives a worker when nobody touches it: a console form's values
+    (worker-config.json) or a Hub listing's defaults (hub.json), as the platform sets them."""
+    data = json.loads(path.read_text())
+    if "schema" in data:
+        return {name: str(field["value"]) for name, field in data["schema"].items()}
+    values = {}
+    for entry in data["config"]["env"]:
+        default = entry["input"].get("default", "")
+        values[entry["key"]] = str(default).lower() if isinstance(default, bool) else str(default)
+    return values
+
+
 def tests_json() -> dict[str, Any]:
     chat = {"model": HUB_TEST_MODEL, "max_tokens": 16,
             "messages": [{"role": "user", "content": "Say hello."}]}

@@ -9,7 +9,6 @@ untouched values give the engine what that build's `vllm serve --model X` would.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pkgutil
 import sys
@@ -38,18 +37,9 @@ def imports() -> int:
     return 1 if failed else 0
 
 
-def _form_values(path: Path) -> dict[str, str]:
-    data = json.loads(path.read_text())
-    if "schema" in data:  # a console form (worker-config.json)
-        return {name: str(field["value"]) for name, field in data["schema"].items()}
-    values = {}
-    for entry in data["config"]["env"]:  # a Hub listing
-        default = entry["input"].get("default", "")
-        values[entry["key"]] = str(default).lower() if isinstance(default, bool) else str(default)
-    return values
-
-
 def forms(model_dir: str) -> int:
+    from generate_deploy_files import form_values
+
     from worker_vllm.config.serve_env import LB_SERVER_FLAGS
     from worker_vllm.config.settings import load_worker_settings
     from worker_vllm.engine import parse_serve_args
@@ -60,7 +50,7 @@ def forms(model_dir: str) -> int:
     lb = ROOT / ".runpod" / "lb"
     for path in (ROOT / "worker-config.json", ROOT / ".runpod" / "hub.json",
                  lb / "worker-config.json", lb / "hub.json"):
-        env = {**os.environ, **_form_values(path), "MODEL_NAME": model_dir,
+        env = {**os.environ, **form_values(path), "MODEL_NAME": model_dir,
                "BAKED_ARGS_FILE": str(Path(model_dir) / "no-baked-args.json")}
         server = LB_SERVER_FLAGS if env.get("ENDPOINT_TYPE") == "lb" else frozenset()
         args = serve_config(env, load_worker_settings(env), server=server).args

@@ -22,13 +22,11 @@ def test_benchmark_smoke_runs_every_path():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     paths = [row.split("|")[1].strip() for row in rows[1:]]
     expected = {"raw engine (in-process)", "vllm serve, HTTP SSE",
-                "worker, load-balancing, HTTP SSE"}
-    for intake in ("sdk", "events"):
-        expected |= {f"floor, native, {intake} intake", f"worker, native, {intake} intake",
-                     f"worker, openai, {intake} intake"}
+                "worker, load-balancing, HTTP SSE", "floor, native, events intake",
+                "worker, native, events intake", "worker, openai, events intake"}
     assert expected <= set(paths), proc.stdout
-    # The queue worker: 2 routes x 2 intakes x (c2 and c1); the floor: 2 intakes.
-    assert sum(p.startswith(("worker, native", "worker, openai")) for p in paths) == 8, \
+    # The queue worker: 2 routes x (c2 and c1), with the worker's own intake; the floor: 1.
+    assert sum(p.startswith(("worker, native", "worker, openai")) for p in paths) == 4, \
         proc.stdout
     assert "Load-balancing worker cold start: first /ping 204 after" in proc.stdout
-    assert sum(p.startswith("floor") for p in paths) == 2, proc.stdout
+    assert sum(p.startswith("floor") for p in paths) == 1, proc.stdout

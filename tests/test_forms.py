@@ -36,23 +36,19 @@ print(json.dumps({{"worker": {{k: repr(v) for k, v in vars(config.args).items()}
 """
 
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from generate_deploy_files import form_values  # noqa: E402
+
 FORMS = {"queue": ROOT, "lb": ROOT / ".runpod" / "lb"}
 
 
 def console_form(endpoint: str) -> dict[str, str]:
-    schema = json.loads((FORMS[endpoint] / "worker-config.json").read_text())["schema"]
-    return {name: str(field["value"]) for name, field in schema.items()}
+    return form_values(FORMS[endpoint] / "worker-config.json")
 
 
 def hub_form(endpoint: str) -> dict[str, str]:
-    folder = ROOT / ".runpod" if endpoint == "queue" else FORMS[endpoint]
-    env = json.loads((folder / "hub.json").read_text())["config"]["env"]
-    values = {}
-    for entry in env:
-        default = entry["input"].get("default", "")
-        values[entry["key"]] = (str(default).lower() if isinstance(default, bool)
-                                else str(default))
-    return values
+    return form_values((ROOT / ".runpod" if endpoint == "queue" else FORMS[endpoint])
+                       / "hub.json")
 
 
 @pytest.mark.parametrize("endpoint", ["queue", "lb"])
