@@ -63,8 +63,7 @@ class BatchTally:
 
 
 def _tokens(usage: dict[str, Any], *names: str) -> int:
-    value = next((usage[n] for n in names if isinstance(usage.get(n), int)), 0)
-    return value
+    return next((usage[n] for n in names if isinstance(usage.get(n), int)), 0)
 
 
 async def run_line(app: VLLMApp, line: RequestLine, job_id: str) -> dict[str, Any]:

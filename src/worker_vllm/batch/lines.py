@@ -95,9 +95,9 @@ def request_line(number: int, raw: Any, app: VLLMApp, settings: WorkerSettings,
                         param="method")
     url, body = raw.get("url"), raw.get("body")
     path = route_path(app, "POST", url) if isinstance(url, str) else None
-    if path not in served_batch_routes(app):
+    if path not in (served := served_batch_routes(app)):
         raise LineError(f"url {url!r} is not a batch route of this model; it serves: "
-                        f"{', '.join(served_batch_routes(app))}", number, cid, code=404,
+                        f"{', '.join(served)}", number, cid, code=404,
                         param="url")
     if not isinstance(body, dict):
         raise LineError("body must be a JSON object", number, cid, param="body")
