@@ -30,7 +30,7 @@ from worker_vllm.config.settings import WorkerSettings
 from worker_vllm.engine import VLLMApp
 from worker_vllm.jobs.batching import BatchPolicy, batched
 from worker_vllm.jobs.shapes import BatchInput
-from worker_vllm.jobs.vllm_app import error_from
+from worker_vllm.jobs.vllm_app import app_error
 
 
 class BatchTally:
@@ -77,11 +77,9 @@ async def run_line(app: VLLMApp, line: RequestLine, job_id: str) -> dict[str, An
     if response.status < 400:
         return output_line(job_id, line.number, line.custom_id, response.status, request_id,
                            json.loads(raw))
-    error = error_from(response.status, raw)
+    error = app_error(app, "POST", line.path, line.body, response.status, raw)
     if response.status >= 500 and app.runner.errored:
         raise error
-    if error.param is None and response.status < 500:
-        error.param = app.locate_bad_field("POST", line.path, line.body)
     return output_line(job_id, line.number, line.custom_id, response.status, request_id,
                        None, error)
 

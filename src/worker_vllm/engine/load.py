@@ -45,16 +45,14 @@ class EngineLoad:
 
 @dataclass(eq=False)  # hashable by identity: the runner keeps a set of them
 class LoadWatch:
-    """The most requests seen waiting in the engine, step by step, while it is watched, and
-    the steps seen; ``wake``, when set, is called after each step (on the engine's thread)."""
+    """The most requests seen waiting in the engine, step by step, while it is watched;
+    ``wake``, when set, is called after each step (on the engine's thread)."""
 
     waiting_max: int = 0
-    steps: int = 0
     wake: Callable[[], None] | None = None
 
     def saw(self, load: EngineLoad) -> None:
         self.waiting_max = max(self.waiting_max, load.waiting)
-        self.steps += 1
         if self.wake is not None:
             self.wake()
 

@@ -66,6 +66,16 @@ def error_from(status: int, raw: bytes) -> RouteError:
                       code=status)
 
 
+def app_error(app: VLLMApp, method: str, path: str, body: Any, status: int,
+              raw: bytes) -> RouteError:
+    """vLLM's error answer to a request, naming the body field a client error is about when
+    vLLM's own error does not."""
+    error = error_from(status, raw)
+    if error.param is None and status < 500 and isinstance(body, dict):
+        error.param = app.locate_bad_field(method, path, body)
+    return error
+
+
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     """Whole SSE events (ending in a blank line) from body chunks cut anywhere."""
     pending = ""
@@ -100,10 +110,8 @@ async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPo
     response = await app.request(method, path, data, request_id)
     async with contextlib.aclosing(response.body) as chunks:
         if response.status >= 400:
-            error = error_from(response.status, b"".join([c async for c in chunks]))
-            if error.param is None and response.status < 500 and isinstance(body, dict):
-                error.param = app.locate_bad_field(method, path, body)
-            raise error
+            raise app_error(app, method, path, body, response.status,
+                            b"".join([c async for c in chunks]))
         if not response.content_type.startswith("text/event-stream"):
             raw = b"".join([c async for c in chunks])
             try:
