@@ -34,3 +34,24 @@ def test_the_check_sees_imports(tmp_path):
                       "    from vllm.sampling_params import SamplingParams\n")
     assert vllm_imports(sample) == ["vllm.v1", "vllm", "vllm.sampling_params"]
     assert vllm_imports(ENGINE_PACKAGE / "runner.py")
+
+
+async def test_the_engine_is_built_as_vllm_serve_builds_it(monkeypatch):
+    """vLLM picks max_num_seqs and max_num_batched_tokens by usage context and device: as an
+    API server an H100 runs 1024 sequences at once; an engine built with the default context
+    would get 128 on every GPU. The CPU's defaults do not tell them apart, so the call is
+    checked."""
+    from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    from worker_vllm.engine import runner
+    from worker_vllm.engine.load import LoadFeed
+
+    seen: dict = {}
+    monkeypatch.setattr(runner.AsyncLLMEngine, "from_engine_args",
+                        lambda args, **kwargs: seen.update(kwargs))
+    await runner.EngineRunner._build(AsyncEngineArgs(model="m"), LoadFeed(print))
+    assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
+    defaults = AsyncEngineArgs.get_batch_defaults(1)
+    assert UsageContext.OPENAI_API_SERVER in defaults[1]
+    assert UsageContext.ENGINE_CONTEXT not in defaults[1]

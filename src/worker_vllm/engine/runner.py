@@ -36,6 +36,15 @@ def cache_key() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"vllm-{__version__}-{device}")
 
 
+def _engine_kwargs(feed: LoadFeed) -> dict[str, Any]:
+    """As `vllm serve` builds its engine: vLLM picks the defaults of `max_num_seqs` and
+    `max_num_batched_tokens` by usage context and device (an H100 runs 1024 sequences as an API
+    server; the engine's own context would give 128 on every GPU)."""
+    from vllm.usage.usage_lib import UsageContext
+
+    return {"usage_context": UsageContext.OPENAI_API_SERVER, "stat_loggers": [feed.factory()]}
+
+
 class EngineRunner:
     """An AsyncLLMEngine on a private thread and event loop, usable from any other loop."""
 
@@ -64,12 +73,12 @@ class EngineRunner:
 
     @staticmethod
     async def _build(args: AsyncEngineArgs, feed: LoadFeed) -> Any:
-        return AsyncLLMEngine.from_engine_args(args, stat_loggers=[feed.factory()])
+        return AsyncLLMEngine.from_engine_args(args, **_engine_kwargs(feed))
 
     @staticmethod
     async def _build_beside(args: AsyncEngineArgs, feed: LoadFeed) -> Any:
         engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args,
-                                         stat_loggers=[feed.factory()])
+                                         **_engine_kwargs(feed))
         # Built off the loop, vLLM defers its output handler to the first request; start it
         # now, as a build on the loop does, so an engine core failure is seen at once.
         engine._run_output_handler()
