@@ -8,6 +8,7 @@ import pytest
 
 from worker_vllm.admission import KV_TARGET, Admission
 from worker_vllm.engine.load import EngineLoad, RequestSize
+from worker_vllm.kv_projection import Shape
 
 KV_TOKENS, BLOCK = 4096, 16  # a cache of 4 full contexts of 1,024 tokens
 TARGET = KV_TOKENS * KV_TARGET
@@ -36,7 +37,7 @@ def test_an_idle_worker_takes_one_job_then_doubles_what_reaches_the_engine():
     assert a.room(1) == 0  # taken, not in the engine yet: its size is unknown
     step(a, [RequestSize(8, 0, 64)])
     # Before anything finished, a request is expected to use all of its max_tokens.
-    assert a.sizes.final(RequestSize(8, 0, 64)) == 80
+    assert a.sizes.shape(RequestSize(8, 0, 64)) == Shape(8, 72)
     assert a.room(1) == 1  # one take at most doubles the requests in the engine
     step(a, [RequestSize(8, 1, 64)] * 2)
     assert a.room(2) == 2
@@ -46,8 +47,29 @@ def test_short_jobs_fill_the_cache_far_beyond_its_full_contexts():
     a = admission()
     step(a, [SHORT._replace(generated=10)] * 30, finished=[SHORT] * 10)
     free = a.room(30)
-    assert free == int((TARGET - 30 * 80) // 80)  # the cache, not the doubling, bounds it
+    # The 30 hold 80 tokens each (in blocks of 16) just before they end, 53 steps from now;
+    # a job started now holds 8 + 53 = 61 tokens (64 in blocks) then: the cache, not the
+    # doubling, bounds it.
+    assert free == int((TARGET - 30 * 80) // 64)
     assert 30 + free > 10 * KV_TOKENS // 1024  # ten times the 4 "full contexts"
+
+
+def test_requests_near_their_end_make_room_for_jobs_that_start_small():
+    """Staggered requests never all hold their final size at once: while the old ones end,
+    new ones are still short. The sum of final sizes would allow 4 more jobs; the step-by-step
+    projection allows what fits at the worst step."""
+    a = admission()
+    old = [SHORT._replace(generated=g) for g in (0, 16, 32, 48, 56, 60, 62, 63)] * 4
+    step(a, old, finished=[SHORT] * 8)
+    sum_of_finals = int((TARGET - 32 * 80) // 80)
+    free = a.room(32)
+    assert free > sum_of_finals
+    # Whatever was taken, the cache never holds more than the target at any later step.
+    for k in range(200):
+        held = sum(-(-(r.prompt + r.generated + k) // BLOCK) * BLOCK for r in old
+                   if r.generated + k < r.max_tokens)
+        new = -(-min(72, 8 + k) // BLOCK) * BLOCK
+        assert held + free * new <= TARGET, k
 
 
 def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
@@ -61,11 +83,11 @@ def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
 def test_the_share_of_max_tokens_used_is_learned_from_finished_requests():
     a = admission()
     chat = RequestSize(100, 0, 924)  # no max_tokens in the body: the rest of the context
-    assert a.sizes.final(chat) == 1024
+    assert a.sizes.shape(chat) == Shape(100, 1024)
     step(a, [chat], finished=[RequestSize(100, 92, 924)] * 8)  # they stop after ~10%
-    assert a.sizes.final(chat) == 192  # 100 + 92 -> 12 blocks
+    assert a.sizes.shape(chat) == Shape(100, 192)
     # A request past its expected share is expected to hold at least what it holds.
-    assert a.sizes.final(chat._replace(generated=400)) == 512
+    assert a.sizes.shape(chat._replace(generated=400)) == Shape(500, 500)
 
 
 def test_a_change_to_longer_jobs_is_seen_before_it_over_fills_the_cache():
@@ -73,7 +95,7 @@ def test_a_change_to_longer_jobs_is_seen_before_it_over_fills_the_cache():
     step(a, [], finished=[SHORT] * 20)
     assert a.room(0) == 1  # idle: one job, whatever the history says
     step(a, [LONG._replace(generated=0)])
-    assert a.sizes.next_job(a.load.in_flight) == 912
+    assert a.sizes.next_job(a.load.in_flight) == Shape(600, 900)
     assert a.room(1) == 1
     step(a, [LONG._replace(generated=1)] * 2)
     assert a.room(2) == 2  # 4 x 912 fit in the target share, 5 do not
@@ -184,3 +206,22 @@ def test_the_queue_front_end_picks_the_admission_its_settings_name(env, fixed, l
     assert isinstance(chosen, FixedAdmission) == fixed and chosen.limit == limit
     if fixed:  # a fixed count: every free slot is taken, whatever the engine's load
         assert chosen.room(limit - 5) == 5
+
+
+def test_the_requests_in_flight_are_read_only_at_steps_where_they_can_matter():
+    """Reading them is a pass over every request in the engine, on its thread: not while
+    requests wait in it or the jobs are at the limit. A take after such a step waits for the
+    next step that reads them."""
+    a = admission(cap=4)
+    woken: list[int] = []
+    a.wake = lambda: woken.append(1)
+    step(a, [SHORT] * 2, finished=[SHORT])
+    a.room(4)  # at the limit
+    assert not a.wants_sizes(EngineLoad(running=2))
+    a.room(2)
+    assert a.wants_sizes(EngineLoad(running=2))
+    assert not a.wants_sizes(EngineLoad(running=2, waiting=1))
+    a.observe(EngineLoad(running=2, kv_usage=0.04))  # sizes not read at this step
+    assert a.room(2) == 0 and woken == []
+    step(a, [SHORT] * 2)
+    assert woken == [1] and a.room(2) == 2

@@ -222,3 +222,25 @@ async def test_task_cancelled_between_yields_still_aborts_the_request(worker):
             break
         await asyncio.sleep(0.05)
     assert await worker.runner.num_unfinished_requests() == 0
+
+
+async def test_the_engines_steps_carry_its_requests_sizes_only_when_asked(worker, monkeypatch):
+    """The load after each step, from vLLM's stat logger: the requests in flight (prompt,
+    generated, max_tokens) are read only at steps whose follower asks for them."""
+    loads = worker.runner.loads
+    seen: list = []
+    asked = {"sizes": True}
+    monkeypatch.setattr(loads, "on_step", seen.append)
+    monkeypatch.setattr(loads, "wants_sizes", lambda load: asked["sizes"])
+    params = {"max_tokens": 20, "ignore_eos": True, "temperature": 1.0, "seed": 1}
+    await collect(worker, {"prompt": "def main():", "sampling_params": params})
+    sized = [load for load in seen if load.in_flight]
+    assert sized and all(r.max_tokens == 20 and 0 <= r.generated <= 20 for load in sized
+                         for r in load.in_flight)
+    prompt = len(worker.runner.get_tokenizer().encode("def main():"))
+    assert {r.prompt for load in sized for r in load.in_flight} == {prompt}
+    assert any(r.generated == 20 for load in seen for r in load.finished)
+    seen.clear()
+    asked["sizes"] = False
+    await collect(worker, {"prompt": "def main():", "sampling_params": params})
+    assert seen and all(load.in_flight is None for load in seen)

@@ -45,12 +45,12 @@ async def test_the_engine_is_built_as_vllm_serve_builds_it(monkeypatch):
     from vllm.usage.usage_lib import UsageContext
 
     from worker_vllm.engine import runner
-    from worker_vllm.engine.load import LoadFeed
+    from worker_vllm.engine.load import EngineLoads, LoadFeed
 
     seen: dict = {}
     monkeypatch.setattr(runner.AsyncLLMEngine, "from_engine_args",
                         lambda args, **kwargs: seen.update(kwargs))
-    await runner.EngineRunner._build(AsyncEngineArgs(model="m"), LoadFeed(print))
+    await runner.EngineRunner._build(AsyncEngineArgs(model="m"), LoadFeed(EngineLoads()))
     assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
     defaults = AsyncEngineArgs.get_batch_defaults(1)
     assert UsageContext.OPENAI_API_SERVER in defaults[1]

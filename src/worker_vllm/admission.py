@@ -3,16 +3,18 @@
 The signals are the engine's own, after each of its steps (``EngineLoad``: running and waiting
 requests, KV-cache usage, the sizes of the requests in flight and of those that finished). The
 worker asks the platform for more jobs while vLLM's scheduler has no request waiting and its KV
-cache has room for what the requests in flight will hold when they end, plus the next job;
-otherwise jobs stay in the platform's queue, where another worker can take them and the
-autoscaler sees them.
+cache will have room, at every step until the requests in flight end, for what they will hold
+then plus the next job as it grows (``worker_vllm.kv_projection``: requests near their end free
+their blocks while new ones are still small); otherwise jobs stay in the platform's queue,
+where another worker can take them and the autoscaler sees them.
 
 What a request will hold when it ends: its prompt plus the share of its ``max_tokens`` that
 requests generated before it (learned from the last finished ones; all of it before any has
 finished), and never less than it holds already; in whole KV blocks. The next job is expected
-to be like the recent ones. After a take, the next one waits for an engine step (so jobs are
-never sized by a load that predates the last ones taken), and one take at most doubles the
-requests in the engine (a change to longer jobs shows before it can over-fill the cache).
+to be like the recent ones or those in flight, whichever is larger. After a take, the next one
+waits for an engine step (so jobs are never sized by a load that predates the last ones
+taken), and one take at most doubles the requests in the engine (a change to longer jobs shows
+before it can over-fill the cache).
 Bounds: never more jobs than ``max_num_seqs`` (or ``MAX_CONCURRENCY`` when set, a cap); a
 worker with no job in its engine (none, or only jobs whose results have ended and whose last
 messages are on their way) takes one job and sizes the next ones by what reaches its engine (a
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 
 from worker_vllm.engine.load import EngineLoad, RequestSize
+from worker_vllm.kv_projection import Projection, Shape
 
 log = logging.getLogger("worker_vllm.admission")
 
@@ -46,37 +49,40 @@ BUSY_LOG_S = 60.0
 
 
 class RequestSizes:
-    """What requests will hold in the KV cache when they end, learned from those that did."""
+    """What requests will hold in the KV cache, learned from those that ended."""
 
-    def __init__(self, block_tokens: int) -> None:
-        self.block_tokens = max(1, block_tokens)
+    def __init__(self) -> None:
         self.shares: deque[float] = deque(maxlen=HISTORY)  # generated / max_tokens
         self.share = 1.0  # their mean: all of max_tokens before any request finished
-        self.recent: float | None = None  # tokens, weighted towards the latest
+        # The recent requests' prompt and final tokens, weighted towards the latest.
+        self.recent: Shape | None = None
 
     def learn(self, r: RequestSize) -> None:
         if r.max_tokens:
             self.shares.append(min(1.0, r.generated / r.max_tokens))
             self.share = sum(self.shares) / len(self.shares)
-        size = float(r.prompt + r.generated)
-        self.recent = size if self.recent is None else \
-            RECENT_WEIGHT * size + (1 - RECENT_WEIGHT) * self.recent
+        done = Shape(float(r.prompt), float(r.prompt + r.generated))
+        self.recent = done if self.recent is None else Shape(
+            *(RECENT_WEIGHT * new + (1 - RECENT_WEIGHT) * old
+              for new, old in zip(done, self.recent, strict=True)))
 
-    def final(self, r: RequestSize) -> int:
-        """KV tokens the request is expected to hold when it ends, in whole blocks."""
-        return self.blocks(r.prompt + max(r.generated, self.share * r.max_tokens))
+    def shape(self, r: RequestSize) -> Shape:
+        """The request's tokens now, and when it is expected to end: its prompt plus the
+        learned share of its max_tokens, never less than it holds."""
+        held = r.prompt + r.generated
+        return Shape(held, r.prompt + max(r.generated, self.share * r.max_tokens))
 
-    def next_job(self, in_flight: tuple[RequestSize, ...]) -> int | None:
-        """KV tokens the next job's request is expected to need: like the recent ones and the
-        ones in flight; None before anything ran."""
-        sizes = [self.final(r) for r in in_flight]
-        if self.recent is None and not sizes:
+    def next_job(self, in_flight: tuple[RequestSize, ...]) -> Shape | None:
+        """The next job's request, expected like the recent ones and the ones in flight
+        (whichever is larger): its prompt and its end; None before anything ran."""
+        shapes = [Shape(r.prompt, self.shape(r).end) for r in in_flight]
+        if self.recent is None and not shapes:
             return None
-        current = sum(sizes) / len(sizes) if sizes else 0.0
-        return self.blocks(max(current, self.recent or 0.0))
-
-    def blocks(self, tokens: float) -> int:
-        return max(1, math.ceil(tokens / self.block_tokens - 1e-6)) * self.block_tokens
+        current = Shape(*(sum(x) / len(shapes) for x in zip(*shapes, strict=True))) \
+            if shapes else Shape(0.0, 0.0)
+        recent = self.recent or current
+        prompt = max(current.held, recent.held)
+        return Shape(prompt, max(current.end, recent.end, prompt + 1))
 
 
 class Admission:
@@ -86,8 +92,8 @@ class Admission:
 
     def __init__(self, max_num_seqs: int, kv_tokens: int, block_tokens: int,
                  cap: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.kv_tokens = kv_tokens
-        self.sizes = RequestSizes(block_tokens)
+        self.kv_tokens, self.block_tokens = kv_tokens, block_tokens
+        self.sizes = RequestSizes()
         self.limit = min(cap, max_num_seqs) if cap is not None else max_num_seqs
         self.limit_reason = "MAX_CONCURRENCY" if cap is not None and cap < max_num_seqs \
             else "MAX_NUM_SEQS"
@@ -101,23 +107,30 @@ class Admission:
         # Engine steps seen, and how many had been seen at the latest take: a take waits for
         # a step after the one before, so it never sizes jobs by a load that predates them.
         self._steps = self._steps_at_take = 0
-        self._clock = clock
-        self._regime = ""
-        self._regime_logged = self._busy_logged = -math.inf
+        # The requests in flight at the latest step that read them (``wants_sizes``), and
+        # their projection (built once, when asked).
+        self._sized: tuple[int, tuple[RequestSize, ...]] = (-1, ())
+        self._projected: tuple[int, Projection] | None = None
+        self._log = IntakeLog(clock)
 
     # ----- the engine's side (its thread) -------------------------------------------------
+    def wants_sizes(self, load: EngineLoad) -> bool:
+        """Whether this step's requests in flight can matter: a pass over all of them, so
+        not while requests wait in the engine or the jobs are at the limit."""
+        return load.waiting == 0 and self.taken < self.limit
+
     def observe(self, load: EngineLoad) -> None:
         self.load = load
         self._steps += 1
+        if load.in_flight is not None:
+            self._sized = (self._steps, load.in_flight)
         for r in load.finished:
             self.sizes.learn(r)
         if self._blocked and self.wake is not None and self._room(self.taken)[0] > 0:
             self._blocked = False
             self.wake()
-        now = self._clock()
-        if (load.running or self.taken) and now - self._busy_logged >= BUSY_LOG_S:
-            self._busy_logged = now
-            log.info("Job intake: %s", self.describe(self._room(self.taken)[1]))
+        if load.running or self.taken:
+            self._log.busy(lambda: self.describe(self._room(self.taken)[1]))
 
     # ----- the jobs' side (the intake's loop) -------------------------------------------
     def results_ended(self, job_id: str) -> None:
@@ -135,7 +148,7 @@ class Admission:
         if free > 0:
             self._blocked = False
             self._steps_at_take = self._steps
-        self._note(regime)
+        self._log.regime(regime, lambda: self.describe(regime))
         return free
 
     def _room(self, taken: int) -> tuple[int, str]:
@@ -145,43 +158,68 @@ class Admission:
         active = taken - len(self.tails)
         if active <= 0:
             return 1, "taking"  # the next ones are sized by what reaches the engine
-        if self._steps == self._steps_at_take:
-            return 0, "waiting for the engine's next step"
-        size = self.sizes.next_job(self.load.in_flight)
         if self.load.waiting > 0:
             return 0, "requests wait in the engine"
-        if size is None:
+        # A take waits for a step after it, one that read the requests in flight.
+        if self._steps == self._steps_at_take or self._sized[0] != self._steps:
+            return 0, "waiting for the engine's next step"
+        job = self.sizes.next_job(self._sized[1])
+        if job is None:
             return 0, "waiting for the first job to reach the engine"
-        free = self._fits(taken, active, size)
+        free = self._fits(taken, active, job)
         return (free, "taking") if free > 0 else (0, "the KV cache is full")
 
-    def _fits(self, taken: int, active: int, size: int) -> int:
-        """Jobs of `size` tokens that fit beside what the requests in flight and the `active`
-        jobs that have not reached the engine yet will need; at most as many as are in the
-        engine (a take at most doubles them: a change of job sizes shows before it can
-        over-fill the cache)."""
-        load = self.load
-        in_flight = len(load.in_flight)
-        committed = max(sum(self.sizes.final(r) for r in load.in_flight),
-                        load.kv_usage * self.kv_tokens)
-        committed += max(0, active - in_flight) * size  # taken, not in the engine yet
-        fits = int((self.kv_tokens * KV_TARGET - committed) // size)
+    def _fits(self, taken: int, active: int, job: Shape) -> int:
+        """Jobs of `job`'s shape that fit beside what the requests in flight and the `active`
+        jobs that have not reached the engine yet will hold at every step from now on; at
+        most as many as are in the engine (a take at most doubles them: a change of job
+        sizes shows before it can over-fill the cache)."""
+        in_flight = len(self._sized[1])
+        pending = max(0, active - in_flight)  # taken, not in the engine yet
+        fits = self.projection().room(job, pending, self.kv_tokens * KV_TARGET)
         return max(0, min(fits, self.limit - taken, max(1, in_flight)))
+
+    def projection(self) -> Projection:
+        """The KV tokens the requests in flight (as last read) will hold until they end."""
+        (step, in_flight), load = self._sized, self.load
+        if self._projected is None or self._projected[0] != step:
+            shapes = [self.sizes.shape(r) for r in in_flight]
+            self._projected = (step, Projection(shapes, self.block_tokens,
+                                                load.kv_usage * self.kv_tokens))
+        return self._projected[1]
 
     # ----- what the log shows -----------------------------------------------------------
     def describe(self, regime: str) -> str:
-        load, size = self.load, self.sizes.next_job(self.load.in_flight)
+        load, job = self.load, self.sizes.next_job(self._sized[1])
+        expected = "-" if job is None else f"{job.held:.0f}+{job.end - job.held:.0f}"
         return (f"{regime}: {self.taken} job(s) taken of at most {self.limit} "
                 f"({self.limit_reason}); engine: {load.running} running, {load.waiting} "
-                f"waiting, KV cache {load.kv_usage:.0%} of {self.kv_tokens} tokens, "
-                f"{'-' if size is None else size} tokens expected per job, "
-                f"{load.preempted} preempted so far")
+                f"waiting, KV cache {load.kv_usage:.0%} of {self.kv_tokens} tokens, at most "
+                f"{self.projection().peak() / self.kv_tokens:.0%} ahead, "
+                f"{expected} tokens expected per job, {load.preempted} preempted so far")
 
-    def _note(self, regime: str) -> None:
+
+
+class IntakeLog:
+    """The intake's state in the log: at each change of regime (at most once per
+    REGIME_LOG_S) and once per BUSY_LOG_S while jobs run."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._regime = ""
+        self._regime_logged = self._busy_logged = -math.inf
+
+    def regime(self, regime: str, describe: Callable[[], str]) -> None:
         now = self._clock()
         if regime != self._regime and now - self._regime_logged >= REGIME_LOG_S:
             self._regime, self._regime_logged = regime, now
-            log.info("Job intake: %s", self.describe(regime))
+            log.info("Job intake: %s", describe())
+
+    def busy(self, describe: Callable[[], str]) -> None:
+        now = self._clock()
+        if now - self._busy_logged >= BUSY_LOG_S:
+            self._busy_logged = now
+            log.info("Job intake: %s", describe())
 
 
 class FixedAdmission:

@@ -120,6 +120,7 @@ def job_admission(settings: WorkerSettings, runner: EngineRunner
                  settings.job_intake)
         return FixedAdmission(admission.limit)
     runner.loads.on_step = admission.observe
+    runner.loads.wants_sizes = admission.wants_sizes
     log.info("Job intake: jobs are taken while the engine can start them (no request "
              "waiting in it, room in its KV cache of %d tokens), up to %d at once (%s)",
              kv_tokens, admission.limit, admission.limit_reason)

@@ -133,8 +133,9 @@ class WorkerSettings(BaseModel):
         None, "Worker", "Append one JSON line per finished job to this file: id, route, "
         "outcome, tokens, the engine's count of requests still running once the job's own "
         "request has ended, and after its latest step its requests waiting, KV-cache usage "
-        "and preemptions so far, and the most requests waiting in it at any step while the "
-        "job ran (for tests and dashboards).", advanced=True, front_end="queue",
+        "and preemptions so far, and the most requests running and waiting in it at any "
+        "step while the job ran (for tests and dashboards).", advanced=True,
+        front_end="queue",
     )
     warmup: bool = _field(
         True, "Worker", "Serve one short request before taking jobs, so the first job is not "

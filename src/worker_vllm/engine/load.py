@@ -2,15 +2,18 @@
 
 ``AsyncLLM`` hands every step's ``SchedulerStats`` (running and waiting requests, KV-cache
 usage) and ``IterationStats`` (finished requests, preemptions) to its stat loggers; ``LoadFeed``
-is one of them. It also reads the sizes of the requests in flight from the engine's output
-processor (prompt length, tokens generated, ``max_tokens``), which lives in this process. It
-runs on the engine's loop thread (where those requests are kept): it only builds a snapshot
-and hands it on; its listeners must be cheap and thread-safe.
+is one of them. When its follower asks for them (``EngineLoads.wants_sizes``), it also reads
+the sizes of the requests in flight from the engine's output processor (prompt length, tokens
+generated, ``max_tokens``), which lives in this process: a pass over every request, so only
+at steps where they can matter. It runs on the engine's loop thread (where those requests
+are kept): it only builds a snapshot and hands it on; its listeners must be cheap and
+thread-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -37,21 +40,24 @@ class EngineLoad:
     kv_usage: float = 0.0
     # Requests the scheduler preempted so far (their KV blocks were taken back).
     preempted: int = 0
-    # Every request added to the engine and not finished (running, waiting, or just added).
-    in_flight: tuple[RequestSize, ...] = ()
+    # Every request added to the engine and not finished (running, waiting, or just added);
+    # None where nobody asked for them at this step.
+    in_flight: tuple[RequestSize, ...] | None = None
     # The requests that finished in this step.
     finished: tuple[RequestSize, ...] = ()
 
 
 @dataclass(eq=False)  # hashable by identity: the runner keeps a set of them
 class LoadWatch:
-    """The most requests seen waiting in the engine, step by step, while it is watched;
-    ``wake``, when set, is called after each step (on the engine's thread)."""
+    """The most requests seen running and waiting in the engine, step by step, while it is
+    watched; ``wake``, when set, is called after each step (on the engine's thread)."""
 
+    running_max: int = 0
     waiting_max: int = 0
     wake: Callable[[], None] | None = None
 
     def saw(self, load: EngineLoad) -> None:
+        self.running_max = max(self.running_max, load.running)
         self.waiting_max = max(self.waiting_max, load.waiting)
         if self.wake is not None:
             self.wake()
@@ -59,11 +65,14 @@ class LoadWatch:
 
 class EngineLoads:
     """The engine's load after its latest step, and who follows it: ``on_step`` (one
-    listener, told of every step on the engine's thread) and watches (``watching``)."""
+    listener, told of every step on the engine's thread), which may want the sizes of the
+    requests in flight at that step (``wants_sizes``, asked with the step's counts), and
+    watches (``watching``)."""
 
     def __init__(self) -> None:
         self.latest = EngineLoad()
         self.on_step: Callable[[EngineLoad], None] | None = None
+        self.wants_sizes: Callable[[EngineLoad], bool] = lambda _load: False
         self._watches: set[LoadWatch] = set()
 
     def saw(self, load: EngineLoad) -> None:
@@ -87,10 +96,10 @@ class EngineLoads:
 
 
 class LoadFeed(StatLoggerBase):
-    """A vLLM stat logger that reports each step's ``EngineLoad`` to ``listener``."""
+    """A vLLM stat logger that reports each step's ``EngineLoad`` to ``loads``."""
 
-    def __init__(self, listener: Callable[[EngineLoad], None]) -> None:
-        self.listener = listener
+    def __init__(self, loads: EngineLoads) -> None:
+        self.loads = loads
         self.preempted = 0
         # The engine's output processor's requests (``track``), read on its loop only.
         self.requests: Mapping[str, Any] = {}
@@ -108,10 +117,12 @@ class LoadFeed(StatLoggerBase):
             finished = tuple(RequestSize(r.num_prompt_tokens, r.num_generation_tokens,
                                          r.max_tokens_param or 0)
                              for r in iteration_stats.finished_requests)
-        self.listener(EngineLoad(scheduler_stats.num_running_reqs,
-                                 scheduler_stats.num_waiting_reqs,
-                                 scheduler_stats.kv_cache_usage, self.preempted,
-                                 tuple(_size(r) for r in self.requests.values()), finished))
+        load = EngineLoad(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                          scheduler_stats.kv_cache_usage, self.preempted, None, finished)
+        if self.loads.wants_sizes(load):
+            load = dataclasses.replace(load, in_flight=tuple(
+                _size(r) for r in self.requests.values()))
+        self.loads.saw(load)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -55,7 +55,7 @@ class EngineRunner:
         self.closing = False
         # The engine's load after each step (vLLM's scheduler statistics).
         self.loads = EngineLoads()
-        feed = LoadFeed(self.loads.saw)
+        feed = LoadFeed(self.loads)
         build = self._build_beside(args, feed) if loop is not None else self._build(args, feed)
         try:
             self.engine = self.loop.submit(build).result()

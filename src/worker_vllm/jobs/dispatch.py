@@ -146,7 +146,7 @@ class JobHandler:
                     self.on_results_end(job_id)
                 summary.log(outcome)
                 if self.settings.job_records_file:
-                    summary.engine_load(self.runner.loads.latest, load.waiting_max)
+                    summary.engine_load(self.runner.loads.latest, load)
                     summary.record(self.settings.job_records_file, job_id, outcome)
 
     def _route(self, job: ValidJob, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:

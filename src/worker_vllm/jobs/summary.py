@@ -26,10 +26,11 @@ class JobSummary:
     engine_requests_running: int | None = None
     # The engine as the job ended (after its latest step): requests waiting in its scheduler,
     # the share of its KV cache in use, its preemptions so far; and the most requests that
-    # waited in it at any step while the job ran.
+    # ran and that waited in it at any step while the job ran.
     engine_requests_waiting: int | None = None
     kv_cache_usage: float | None = None
     engine_preemptions: int | None = None
+    engine_requests_running_max: int | None = None
     engine_requests_waiting_max: int | None = None
 
     def saw(self, item: Any) -> None:
@@ -63,10 +64,13 @@ class JobSummary:
                  rate, self.yields, staleness, last, elapsed)
 
 
-    def engine_load(self, load: Any, waiting_max: int) -> None:
-        """The engine's state as the job ended (an ``EngineLoad``)."""
+    def engine_load(self, load: Any, watch: Any) -> None:
+        """The engine's state as the job ended (an ``EngineLoad``) and while it ran (the
+        ``LoadWatch`` that followed it)."""
         self.engine_requests_waiting, self.kv_cache_usage = load.waiting, load.kv_usage
-        self.engine_preemptions, self.engine_requests_waiting_max = load.preempted, waiting_max
+        self.engine_preemptions = load.preempted
+        self.engine_requests_running_max = watch.running_max
+        self.engine_requests_waiting_max = watch.waiting_max
 
     def record(self, path: str, job_id: str, outcome: str) -> None:
         """Append the job's record to `path` (one JSON line; one write, so lines of
@@ -77,6 +81,7 @@ class JobSummary:
             "yields": self.yields, "seconds": round(time.monotonic() - self.started, 3),
             "engine_requests_running": self.engine_requests_running,
             "engine_requests_waiting": self.engine_requests_waiting,
+            "engine_requests_running_max": self.engine_requests_running_max,
             "engine_requests_waiting_max": self.engine_requests_waiting_max,
             "kv_cache_usage": None if self.kv_cache_usage is None
             else round(self.kv_cache_usage, 4),

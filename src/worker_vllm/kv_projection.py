@@ -1,0 +1,79 @@
+"""What the requests in an engine will hold in its KV cache, step by step until the last ends.
+
+Each request holds its prompt and the tokens generated so far, grows by one token per engine
+step and frees everything when it ends. Requests that started at different times do not peak
+together: one near its end frees its blocks while a new one is still small. So the most the
+cache will hold is not the sum of every request's final size, but the largest sum at any
+future step of what the requests still running then hold. ``Projection`` computes that
+profile once per engine step; ``room`` answers how many more jobs of an expected shape fit
+under it at every step from now on, new jobs growing from their prompt to their end as well.
+
+The profile can only peak just before a request ends (between two ends every live request
+grows), so it is evaluated there: at most ``MAX_POINTS`` points, with requests' remaining
+lifetimes rounded up to a coarser grid beyond that (a request assumed to live longer holds
+more: the projection only errs on the safe side).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+# Points of the profile evaluated at most (each costs one pass over the requests in flight).
+MAX_POINTS = 32
+
+
+class Shape(NamedTuple):
+    """A request's tokens in the KV cache: held now (its prompt and what it generated) and
+    expected when it ends."""
+
+    held: float
+    end: float
+
+
+class Projection:
+    """The KV tokens the requests in flight will hold (whole blocks), at the steps where that
+    can peak: ``points`` of (steps from now, tokens held then)."""
+
+    def __init__(self, requests: Sequence[Shape], block: int, held_now: float = 0.0) -> None:
+        """`held_now`: what the engine reports it holds now (it may hold more than the
+        requests show, never less than it reports)."""
+        self.block = max(1, block)
+        self.points: list[tuple[int, float]] = [(0, held_now)]
+        if not requests:
+            return
+        held = np.array([r.held for r in requests], dtype=np.float64)
+        # Steps each request still runs: it is in the cache at steps k < its lifetime.
+        life = np.maximum(1, np.ceil(np.array([r.end for r in requests]) - held - 1e-6))
+        if len(np.unique(life)) > MAX_POINTS:
+            grid = math.ceil(float(life.max()) / MAX_POINTS)
+            life = np.ceil(life / grid) * grid
+        steps = np.unique(np.concatenate(([1.0], life))) - 1  # just before each end
+        alive = life[:, None] > steps[None, :]
+        tokens = np.ceil((held[:, None] + steps[None, :]) / self.block - 1e-9) * self.block
+        totals = (tokens * alive).sum(axis=0)
+        totals[0] = max(totals[0], held_now)
+        self.points = [(int(k), float(t)) for k, t in zip(steps, totals, strict=True)]
+
+    def room(self, job: Shape, pending: int, budget: float) -> int:
+        """Jobs of `job`'s shape (prompt held at once, then growing by a token per step up to
+        its end) that can start now, beside `pending` such jobs that started and the requests
+        in flight, without the cache ever holding more than `budget` tokens."""
+        fits = self._jobs(budget, self.blocks(job.end)) - pending  # once all others ended
+        for k, held in self.points:
+            fits = min(fits, self._jobs(budget - held, self.blocks(min(job.end,
+                                                                        job.held + k))) - pending)
+        return max(0, fits)
+
+    def peak(self) -> float:
+        return max(t for _, t in self.points)
+
+    def blocks(self, tokens: float) -> int:
+        return max(1, math.ceil(tokens / self.block - 1e-9)) * self.block
+
+    @staticmethod
+    def _jobs(budget: float, per_job: int) -> int:
+        return int(budget // per_job) if budget > 0 else 0
