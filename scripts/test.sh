@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up what the tests need, lint, and run the whole test suite (real vLLM engine on CPU).
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"` for the fast unit tests.
+# Two test processes (pytest-xdist, a module's tests in one of them): most of the suite's time
+# is worker processes starting, each on one core; TEST_PROCESSES sets another number (0: none).
 #   scripts/test.sh --stress [ARGS]   the same with two CPU-bound processes beside the tests
 #                                     (a busy machine: the suite must pass there too)
 set -euo pipefail
@@ -22,4 +24,4 @@ if (( stress )); then
   trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
   echo "Stress: CPU-bound processes ${pids[*]} beside the tests" >&2
 fi
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${TEST_PROCESSES:-2}" --dist loadscope "$@"
