@@ -1,17 +1,24 @@
 """How many of a batch job's lines run at once: the engine decides, step by step.
 
-A line starts while vLLM's scheduler has no request waiting and its KV cache has room, so a
-batch fills what the engine can run and no more: requests of the worker's other jobs, when
-they come, wait behind no batch line in the scheduler (it serves in arrival order). The lines
-in flight at most double the engine's running requests (lines not yet in the engine do not
-show in its counts), never exceed ``max_num_seqs``, and one line always runs.
+While the engine holds nothing but this batch's lines, up to ``max_num_seqs`` more lines than
+it can run may wait in its scheduler: a line that ends is replaced within the engine's next
+step, as in `vllm run-batch` (which hands the engine every line at once), instead of one
+hand-off later (lines that end together would otherwise leave the engine idle while their
+successors are rendered and tokenized). Requests waiting in the engine also keep the worker
+from taking other jobs (``worker_vllm.admission``): they stay in the platform's queue.
+While the engine holds other requests too, a line starts only while no request waits in the
+scheduler and the KV cache has room, so requests of the worker's other jobs wait behind no
+batch line (the scheduler serves in arrival order). The lines in flight at most double the
+engine's requests (lines not yet in the engine do not show in its counts), and one line
+always runs.
 """
 
 from __future__ import annotations
 
 from worker_vllm.engine.load import EngineLoad
 
-# KV-cache use past which no line starts: running requests still grow into the rest.
+# KV-cache use past which no line starts beside other jobs' requests: running requests still
+# grow into the rest.
 KV_START_LIMIT = 0.9
 
 
@@ -23,6 +30,11 @@ class LineWindow:
         """Lines that may start now, with `in_flight` of the batch's lines running."""
         if in_flight == 0:
             return 1
-        if load.waiting > 0 or load.kv_usage >= KV_START_LIMIT:
+        in_engine = load.running + load.waiting
+        if in_engine <= in_flight:  # nothing but this batch's lines (as far as it shows)
+            limit = 2 * self.cap
+        elif load.waiting > 0 or load.kv_usage >= KV_START_LIMIT:
             return 0
-        return max(0, min(self.cap, 2 * max(1, load.running)) - in_flight)
+        else:
+            limit = self.cap
+        return max(0, min(limit, 2 * max(1, in_engine)) - in_flight)
