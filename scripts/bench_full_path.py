@@ -44,6 +44,15 @@ class Load:
     # Seeded sampling (reproducible text). vLLM's CPU build can kill its engine core on seeded
     # requests in a chunked prefill (long prompts under preemption): such loads go unseeded.
     seeded: bool = True
+    # Jobs of different lengths: job i generates `tokens` +- up to `spread` tokens (a fixed
+    # pattern, the same in every run).
+    spread: int = 0
+
+    def max_tokens(self, i: int) -> int:
+        return self.tokens + self.spread * ((i * 7919) % 201 - 100) // 100
+
+    def total(self) -> int:
+        return sum(self.max_tokens(i) for i in range(self.jobs))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,20 +156,20 @@ def _seed(load: Load, i: int) -> dict[str, int]:
 
 def _native_body(load: Load, i: int) -> dict[str, Any]:
     return {"input": {"prompt": _prompt(load, i), "stream": True,
-                      "sampling_params": {"max_tokens": load.tokens, "ignore_eos": True,
+                      "sampling_params": {"max_tokens": load.max_tokens(i), "ignore_eos": True,
                                           "temperature": 1.0, **_seed(load, i)}}}
 
 
 def _completion_body(load: Load, i: int) -> dict[str, Any]:
     """The native job's request as `vllm serve`'s /v1/completions takes it."""
     return {"model": DEMO_MODEL_ID, "prompt": _prompt(load, i),
-            "max_tokens": load.tokens, "ignore_eos": True, "stream": True,
+            "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": True,
             "temperature": 1.0, **_seed(load, i)}
 
 
 def _chat_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
     return {"model": DEMO_MODEL_ID, "messages": [{"role": "user", "content": f"job {i}"}],
-            "max_tokens": load.tokens, "ignore_eos": True, "stream": stream, "seed": i,
+            "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": stream, "seed": i,
             "temperature": 1.0}
 
 
@@ -202,7 +211,7 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
     bad = [j for j in jobs if j.status != "COMPLETED"]
     if bad:
         raise RuntimeError(f"{len(bad)} jobs ended {bad[0].status}: {bad[0].error}")
-    tokens = load.jobs * load.tokens
+    tokens = load.total()
     with open(platform.log_path) as log_file:
         log_file.seek(log_mark)
         text = log_file.read()
@@ -217,12 +226,25 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         "take_ttft_p50": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs], 0.5),
         "take_ttft_p95": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs],
                              0.95),
+        "take_ttfts": [j.chunk_times[0] - (j.started or j.created) for j in jobs],
         "job_ids": [j.id for j in jobs],
         "msgs": statistics.median(len(j.chunks) for j in jobs),
         "stale_p95": pct(staleness, 0.95) / 1000 if staleness else None,
         "last_wait_max": max(last_waits) / 1000 if last_waits else None,
         "cpu_per_1k": cpu / tokens * 1000, "endpoint_cpu_share": endpoint_cpu / max(cpu, 1e-9),
     }
+
+
+def warm_up(concurrency: int, platform: Platform | None = None, url: str | None = None,
+            route: str = "native") -> None:
+    """One unmeasured round of short jobs at `concurrency` through the platform (its `route`)
+    or to `vllm serve` at `url`: a fresh process's first batches of each size cost more (the
+    CPU kernels' first calls), whichever server runs them."""
+    load = Load(concurrency, 16, concurrency)
+    if platform is not None:
+        asyncio.run(_drive_platform(platform, load, route))
+    if url is not None:
+        asyncio.run(_drive_vllm_serve(url, load, "chat" if route == "openai" else "completions"))
 
 
 @contextlib.contextmanager
@@ -325,10 +347,10 @@ def measure_vllm_serve(url: str, pid: int, load: Load,
     started = time.monotonic()
     ttfts, events = asyncio.run(_drive_vllm_serve(url, load, route))
     wall = time.monotonic() - started
-    tokens = load.jobs * load.tokens
+    tokens = load.total()
     return {"path": label, "c": load.concurrency, "tokens": load.tokens,
             "tps": tokens / wall, "take_p50": None, "take_done_p50": None,
             "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "take_ttft_p50": None,
-            "take_ttft_p95": None,
+            "take_ttft_p95": None, "ttfts": ttfts,
             "msgs": statistics.median(events), "stale_p95": None, "last_wait_max": None,
             "cpu_per_1k": (tree_cpu(pid) - cpu0) / tokens * 1000, "endpoint_cpu_share": None}
