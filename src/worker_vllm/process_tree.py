@@ -6,6 +6,7 @@ in another; ``os._exit`` skips the clean-ups that would end them, so they are en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -28,39 +29,57 @@ def note_descendants() -> None:
         pass
 
 
-def _descendants() -> list[psutil.Process]:
-    """Descendants now, and remembered ones still running (``is_running`` also checks the
-    start time, so a reused pid is not taken for one)."""
+def _started() -> list[psutil.Process]:
+    """The processes the worker started that still run: its descendants, the remembered
+    ones (``is_running`` also checks the start time, so a reused pid is not taken for one)
+    and, when it leads its process group (a terminal's job, a container's first process),
+    the group's other members: processes whose parents ended were re-parented, and a dying
+    one may have started another (multiprocessing's resource tracker) meanwhile."""
     found = {p.pid: p for p in _seen.values() if p.is_running()}
     try:
         found.update((p.pid, p) for p in psutil.Process().children(recursive=True))
     except psutil.Error:
         pass
+    if os.getpgrp() == os.getpid():
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.pid != os.getpid() and os.getpgid(proc.pid) == os.getpid() \
+                        and proc.status() != psutil.STATUS_ZOMBIE:
+                    found[proc.pid] = proc
     return list(found.values())
 
 
-def end_children(timeout: float = 5.0) -> None:
-    """Terminate every descendant process (and every remembered one), then kill those still
-    running after `timeout`."""
-    children = _descendants()
-    for child in children:
-        try:
-            # multiprocessing's resource tracker ignores SIGTERM (it ends when this process
-            # does); it holds nothing to save: killed at once rather than waited for.
-            if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
-                child.kill()
+def _is_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _end(procs: list[psutil.Process], timeout: float) -> None:
+    """Terminate `procs` (kill resource trackers: they ignore SIGTERM and hold nothing to
+    save), kill those still running after `timeout`, and wait until they are gone."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if _is_tracker(proc):
+                proc.kill()
             else:
-                child.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=timeout)
-    for child in alive:
-        try:
-            log.warning("Process %d (%s) did not end within %.0f s: killing it", child.pid,
-                        child.name(), timeout)
-            child.kill()
-        except psutil.Error:
-            pass
+                proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            log.warning("Process %d (%s) did not end within %.0f s: killing it", proc.pid,
+                        proc.name(), timeout)
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5.0)
+
+
+def end_children(timeout: float = 5.0) -> None:
+    """End every process the worker started and return once they are gone: first all but
+    multiprocessing's resource trackers (a process that ends may start a new tracker), then
+    whatever is left, trackers included."""
+    _end([p for p in _started() if not _is_tracker(p)], timeout)
+    _end(_started(), timeout)
 
 
 def exit_now(code: int) -> None:
