@@ -240,7 +240,7 @@ def warm_up(concurrency: int, platform: Platform | None = None, url: str | None 
     """One unmeasured round of short jobs at `concurrency` through the platform (its `route`)
     or to `vllm serve` at `url`: a fresh process's first batches of each size cost more (the
     CPU kernels' first calls), whichever server runs them."""
-    load = Load(concurrency, 16, concurrency)
+    load = Load(concurrency, 16, concurrency, seeded=False)
     if platform is not None:
         asyncio.run(_drive_platform(platform, load, route))
     if url is not None:

@@ -267,3 +267,22 @@ async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
     assert platform.asked == [1, 1, 2] and jobs.running == 4
     gate.close("end of test")
     await asyncio.wait_for(task, 5)
+
+
+async def test_while_the_engine_decides_a_take_asks_for_what_the_last_brought_or_twice():
+    """A take waits while the platform's queue is empty and brings what it asked for when
+    jobs come, sized by the engine's load when it asked: after a take that brought less than
+    it asked for, the next asks for as few; takes that bring all they ask for double."""
+    admission = Admission(128, 4096, 16)
+    admission.room = lambda taken: 50  # room for many, whatever runs
+    platform, jobs = Platform(11), Jobs(seconds=30)
+    intake = make(EventIntake, platform, jobs, concurrency=1, admission=admission)
+    task = asyncio.ensure_future(intake.run())
+    async with asyncio.timeout(10):
+        while len(platform.asked) < 7:
+            await asyncio.sleep(0.005)
+    intake.gate.close("end of test")
+    await asyncio.wait_for(task, 5)
+    # 1, 2, 4 brought in full; 8 asked, 4 left to bring; then an empty queue: 1 at a time.
+    assert platform.asked[:6] == [1, 2, 4, 8, 4, 1], platform.asked
+    assert len(jobs.ran) == 11

@@ -56,6 +56,26 @@ class IntakeGate:
             self._loop.call_soon_threadsafe(self._intake.stop_taking)
 
 
+class TakeSize:
+    """How many jobs one job-take asks for. While the engine decides, no more than the last
+    take brought, or twice that when it brought all it asked for: a take waits (a long-poll)
+    while the platform's queue is empty, and the jobs it brings then were sized by the
+    engine's load when it was asked (short jobs then, maybe long ones now). A take that
+    brought less than it asked for found the queue short, so the next asks for as few; one
+    that brought all may have left more, so the next asks for twice as many."""
+
+    def __init__(self, follows_engine: bool) -> None:
+        self.follows_engine = follows_engine
+        self.cap = self.asked = 1
+
+    def ask(self, room: int) -> int:
+        self.asked = min(room, self.cap) if self.follows_engine else room
+        return self.asked
+
+    def brought(self, jobs: int) -> None:
+        self.cap = 2 * jobs if jobs >= self.asked else max(1, jobs)
+
+
 class EventIntake(StopChannel, rp_scale.JobScaler):
     """The SDK's JobScaler with its polling replaced by waits on events (see the module doc).
 
@@ -74,6 +94,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         self.drain_timeout: float = float(config.get("drain_timeout", 1.0))
         self.stopped_early = {}  # job id -> when its stop arrived (see StopChannel)
         self._changed = asyncio.Event()  # a slot freed, or the intake closed
+        self.take_size = TakeSize(follows_engine=isinstance(self.admission, Admission))
         self._taking: asyncio.Future[list[dict[str, Any]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -125,8 +146,8 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            self._taking = asyncio.ensure_future(
-                _take(self.jobs_fetcher, session, free, self.jobs_fetcher_timeout))
+            self._taking = asyncio.ensure_future(_take(
+                self.jobs_fetcher, session, self.take_size.ask(free), self.jobs_fetcher_timeout))
             try:
                 jobs = await self._taking
             except asyncio.CancelledError:
@@ -135,6 +156,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
                 return
             finally:
                 self._taking = None
+            self.take_size.brought(len(jobs))
             for job in jobs:
                 self._start(session, job)
 
