@@ -3,12 +3,10 @@ handed to the HTTP app (this module imports vLLM, through the start-up)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
 from worker_vllm.config.serve_env import LB_SERVER_FLAGS
-from worker_vllm.engine import VLLMApp
 from worker_vllm.lb.server import HTTPServers
 from worker_vllm.loop_thread import LoopThread
 from worker_vllm.startup.build import Core, build_core
@@ -24,8 +22,6 @@ def start_core(env: Mapping[str, str], phases: StartupPhases, loop: LoopThread,
     core = build_core(env, read_engine_log=True, phases=phases, loop=loop,
                       server=LB_SERVER_FLAGS)
     servers.apply(core.args)
-    lifespan = loop.submit(_vllm_lifespan(core.app))
-    core.on_close(lifespan.cancel)
     for app in servers.apps:
         app.ready(core.app, core.runner)
     # A dead or stuck engine turns /ping unhealthy: the platform replaces the worker.
@@ -34,9 +30,3 @@ def start_core(env: Mapping[str, str], phases: StartupPhases, loop: LoopThread,
                     exit_after=None)
     log.info("Serving vLLM's app: %s", ", ".join(core.app.route_list()))
     return core
-
-
-async def _vllm_lifespan(app: VLLMApp) -> None:
-    """vLLM's app lifespan, as `vllm serve` runs it, for the life of the loop."""
-    async with app.lifespan():
-        await asyncio.Event().wait()

@@ -6,6 +6,7 @@ Both front-ends (the job queue, load-balancing HTTP) start from `build_core`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -228,4 +229,23 @@ def _start_engine(config: ServeConfig, settings: WorkerSettings, phases: Startup
     if settings.warmup:
         with phases.phase("warm-up request"):
             asyncio.run(warm_up(runner))
+    with phases.phase("vLLM's app lifespan (stats log, frozen start-up heap)"):
+        entered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        core.on_close(runner.loop.submit(_vllm_lifespan(app, entered)).cancel)
+        entered.result(timeout=120)
     return core
+
+
+async def _vllm_lifespan(app: VLLMApp, entered: concurrent.futures.Future[None]) -> None:
+    """vLLM's app lifespan, as `vllm serve` runs it, for the life of the core: vLLM's stats
+    in the log every VLLM_LOG_STATS_INTERVAL seconds, and the start-up heap frozen out of the
+    garbage collector's reach (a full collection of this process's heap otherwise stops both
+    the engine's loop and the job loop for half a second)."""
+    try:
+        async with app.lifespan():
+            entered.set_result(None)
+            await asyncio.Event().wait()
+    except BaseException as error:  # start-up waits on `entered`: hand it the failure
+        if not entered.done():
+            entered.set_exception(error)
+        raise
