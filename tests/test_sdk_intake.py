@@ -5,6 +5,7 @@ process tests drive the real SDK against the local endpoint)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import re
 import threading
@@ -286,3 +287,21 @@ async def test_while_the_engine_decides_a_take_asks_for_what_the_last_brought_or
     # 1, 2, 4 brought in full; 8 asked, 4 left to bring; then an empty queue: 1 at a time.
     assert platform.asked[:6] == [1, 2, 4, 8, 4, 1], platform.asked
     assert len(jobs.ran) == 11
+
+
+def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):
+    """A full garbage collection of the start-up heap, set off by decoding a large job input,
+    would stop the job loop for a quarter of a second or more (a batch job's first message)."""
+    from worker_vllm.sdk import job_loop
+
+    frozen_at_start: list[int] = []
+    monkeypatch.setattr(runpod.serverless, "start",
+                        lambda config: frozen_at_start.append(gc.get_freeze_count()))
+    start_up_heap = [[] for _ in range(1000)]  # objects the collector tracks, not yet frozen
+    before = gc.get_freeze_count()
+    job_loop.serve_jobs(_nothing_handler, 1, intake="sdk")
+    assert frozen_at_start and frozen_at_start[0] >= before + len(start_up_heap)
+
+
+async def _nothing_handler(job: dict[str, Any]) -> Any:
+    yield job["id"]

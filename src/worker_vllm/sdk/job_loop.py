@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
@@ -36,4 +37,9 @@ def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurre
         install()
         config["intake_gate"] = gate if gate is not None else IntakeGate()
         config["admission"] = admission
+    # As vllm serve does once started: the start-up heap (the SDK's, vLLM's and torch's modules,
+    # over 600,000 objects) out of the garbage collector's reach; a full collection of it, set
+    # off by decoding a large job input, stops the job loop for a quarter of a second or more.
+    gc.collect()
+    gc.freeze()
     runpod.serverless.start(config)
