@@ -241,7 +241,8 @@ class LBWorker:
         deadline = time.time() + timeout
         while True:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            with contextlib.suppress(requests.ConnectionError):
+            # A ping unanswered within its 10 s (a start-up on a busy machine) is "not yet".
+            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
                 if (response := self.ping()).status_code == status:
                     return response
             assert time.time() < deadline, (self.pings, self.log.read_text()[-3000:])

@@ -97,7 +97,9 @@ def test_a_dying_worker_takes_no_queued_job_and_they_run_on_its_successor(tmp_pa
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
         assert [ep.wait(job, timeout=300)["status"] for job in queued] == ["COMPLETED"] * 28
         print(f"worker exited {exited:.2f} s after its engine core was killed")
-        # Detection (vLLM notices its dead core), at most 2 s to exit, the endpoint's 0.5 s poll.
-        assert exited < 3.5, f"the worker took {exited:.1f} s to exit"
+        # Detection (vLLM notices its dead core), at most 2 s to exit, the endpoint's 0.5 s poll:
+        # about 2.5 s on an idle machine, 3.9 s seen beside two CPU-bound processes. A worker
+        # left to its health probe instead (every 30 s by default) would take 30 s or more.
+        assert exited < 15, f"the worker took {exited:.1f} s to exit"
     finally:
         ep.close()
