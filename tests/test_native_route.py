@@ -120,7 +120,10 @@ async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker
     stream = worker.runner.generate({"prompt_token_ids": ids}, params, "time-bound")
     batches = [b async for b in batched(stream, policy)]
     sizes = [len(b.items) for b in batches]
-    assert sizes[0] == 1 and sum(sizes) == 200
+    # Items are vLLM's deltas: one token each, unless vLLM merged the deltas of a consumer
+    # that fell behind (seen on a busy machine), so the tokens are counted, not the deltas.
+    tokens = sum(len(step.completions[0].token_ids) for b in batches for step in b.items)
+    assert sizes[0] == 1 and tokens == 200
     assert max(sizes) > 1  # batching happened
     # The oldest delta of every batch left within the interval (+ 20 ms scheduling slack).
     assert max(b.oldest_wait for b in batches) <= policy.flush_interval + 0.02, [
