@@ -8,10 +8,12 @@ min(MAX_NUM_SEQS, KV tokens // MAX_MODEL_LEN); JOB_ADMISSION=fixed), the engine 
 behaviour before with MAX_CONCURRENCY=32), and `vllm serve` with the same engine settings
 (/v1/completions of the same prompts); (a) 64 jobs x 128 tokens at c32 and c64, a mix of 128
 jobs of 32 to 224 tokens at c32 (jobs that do not all end together, as real ones), (b) 32 jobs
-of ~600-token prompts x 300 tokens at c32. Columns beyond
-the full path's: the most requests waiting in vLLM's scheduler at any engine step and the
-engine's preemptions (from the worker's job records), and the most jobs waiting in the
-platform's queue (sampled every 10 ms).
+of ~600-token prompts x 300 tokens at c32. Every path runs side by side and each load is
+measured on each path in turn, KV_ROUNDS times (the long load once): a 2-core machine's drift
+moves one path's tok/s by +-30% between minutes, which one run per path takes for a
+difference between paths. Columns beyond the full path's: the most requests waiting in vLLM's
+scheduler at any engine step and the engine's preemptions (from the worker's job records),
+and the most jobs waiting in the platform's queue (sampled every 10 ms).
 
 Table B, the demo's default engine: the worker's first stream message from its job-take
 against `vllm serve`'s time to first token, at c16 and c32, native and OpenAI jobs, with
@@ -57,6 +59,12 @@ def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:
             ("long", fp.Load(32, 300, 32, LONG_PROMPT, seeded=False))]
 
 
+# Rounds of table A's loads whose figure is a rate (tok/s): each round measures every path in
+# turn, so the machine's drift falls on all alike; the long load (whose figures are counts of
+# waiting and preempted requests) runs in the first round only.
+KV_ROUNDS = 3
+
+
 class QueueSampler:
     """The platform stand-in's queue length, sampled every 10 ms in a thread."""
 
@@ -88,32 +96,62 @@ def _engine_figures(records: Path, ids: list[str]) -> dict[str, Any]:
 
 
 def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    """Table A: every path runs side by side; each round measures each load on every path in
+    turn (KV_ROUNDS rounds; tok/s: the median; percentiles over every round's jobs)."""
     env = {k.upper(): json.dumps(v) for k, v in KV_LIMITED.items()}
     # (label, MAX_CONCURRENCY, JOB_ADMISSION): the rule before took a fixed count.
     configs = [(f"earlier rule: fixed {EARLIER_RULE}", EARLIER_RULE, "fixed"),
                ("engine decides", None, "engine"), ("fixed 32", 32, "fixed")]
-    for label, concurrency, rule in configs[1:2] if smoke else configs:  # a start is ~30 s
-        records = run_dir / f"records-{concurrency}.jsonl"
-        platform = fp.Platform(0.0, run_dir / f"kv-worker-{concurrency}.log",
-                               concurrency=concurrency, JOB_RECORDS_FILE=str(records),
-                               JOB_ADMISSION=rule, **env)
-        try:
-            fp.warm_up(_loads(smoke)[0][1].concurrency, platform)
-            for kind, load in _loads(smoke):
-                sampler = QueueSampler(platform)
-                row = fp.measure_platform(platform, load, "native", f"worker, {label}")
-                rows.append({**row, "kind": kind, "spread": load.spread,
-                             "queue_max": sampler.stop(),
-                             **_engine_figures(records, row["job_ids"])})
-        finally:
-            platform.close()
-    with fp.vllm_serve(run_dir / "kv-vllm-serve.log", **KV_LIMITED) as (url, pid):
-        fp.warm_up(_loads(smoke)[0][1].concurrency, url=url)
-        for kind, load in _loads(smoke):
-            row = fp.measure_vllm_serve(url, pid, load, "vllm serve", route="completions")
-            rows.append({**row, "kind": kind, "spread": load.spread})
-    return rows
+    loads = _loads(smoke)
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}  # (load, path) -> one row a round
+    with contextlib.ExitStack() as stack:
+        workers: dict[str, tuple[fp.Platform, Path]] = {}
+        for label, concurrency, rule in configs[1:2] if smoke else configs:
+            records = run_dir / f"records-{concurrency}.jsonl"
+            platform = fp.Platform(0.0, run_dir / f"kv-worker-{concurrency}.log",
+                                   concurrency=concurrency, JOB_RECORDS_FILE=str(records),
+                                   JOB_ADMISSION=rule, **env)
+            stack.callback(platform.close)
+            workers[f"worker, {label}"] = (platform, records)
+        url, pid = stack.enter_context(fp.vllm_serve(run_dir / "kv-vllm-serve.log",
+                                                     **KV_LIMITED))
+        for platform, _ in workers.values():
+            fp.warm_up(loads[0][1].concurrency, platform)
+        fp.warm_up(loads[0][1].concurrency, url=url)
+        for round_ in range(1 if smoke else KV_ROUNDS):
+            for n, (kind, load) in enumerate(loads):
+                if kind == "long" and round_:
+                    continue
+                for path, (platform, records) in workers.items():
+                    sampler = QueueSampler(platform)
+                    row = fp.measure_platform(platform, load, "native", path)
+                    runs.setdefault((n, path), []).append(
+                        {**row, "queue_max": sampler.stop(),
+                         **_engine_figures(records, row["job_ids"])})
+                row = fp.measure_vllm_serve(url, pid, load, "vllm serve", route="completions")
+                runs.setdefault((n, "vllm serve"), []).append(row)
+    return [_combined(loads[n][0], loads[n][1], rounds) for (n, _), rounds in runs.items()]
+
+
+def _combined(kind: str, load: fp.Load, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One load's rounds on one path: median tok/s, percentiles over all jobs, the most
+    waiting (engine, platform) and every preemption."""
+    def pooled(key: str) -> list[float]:
+        return [v for r in rounds for v in r.get(key) or ()]
+
+    ttfts, take_ttfts = pooled("ttfts"), pooled("take_ttfts")
+    row = {"path": rounds[0]["path"], "c": load.concurrency, "tokens": load.tokens,
+           "kind": kind, "spread": load.spread, "rounds": len(rounds),
+           "tps": statistics.median(r["tps"] for r in rounds),
+           "tps_all": [r["tps"] for r in rounds],
+           "ttft_p50": fp.pct(ttfts, 0.5), "ttft_p95": fp.pct(ttfts, 0.95),
+           "take_ttft_p50": fp.pct(take_ttfts, 0.5) if take_ttfts else None,
+           "take_ttft_p95": fp.pct(take_ttfts, 0.95) if take_ttfts else None}
+    if "waiting_max" in rounds[0]:
+        row.update(waiting_max=max(r["waiting_max"] for r in rounds),
+                   preempted=sum(r["preempted"] for r in rounds),
+                   queue_max=max(r["queue_max"] for r in rounds))
+    return row
 
 
 # Rounds of table B: each measures every path once, in turn, so drift hits all paths alike;
@@ -166,7 +204,10 @@ def _ms(v: float | None) -> str:
 
 
 def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
-    print("\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0\n")
+    rounds = max(row["rounds"] for row in kv)
+    print(f"\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0 (short and "
+          f"mixed loads: {rounds} round(s), every path in turn; tok/s: the rounds' median, "
+          "each round's in brackets; long load: one round)\n")
     print("| load | c | path | tok/s | x fixed 32 | x vllm serve | TTFT p50/p95 ms "
           "(from submission) | first msg from take p50/p95 ms | engine waiting max | "
           "preempted | platform queue max |")
@@ -181,7 +222,8 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
 
         spread = f"+-{row['spread']}" if row.get("spread") else ""
         print(f"| {row['kind']} x{row['tokens']}{spread} | {row['c']} | {row['path']} | "
-              f"{row['tps']:.0f} | {ratio(same('worker, fixed 32'))} | "
+              f"{row['tps']:.0f} ({' '.join(f'{v:.0f}' for v in row['tps_all'])}) | "
+              f"{ratio(same('worker, fixed 32'))} | "
               f"{ratio(same('vllm serve'))} | {_ms(row['ttft_p50'])}/{_ms(row['ttft_p95'])} | "
               f"{_ms(row['take_ttft_p50'])}/{_ms(row['take_ttft_p95'])} | "
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "

@@ -227,6 +227,7 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         "take_ttft_p95": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs],
                              0.95),
         "take_ttfts": [j.chunk_times[0] - (j.started or j.created) for j in jobs],
+        "ttfts": [j.chunk_times[0] - j.created for j in jobs],
         "job_ids": [j.id for j in jobs],
         "msgs": statistics.median(len(j.chunks) for j in jobs),
         "stale_p95": pct(staleness, 0.95) / 1000 if staleness else None,
