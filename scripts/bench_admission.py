@@ -10,7 +10,7 @@ behaviour before with MAX_CONCURRENCY=32), and `vllm serve` with the same engine
 jobs of 32 to 224 tokens at c32 (jobs that do not all end together, as real ones), (b) 32 jobs
 of ~600-token prompts x 300 tokens at c32. Every path runs side by side and each load is
 measured on each path in turn, KV_ROUNDS times (the long load once): a 2-core machine's drift
-moves one path's tok/s by +-30% between minutes, which one run per path takes for a
+moved one path's tok/s by up to 50% between rounds, which one run per path takes for a
 difference between paths. Columns beyond the full path's: the most requests waiting in vLLM's
 scheduler at any engine step and the engine's preemptions (from the worker's job records),
 and the most jobs waiting in the platform's queue (sampled every 10 ms).

@@ -217,17 +217,15 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         text = log_file.read()
     staleness = [float(m.group(1)) for m in STALENESS.finditer(text)]
     last_waits = [float(m.group(1)) for m in LAST_WAIT.finditer(text)]
+    ttfts = [j.chunk_times[0] - j.created for j in jobs]  # from submission
+    take_ttfts = [j.chunk_times[0] - (j.started or j.created) for j in jobs]  # from job-take
     return {
         "path": label, "c": load.concurrency, "tokens": load.tokens, "tps": tokens / wall,
         "take_p50": pct([(j.started or j.created) - j.created for j in jobs], 0.5),
         "take_done_p50": pct([(j.finished or 0) - (j.started or 0) for j in jobs], 0.5),
-        "ttft_p50": pct([j.chunk_times[0] - j.created for j in jobs], 0.5),
-        "ttft_p95": pct([j.chunk_times[0] - j.created for j in jobs], 0.95),
-        "take_ttft_p50": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs], 0.5),
-        "take_ttft_p95": pct([j.chunk_times[0] - (j.started or j.created) for j in jobs],
-                             0.95),
-        "take_ttfts": [j.chunk_times[0] - (j.started or j.created) for j in jobs],
-        "ttfts": [j.chunk_times[0] - j.created for j in jobs],
+        "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95),
+        "take_ttft_p50": pct(take_ttfts, 0.5), "take_ttft_p95": pct(take_ttfts, 0.95),
+        "take_ttfts": take_ttfts, "ttfts": ttfts,
         "job_ids": [j.id for j in jobs],
         "msgs": statistics.median(len(j.chunks) for j in jobs),
         "stale_p95": pct(staleness, 0.95) / 1000 if staleness else None,
