@@ -18,6 +18,28 @@ async def timed_source(gaps: list[float]):
         yield i
 
 
+class LoopLateness:
+    """The most a 5 ms sleep of this event loop overran while the block ran."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _probe(self) -> None:
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(0.005)
+            self.worst = max(self.worst, time.monotonic() - asked - 0.005)
+
+    async def __aenter__(self) -> LoopLateness:
+        self._task = asyncio.create_task(self._probe())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 async def sizes_of(source, policy) -> list[int]:
     return [len(b.items) async for b in batched(source, policy)]
 
@@ -39,10 +61,14 @@ async def test_slow_source_is_flushed_by_time():
     # One item every 30 ms with a 50 ms interval: no batch may hold an item longer than 50 ms,
     # although the count bound (100) is never reached.
     policy = BatchPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.05)
-    batches = [b async for b in batched(timed_source([0.0] + [0.03] * 12), policy)]
+    lateness = LoopLateness()
+    async with lateness:
+        batches = [b async for b in batched(timed_source([0.0] + [0.03] * 12), policy)]
     assert len(batches[0].items) == 1
     assert all(len(b.items) <= 2 for b in batches[1:])
-    assert max(b.oldest_wait for b in batches) <= 0.05 + 0.03  # interval + scheduling slack
+    # The interval, scheduling slack, and however late this event loop ran its timers (a busy
+    # machine runs them late, the batcher's flush timer as much as any).
+    assert max(b.oldest_wait for b in batches) <= 0.05 + 0.03 + lateness.worst, lateness.worst
     assert sum(len(b.items) for b in batches) == 13
 
 
