@@ -142,7 +142,7 @@ class CountingSource:
 
     def __init__(self, count: int, gap: float) -> None:
         self.count, self.gap, self.produced = count, gap, 0
-        self.started = self.ended = 0.0  # monotonic times of the first and last item
+        self.started = self.ended = 0.0  # monotonic: production began, the last item came
 
     async def __aiter__(self):
         self.started = time.monotonic()
