@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker_vllm.admission import KV_TARGET, Admission
 from worker_vllm.engine.load import EngineLoad, RequestSize
@@ -78,6 +80,35 @@ def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
     assert a.room(4) == 0
     step(a, [LONG._replace(generated=300)] * 3, finished=[LONG])
     assert a.room(3) == 1
+
+
+def test_long_jobs_that_started_apart_leave_room_for_one_more_than_full_contexts():
+    """Four long requests started far apart never hold their final sizes together: a fifth
+    fits beside them (4 x 912 is the target's limit only when they peak at once), and the
+    cache still never holds more than the target at any later step."""
+    a = admission()
+    old = [LONG._replace(generated=g) for g in (295, 150, 80, 20)]
+    step(a, old)
+    free = a.room(4)
+    assert free >= 1
+    for k in range(300):
+        held = sum(-(-(r.prompt + r.generated + k) // BLOCK) * BLOCK for r in old
+                   if r.generated + k < r.max_tokens)
+        new = -(-min(900, 600 + k) // BLOCK) * BLOCK
+        assert held + free * new <= TARGET, k
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 299), min_size=5, max_size=5))
+def test_five_long_requests_leave_no_room_for_a_sixth_whatever_their_ages(ages):
+    """The worker test's bound (test_admission_worker.py): its cache of 127 blocks of 32, five
+    requests of 600 + 300 tokens in flight at any stage: no sixth is taken."""
+    blocks, block = 127, 32
+    a = Admission(128, blocks * block, block)
+    running = tuple(LONG._replace(generated=g) for g in ages)
+    held = sum(-(-(r.prompt + r.generated) // block) for r in running)
+    a.observe(EngineLoad(running=5, kv_usage=held / blocks, in_flight=running))
+    assert a.room(5) == 0
 
 
 def test_the_share_of_max_tokens_used_is_learned_from_finished_requests():

@@ -82,17 +82,21 @@ def test_short_jobs_run_many_more_at_once_than_full_contexts(small_cache):
 
 def test_long_jobs_wait_on_the_platform_not_in_the_engine(small_cache):
     """Prompts of 600 tokens and 300 generated: 4 such jobs fill the cache (~900 tokens each,
-    in blocks of 32), and a new one holds its 600-token prompt at once, so the engine never
-    runs more than 4. The rest waits in the platform's queue; inside the engine at most a
-    couple of requests wait at any step, and none is preempted. (The platform counts a job in
-    progress until its result is posted: jobs whose requests ended are still counted there
-    while the next ones start.)"""
+    in blocks of 32) when they run side by side, and a new one holds its 600-token prompt at
+    once. A fifth fits only beside requests that started far apart (the oldest near its end
+    while the youngest is still small: test_admission.py shows the arithmetic), which happens
+    when the machine is slow to hand the jobs over; a sixth never does (just before the oldest
+    of six ends it holds 29 blocks and the others at least their 19-block prompts: 124 of the
+    127 blocks, past the share of the cache the intake fills). The rest
+    waits in the platform's queue; inside the engine at most a couple of requests wait at any
+    step, and none is preempted. (The platform counts a job in progress until its result is
+    posted: jobs whose requests ended are still counted there while the next ones start.)"""
     jobs = [{"prompt": LONG_PROMPT, "sampling_params": {
         "max_tokens": 300, "ignore_eos": True, "temperature": 1.0, "seed": i}}
         for i in range(8)]
     records, samples = run_all(small_cache, jobs)
     assert all(r["prompt_tokens"] == 600 and r["output_tokens"] == 300 for r in records)
-    assert max(r["engine_requests_running_max"] for r in records) <= FULL_CONTEXTS, records
+    assert max(r["engine_requests_running_max"] for r in records) <= FULL_CONTEXTS + 1, records
     assert max(p for p, _ in samples) <= 2 * FULL_CONTEXTS, samples
     assert any(p >= 1 and q >= 1 for p, q in samples), samples  # queued on the platform
     assert max(r["engine_requests_waiting_max"] for r in records) <= 2, records
