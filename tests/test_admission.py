@@ -24,12 +24,26 @@ def step(a: Admission, running: list[RequestSize] = (), waiting: int = 0,
          finished: list[RequestSize] = ()) -> None:
     """One engine step: `running` in flight (all scheduled), `waiting` more queued in it."""
     held = sum(r.prompt + r.generated for r in running)
-    a.observe(EngineLoad(running=len(running), waiting=waiting, kv_usage=held / KV_TOKENS,
+    a.observe(EngineLoad(running=len(running), waiting=waiting, kv_usage=held / a.kv_tokens,
                          in_flight=tuple(running), finished=tuple(finished)))
 
 
 SHORT = RequestSize(8, 64, 64)  # 72 tokens: 80 in blocks of 16
 LONG = RequestSize(600, 300, 300)  # 900 tokens: 912 in blocks
+
+
+def in_blocks(tokens: int) -> int:
+    return -(-tokens // BLOCK) * BLOCK
+
+
+def assert_never_over_target(old: list[RequestSize], free: int, job: RequestSize) -> None:
+    """`free` new jobs shaped like `job`, started now beside `old`: at no later step (until
+    the longest ends) does the cache hold more than the target."""
+    for k in range(max(r.max_tokens - r.generated for r in old) + job.max_tokens):
+        held = sum(in_blocks(r.prompt + r.generated + k) for r in old
+                   if r.generated + k < r.max_tokens)
+        new = in_blocks(job.prompt + min(job.max_tokens, k))
+        assert held + free * new <= TARGET, k
 
 
 def test_an_idle_worker_takes_one_job_then_doubles_what_reaches_the_engine():
@@ -67,11 +81,7 @@ def test_requests_near_their_end_make_room_for_jobs_that_start_small():
     free = a.room(32)
     assert free > sum_of_finals
     # Whatever was taken, the cache never holds more than the target at any later step.
-    for k in range(200):
-        held = sum(-(-(r.prompt + r.generated + k) // BLOCK) * BLOCK for r in old
-                   if r.generated + k < r.max_tokens)
-        new = -(-min(72, 8 + k) // BLOCK) * BLOCK
-        assert held + free * new <= TARGET, k
+    assert_never_over_target(old, free, SHORT._replace(generated=0))
 
 
 def test_long_jobs_stop_the_intake_when_what_they_will_hold_fills_the_cache():
@@ -91,11 +101,7 @@ def test_long_jobs_that_started_apart_leave_room_for_one_more_than_full_contexts
     step(a, old)
     free = a.room(4)
     assert free >= 1
-    for k in range(300):
-        held = sum(-(-(r.prompt + r.generated + k) // BLOCK) * BLOCK for r in old
-                   if r.generated + k < r.max_tokens)
-        new = -(-min(900, 600 + k) // BLOCK) * BLOCK
-        assert held + free * new <= TARGET, k
+    assert_never_over_target(old, free, LONG._replace(generated=0))
 
 
 @settings(max_examples=300, deadline=None)
@@ -103,11 +109,8 @@ def test_long_jobs_that_started_apart_leave_room_for_one_more_than_full_contexts
 def test_five_long_requests_leave_no_room_for_a_sixth_whatever_their_ages(ages):
     """The worker test's bound (test_admission_worker.py): its cache of 127 blocks of 32, five
     requests of 600 + 300 tokens in flight at any stage: no sixth is taken."""
-    blocks, block = 127, 32
-    a = Admission(128, blocks * block, block)
-    running = tuple(LONG._replace(generated=g) for g in ages)
-    held = sum(-(-(r.prompt + r.generated) // block) for r in running)
-    a.observe(EngineLoad(running=5, kv_usage=held / blocks, in_flight=running))
+    a = Admission(128, 127 * 32, 32)
+    step(a, [LONG._replace(generated=g) for g in ages])
     assert a.room(5) == 0
 
 

@@ -87,10 +87,10 @@ def test_long_jobs_wait_on_the_platform_not_in_the_engine(small_cache):
     while the youngest is still small: test_admission.py shows the arithmetic), which happens
     when the machine is slow to hand the jobs over; a sixth never does (just before the oldest
     of six ends it holds 29 blocks and the others at least their 19-block prompts: 124 of the
-    127 blocks, past the share of the cache the intake fills). The rest
-    waits in the platform's queue; inside the engine at most a couple of requests wait at any
-    step, and none is preempted. (The platform counts a job in progress until its result is
-    posted: jobs whose requests ended are still counted there while the next ones start.)"""
+    127 blocks, past the share of the cache the intake fills). The rest waits in the
+    platform's queue; inside the engine at most a couple of requests wait at any step, and none
+    is preempted. (The platform counts a job in progress until its result is posted: jobs whose
+    requests ended are still counted there while the next ones start.)"""
     jobs = [{"prompt": LONG_PROMPT, "sampling_params": {
         "max_tokens": 300, "ignore_eos": True, "temperature": 1.0, "seed": i}}
         for i in range(8)]
