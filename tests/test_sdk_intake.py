@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import pickle
 import re
 import threading
 import time
@@ -17,12 +18,12 @@ import pytest
 import runpod
 from runpod.serverless import worker as sdk_worker
 from runpod.serverless.modules import rp_job, rp_scale
-from runpod.serverless.modules.worker_state import JobsProgress
+from runpod.serverless.modules.worker_state import Job, JobsProgress
 
 from worker_vllm.admission import Admission
 from worker_vllm.engine.load import EngineLoad, RequestSize
 from worker_vllm.sdk.intake import EventIntake, IntakeGate
-from worker_vllm.sdk.job_state import use_private_job_state
+from worker_vllm.sdk.job_state import JobIds, use_private_job_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SDK_SCALER = (rp_scale.JobScaler if rp_scale.JobScaler is not EventIntake
@@ -73,8 +74,11 @@ def test_scaler_state_the_intake_uses(tmp_path, monkeypatch):
     assert list(inspect.signature(rp_job.handle_job).parameters) == ["session", "config", "job"]
     assert list(inspect.signature(rp_job.get_stop_signals).parameters) == ["session"]
     assert callable(rp_job._job_stop_url)
-    for name in ("add", "remove", "clear", "get_job_list"):
+    for name in ("add", "remove", "clear", "get_job_list", "_save_state", "_load_state"):
         assert callable(getattr(JobsProgress, name))
+    # JobIds keeps the tracker by id: the SDK's Job is equal and hashed by its id alone.
+    assert Job(id="a", input={"x": 1}) == Job(id="a") and hash(Job(id="a")) == hash("a")
+    assert issubclass(JobsProgress, set)
     from runpod.http_client import AsyncClientSession, TooManyRequests  # noqa: F401
 
 
@@ -287,6 +291,62 @@ async def test_while_the_engine_decides_a_take_asks_for_what_the_last_brought_or
     # 1, 2, 4 brought in full; 8 asked, 4 left to bring; then an empty queue: 1 at a time.
     assert platform.asked[:6] == [1, 2, 4, 8, 4, 1], platform.asked
     assert len(jobs.ran) == 11
+
+
+def ids_in_the_file() -> set[str]:
+    """The job ids as the SDK's heartbeat process reads them: from the tracker's file."""
+    with open(JobsProgress._STATE_FILE, "rb") as f:
+        return {job.id for job in pickle.load(f)}
+
+
+async def test_job_ids_reach_the_file_once_per_loop_iteration_by_id_only(monkeypatch):
+    """Eight jobs taken together cost one write of the file (the SDK wrote it eight times,
+    each with every job's input); the heartbeat's reading sees them after that iteration."""
+    writes = []
+    save = JobsProgress._save_state
+    monkeypatch.setattr(JobsProgress, "_save_state",
+                        lambda self: (writes.append(len(self)), save(self))[1])
+    ids = JobIds(JobsProgress())
+    for i in range(8):
+        ids.add(f"job-{i}")
+    assert writes == [] and len(JobsProgress()) == 8  # in memory at once, on file next
+    await asyncio.sleep(0)
+    assert writes == [8] and ids_in_the_file() == {f"job-{i}" for i in range(8)}
+    with open(JobsProgress._STATE_FILE, "rb") as f:
+        assert all(job.input is None for job in pickle.load(f))
+    for i in range(3):
+        ids.remove(f"job-{i}")
+    ids.flush()  # now, not at the next iteration
+    assert writes == [8, 5] and ids_in_the_file() == {f"job-{i}" for i in range(3, 8)}
+    await asyncio.sleep(0)
+    ids.flush()
+    assert writes == [8, 5]  # nothing new: nothing written
+
+
+async def test_a_job_take_reads_back_every_job_in_flight():
+    """The SDK's job-take reloads the tracker from its file (``get_job_list``): a write left
+    for later would drop the jobs started since from the tracker and the heartbeat."""
+    seen: list[tuple[set[str], set[str]]] = []
+
+    class ReadingPlatform(Platform):
+        async def take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
+            listed = JobsProgress().get_job_list()  # what rp_job.get_job does first
+            seen.append((set(listed.split(",")) if listed else set(), set(intake.jobs_tasks)))
+            return await super().take(session, count)
+
+    class StaggeredJobs(Jobs):  # jobs of different lengths: slots free one by one
+        async def handle(self, session: Any, config: Any, job: dict[str, Any]) -> None:
+            self.seconds = 0.01 * (1 + int(job["id"].split("-")[1]) % 4)
+            await super().handle(session, config, job)
+
+    platform, jobs = ReadingPlatform(30), StaggeredJobs()
+    intake = make(EventIntake, platform, jobs, concurrency=4)
+    await run_until_done(intake, jobs, 30)
+    assert sum(1 for _, running in seen if running) >= 5, seen
+    for listed, running in seen:
+        assert listed == running
+    await asyncio.sleep(0)
+    assert ids_in_the_file() == set() and len(JobsProgress()) == 0
 
 
 def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):

@@ -26,6 +26,7 @@ from runpod.http_client import AsyncClientSession, TooManyRequests
 from runpod.serverless.modules import rp_scale
 
 from worker_vllm.admission import Admission, FixedAdmission
+from worker_vllm.sdk.job_state import JobIds
 from worker_vllm.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         self.take_size = TakeSize(follows_engine=isinstance(self.admission, Admission))
         self._taking: asyncio.Future[list[dict[str, Any]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.job_ids = JobIds(self.job_progress)  # the SDK's tracker, written once a tick
 
     # ----- the SDK's entry points ---------------------------------------------------------
     async def run(self) -> None:
@@ -146,6 +148,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
                 self._changed.clear()
                 await self._changed.wait()
                 continue
+            self.job_ids.flush()  # the job-take reads the tracker back from its file
             self._taking = asyncio.ensure_future(_take(
                 self.jobs_fetcher, session, self.take_size.ask(free), self.jobs_fetcher_timeout))
             try:
@@ -170,7 +173,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             # in-progress jobs of a worker that exits to another worker.
             log.warning("Job %s taken as the intake closed: left to the platform", job_id)
             return
-        self.job_progress.add(job)  # the heartbeat reports these ids
+        self.job_ids.add(job_id)  # the heartbeat reports these ids
         self.jobs_tasks[job_id] = asyncio.create_task(self.handle_job(session, job))
 
     async def handle_job(self, session: Any, job: dict[str, Any]) -> None:
@@ -182,7 +185,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             log.error("Job %s: the SDK failed to run or post it (%s: %s)", job["id"],
                       type(exc).__name__, exc)
         finally:
-            self.job_progress.remove(job)
+            self.job_ids.remove(job["id"])
             self.jobs_tasks.pop(job["id"], None)
             self.admission.job_ended(job["id"])
             self._changed.set()
