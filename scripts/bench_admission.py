@@ -13,7 +13,10 @@ measured on each path in turn, KV_ROUNDS times (the long load once): a 2-core ma
 moved one path's tok/s by up to 50% between rounds, which one run per path takes for a
 difference between paths. Columns beyond the full path's: the most requests waiting in vLLM's
 scheduler at any engine step and the engine's preemptions (from the worker's job records),
-and the most jobs waiting in the platform's queue (sampled every 10 ms).
+and the most jobs waiting in the platform's queue (sampled every 10 ms), and CPU per 1,000
+tokens by process: the server's own (the worker's job loop, vllm serve's API server), vLLM's
+engine core, and this process's (the load's client, and the platform stand-in): on a 2-core
+machine what the front and the load take is taken from the engine core.
 
 Table B, the demo's default engine: the worker's first stream message from its job-take
 against `vllm serve`'s time to first token, at c16 and c32, native and OpenAI jobs, with
@@ -146,12 +149,17 @@ def _combined(kind: str, load: fp.Load, rounds: list[dict[str, Any]]) -> dict[st
            "tps_all": [r["tps"] for r in rounds],
            "ttft_p50": fp.pct(ttfts, 0.5), "ttft_p95": fp.pct(ttfts, 0.95),
            "take_ttft_p50": fp.pct(take_ttfts, 0.5) if take_ttfts else None,
-           "take_ttft_p95": fp.pct(take_ttfts, 0.95) if take_ttfts else None}
+           "take_ttft_p95": fp.pct(take_ttfts, 0.95) if take_ttfts else None,
+           **{key: statistics.median(r[key] for r in rounds) for key in CPU_KEYS}}
     if "waiting_max" in rounds[0]:
         row.update(waiting_max=max(r["waiting_max"] for r in rounds),
                    preempted=sum(r["preempted"] for r in rounds),
                    queue_max=max(r["queue_max"] for r in rounds))
     return row
+
+
+# CPU per 1,000 tokens by process (``fp.cpu_split``): the rounds' median.
+CPU_KEYS = ("front_ms_per_1k", "engine_ms_per_1k", "client_ms_per_1k")
 
 
 # Rounds of table B: each measures every path once, in turn, so drift hits all paths alike;
@@ -210,8 +218,8 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
           "each round's in brackets; long load: one round)\n")
     print("| load | c | path | tok/s | x fixed 32 | x vllm serve | TTFT p50/p95 ms "
           "(from submission) | first msg from take p50/p95 ms | engine waiting max | "
-          "preempted | platform queue max |")
-    print("|" + "---|" * 11)
+          "preempted | platform queue max | CPU ms/1k tok: front / engine / load |")
+    print("|" + "---|" * 12)
     for row in kv:
         def same(prefix: str, r: dict[str, Any] = row) -> dict[str, Any] | None:
             return next((o for o in kv if o["path"].startswith(prefix) and o["c"] == r["c"]
@@ -227,7 +235,8 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
               f"{ratio(same('vllm serve'))} | {_ms(row['ttft_p50'])}/{_ms(row['ttft_p95'])} | "
               f"{_ms(row['take_ttft_p50'])}/{_ms(row['take_ttft_p95'])} | "
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "
-              f"{row.get('queue_max', '-')} |")
+              f"{row.get('queue_max', '-')} | "
+              f"{' / '.join(f'{row[key]:.0f}' for key in CPU_KEYS)} |")
     print(f"\nB. The first stream message, demo engine defaults, RTT 0 ({ROUNDS} rounds of 64 "
           "jobs x 128 tokens per path, in turn; tok/s: the rounds' median)\n")
     print("| path | c | tok/s | first msg from take p50/p95 ms | vllm serve TTFT p50/p95 ms | "

@@ -77,6 +77,27 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of one process, without its children."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def cpu_split(pid: int) -> tuple[float, float, float]:
+    """CPU seconds so far of a server's own process (the worker's job loop, vllm serve's API
+    server), of its children (vLLM's engine core) and of this process (the load's client,
+    and the platform stand-in when there is one)."""
+    front = process_cpu(pid)
+    return front, tree_cpu(pid) - front, process_cpu(os.getpid())
+
+
+def cpu_per_1k(before: tuple[float, float, float], tokens: int, pid: int) -> dict[str, float]:
+    """CPU ms per 1,000 tokens since `before` (``cpu_split``), by process."""
+    after = cpu_split(pid)
+    return {f"{name}_ms_per_1k": (b - a) / tokens * 1e6 for name, a, b
+            in zip(("front", "engine", "client"), before, after, strict=True)}
+
+
 def thread_cpu(native_id: int) -> float:
     for t in psutil.Process().threads():
         if t.id == native_id:
@@ -202,6 +223,7 @@ async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le
 def measure_platform(platform: Platform, load: Load, route: str, label: str) -> dict[str, Any]:
     log_mark = platform.log_path.stat().st_size
     cpu0 = tree_cpu(platform.worker.pid)
+    split0 = cpu_split(platform.worker.pid)
     ep0 = thread_cpu(platform.native_id)
     started = time.monotonic()
     jobs = asyncio.run(_drive_platform(platform, load, route))
@@ -231,6 +253,7 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         "stale_p95": pct(staleness, 0.95) / 1000 if staleness else None,
         "last_wait_max": max(last_waits) / 1000 if last_waits else None,
         "cpu_per_1k": cpu / tokens * 1000, "endpoint_cpu_share": endpoint_cpu / max(cpu, 1e-9),
+        **cpu_per_1k(split0, tokens, platform.worker.pid),
     }
 
 
@@ -343,6 +366,7 @@ def measure_vllm_serve(url: str, pid: int, load: Load,
     prompts) over HTTP against `vllm serve` (or the worker serving vLLM's app on a
     load-balancing endpoint)."""
     cpu0 = tree_cpu(pid)
+    split0 = cpu_split(pid)
     started = time.monotonic()
     ttfts, events = asyncio.run(_drive_vllm_serve(url, load, route))
     wall = time.monotonic() - started
@@ -352,4 +376,5 @@ def measure_vllm_serve(url: str, pid: int, load: Load,
             "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "take_ttft_p50": None,
             "take_ttft_p95": None, "ttfts": ttfts,
             "msgs": statistics.median(events), "stale_p95": None, "last_wait_max": None,
-            "cpu_per_1k": (tree_cpu(pid) - cpu0) / tokens * 1000, "endpoint_cpu_share": None}
+            "cpu_per_1k": (tree_cpu(pid) - cpu0) / tokens * 1000, "endpoint_cpu_share": None,
+            **cpu_per_1k(split0, tokens, pid)}
