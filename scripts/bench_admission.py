@@ -12,11 +12,12 @@ of ~600-token prompts x 300 tokens at c32. Every path runs side by side and each
 measured on each path in turn, KV_ROUNDS times (the long load once): a 2-core machine's drift
 moved one path's tok/s by up to 50% between rounds, which one run per path takes for a
 difference between paths. Columns beyond the full path's: the most requests waiting in vLLM's
-scheduler at any engine step and the engine's preemptions (from the worker's job records),
-and the most jobs waiting in the platform's queue (sampled every 10 ms), and CPU per 1,000
-tokens by process: the server's own (the worker's job loop, vllm serve's API server), vLLM's
-engine core, and this process's (the load's client, and the platform stand-in): on a 2-core
-machine what the front and the load take is taken from the engine core.
+scheduler at any engine step and the engine's preemptions (from the worker's job records;
+`vllm serve`'s from its Prometheus counter), the most jobs waiting in the platform's queue
+(sampled every 10 ms), and CPU per 1,000 tokens by process: the server's own (the worker's job
+loop, vllm serve's API server), vLLM's engine core, and this process's (the load's client, and
+the platform stand-in): on a 2-core machine what the front and the load take is taken from
+the engine core.
 
 Table B, the demo's default engine: the worker's first stream message from its job-take
 against `vllm serve`'s time to first token, at c16 and c32, native and OpenAI jobs, with
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_full_path as fp
+import httpx
 
 # 4 contexts of 1,024 tokens: the demo model's KV cache takes 1 KiB per token. KV blocks of 32
 # tokens (CPU's default is 128; GPUs' 16): a job's last block wastes what it would on a GPU.
@@ -98,6 +100,17 @@ def _engine_figures(records: Path, ids: list[str]) -> dict[str, Any]:
             "preempted": max(preemptions) - min(preemptions)}
 
 
+def _serve_preemptions(url: str) -> int:
+    """`vllm serve`'s preemptions so far, from its Prometheus counter (read before and after
+    a load, not sampled during it: a scrape costs the server CPU)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:num_preemptions_total")]
+    if not counts:
+        raise RuntimeError("vllm serve's /metrics has no vllm:num_preemptions_total")
+    return int(sum(counts))
+
+
 def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
     """Table A: every path runs side by side; each round measures each load on every path in
     turn (KV_ROUNDS rounds; tok/s: the median; percentiles over every round's jobs)."""
@@ -131,7 +144,9 @@ def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
                     runs.setdefault((n, path), []).append(
                         {**row, "queue_max": sampler.stop(),
                          **_engine_figures(records, row["job_ids"])})
+                preempted = _serve_preemptions(url)
                 row = fp.measure_vllm_serve(url, pid, load, "vllm serve", route="completions")
+                row["preempted"] = _serve_preemptions(url) - preempted
                 runs.setdefault((n, "vllm serve"), []).append(row)
     return [_combined(loads[n][0], loads[n][1], rounds) for (n, _), rounds in runs.items()]
 
@@ -151,9 +166,10 @@ def _combined(kind: str, load: fp.Load, rounds: list[dict[str, Any]]) -> dict[st
            "take_ttft_p50": fp.pct(take_ttfts, 0.5) if take_ttfts else None,
            "take_ttft_p95": fp.pct(take_ttfts, 0.95) if take_ttfts else None,
            **{key: statistics.median(r[key] for r in rounds) for key in CPU_KEYS}}
+    if "preempted" in rounds[0]:
+        row["preempted"] = sum(r["preempted"] for r in rounds)
     if "waiting_max" in rounds[0]:
         row.update(waiting_max=max(r["waiting_max"] for r in rounds),
-                   preempted=sum(r["preempted"] for r in rounds),
                    queue_max=max(r["queue_max"] for r in rounds))
     return row
 
