@@ -9,15 +9,16 @@ behaviour before with MAX_CONCURRENCY=32), and `vllm serve` with the same engine
 (/v1/completions of the same prompts); (a) 64 jobs x 128 tokens at c32 and c64, a mix of 128
 jobs of 32 to 224 tokens at c32 (jobs that do not all end together, as real ones), (b) 32 jobs
 of ~600-token prompts x 300 tokens at c32. Every path runs side by side and each load is
-measured on each path in turn, KV_ROUNDS times (the long load once): a 2-core machine's drift
-moved one path's tok/s by up to 50% between rounds, which one run per path takes for a
-difference between paths. Columns beyond the full path's: the most requests waiting in vLLM's
-scheduler at any engine step and the engine's preemptions (from the worker's job records;
-`vllm serve`'s from its Prometheus counter), the most jobs waiting in the platform's queue
-(sampled every 10 ms), and CPU per 1,000 tokens by process: the server's own (the worker's job
-loop, vllm serve's API server), vLLM's engine core, and this process's (the load's client, and
-the platform stand-in): on a 2-core machine what the front and the load take is taken from
-the engine core.
+measured on each path in turn, `rounds` times (--repeat, default 3; the long load once): a
+2-core machine's drift moved one path's tok/s by up to 50% between rounds, which one run per
+path takes for a difference between paths; a ratio between paths is the median of the rounds'
+ratios (each round's paths ran seconds apart). Columns beyond the full path's: the most
+requests waiting in vLLM's scheduler at any engine step and the engine's preemptions (from the
+worker's job records; `vllm serve`'s from its Prometheus counter), the most jobs waiting in the
+platform's queue (sampled every 10 ms), and CPU per 1,000 tokens by process: the server's own
+(the worker's job loop, vllm serve's API server), vLLM's engine core, and this process's (the
+load's client, and the platform stand-in): on a 2-core machine what the front and the load
+take is taken from the engine core.
 
 Table B, the demo's default engine: the worker's first stream message from its job-take
 against `vllm serve`'s time to first token, at c16 and c32, native and OpenAI jobs, with
@@ -64,10 +65,6 @@ def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:
             ("long", fp.Load(32, 300, 32, LONG_PROMPT, seeded=False))]
 
 
-# Rounds of table A's loads whose figure is a rate (tok/s): each round measures every path in
-# turn, so the machine's drift falls on all alike; the long load (whose figures are counts of
-# waiting and preempted requests) runs in the first round only.
-KV_ROUNDS = 3
 
 
 class QueueSampler:
@@ -111,14 +108,17 @@ def _serve_preemptions(url: str) -> int:
     return int(sum(counts))
 
 
-def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
+def kv_limited_rows(run_dir: Path, smoke: bool, rounds: int = 3,
+                    kinds: tuple[str, ...] = ("short", "mixed", "long")) -> list[dict[str, Any]]:
     """Table A: every path runs side by side; each round measures each load on every path in
-    turn (KV_ROUNDS rounds; tok/s: the median; percentiles over every round's jobs)."""
+    turn (`rounds` rounds of the loads whose figure is a rate; tok/s: the median; percentiles
+    over every round's jobs); the long load (whose figures are counts of waiting and preempted
+    requests) runs in the first round only. `kinds`: the loads to run."""
     env = {k.upper(): json.dumps(v) for k, v in KV_LIMITED.items()}
     # (label, MAX_CONCURRENCY, JOB_ADMISSION): the rule before took a fixed count.
     configs = [(f"earlier rule: fixed {EARLIER_RULE}", EARLIER_RULE, "fixed"),
                ("engine decides", None, "engine"), ("fixed 32", 32, "fixed")]
-    loads = _loads(smoke)
+    loads = [(kind, load) for kind, load in _loads(smoke) if kind in kinds]
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}  # (load, path) -> one row a round
     with contextlib.ExitStack() as stack:
         workers: dict[str, tuple[fp.Platform, Path]] = {}
@@ -134,7 +134,7 @@ def kv_limited_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
         for platform, _ in workers.values():
             fp.warm_up(loads[0][1].concurrency, platform)
         fp.warm_up(loads[0][1].concurrency, url=url)
-        for round_ in range(1 if smoke else KV_ROUNDS):
+        for round_ in range(1 if smoke else rounds):
             for n, (kind, load) in enumerate(loads):
                 if kind == "long" and round_:
                     continue
@@ -231,7 +231,8 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
     rounds = max(row["rounds"] for row in kv)
     print(f"\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0 (short and "
           f"mixed loads: {rounds} round(s), every path in turn; tok/s: the rounds' median, "
-          "each round's in brackets; long load: one round)\n")
+          "each round's in brackets; x fixed 32, x vllm serve: the median of the rounds' "
+          "ratios; long load: one round)\n")
     print("| load | c | path | tok/s | x fixed 32 | x vllm serve | TTFT p50/p95 ms "
           "(from submission) | first msg from take p50/p95 ms | engine waiting max | "
           "preempted | platform queue max | CPU ms/1k tok: front / engine / load |")
@@ -242,7 +243,11 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
                          and o["kind"] == r["kind"]), None)
 
         def ratio(base: dict[str, Any] | None, r: dict[str, Any] = row) -> str:
-            return f"{r['tps'] / base['tps']:.2f}" if base else "-"
+            """The median of the rounds' ratios: each round ran the paths seconds apart."""
+            if not base:
+                return "-"
+            pairs = zip(r["tps_all"], base["tps_all"], strict=True)
+            return f"{statistics.median(a / b for a, b in pairs):.2f}"
 
         spread = f"+-{row['spread']}" if row.get("spread") else ""
         print(f"| {row['kind']} x{row['tokens']}{spread} | {row['c']} | {row['path']} | "
@@ -253,6 +258,8 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "
               f"{row.get('queue_max', '-')} | "
               f"{' / '.join(f'{row[key]:.0f}' for key in CPU_KEYS)} |")
+    if not first:
+        return
     print(f"\nB. The first stream message, demo engine defaults, RTT 0 ({ROUNDS} rounds of 64 "
           "jobs x 128 tokens per path, in turn; tok/s: the rounds' median)\n")
     print("| path | c | tok/s | first msg from take p50/p95 ms | vllm serve TTFT p50/p95 ms | "

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/benchmark.py [--tokens 256] [--jobs 8] [--repeat 3]
         [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
-    .venv/bin/python scripts/benchmark.py --admission [--smoke]
+    .venv/bin/python scripts/benchmark.py --admission [--repeat 3] [--loads short,mixed,long]
+        [--no-first-message] [--smoke]
     .venv/bin/python scripts/benchmark.py --batch [--rtt-ms 100] [--smoke]
 
 Table 1, in-process: wall time, output tokens/s, time to first output and yields per job for
@@ -302,6 +303,10 @@ def main() -> None:
                              "load-balancing endpoint (direct HTTP)")
     parser.add_argument("--admission", action="store_true",
                         help="only the jobs-per-worker tables (scripts/bench_admission.py)")
+    parser.add_argument("--loads", default="short,mixed,long",
+                        help="--admission: table A's loads (short, mixed, long)")
+    parser.add_argument("--no-first-message", action="store_true",
+                        help="--admission: table A only")
     parser.add_argument("--batch", action="store_true",
                         help="only the batch-work table (scripts/bench_batch.py)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
@@ -319,8 +324,11 @@ def main() -> None:
         import bench_admission
 
         run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
-        bench_admission.print_tables(bench_admission.kv_limited_rows(run_dir, args.smoke),
-                                     bench_admission.first_message_rows(run_dir, args.smoke))
+        kinds = tuple(args.loads.split(","))
+        kv = bench_admission.kv_limited_rows(run_dir, args.smoke, args.repeat, kinds)
+        first = [] if args.no_first_message else bench_admission.first_message_rows(
+            run_dir, args.smoke)
+        bench_admission.print_tables(kv, first)
         return
     if args.smoke:
         args.tokens, args.jobs, args.repeat = 8, 2, 1
