@@ -65,6 +65,8 @@ def _loads(smoke: bool) -> list[tuple[str, fp.Load]]:
             ("long", fp.Load(32, 300, 32, LONG_PROMPT, seeded=False))]
 
 
+# CPU per 1,000 tokens by process (``fp.cpu_split``): the rounds' median.
+CPU_KEYS = ("front_ms_per_1k", "engine_ms_per_1k", "client_ms_per_1k")
 
 
 class QueueSampler:
@@ -148,7 +150,7 @@ def kv_limited_rows(run_dir: Path, smoke: bool, rounds: int = 3,
                 row = fp.measure_vllm_serve(url, pid, load, "vllm serve", route="completions")
                 row["preempted"] = _serve_preemptions(url) - preempted
                 runs.setdefault((n, "vllm serve"), []).append(row)
-    return [_combined(loads[n][0], loads[n][1], rounds) for (n, _), rounds in runs.items()]
+    return [_combined(loads[n][0], loads[n][1], rows) for (n, _), rows in runs.items()]
 
 
 def _combined(kind: str, load: fp.Load, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -172,10 +174,6 @@ def _combined(kind: str, load: fp.Load, rounds: list[dict[str, Any]]) -> dict[st
         row.update(waiting_max=max(r["waiting_max"] for r in rounds),
                    queue_max=max(r["queue_max"] for r in rounds))
     return row
-
-
-# CPU per 1,000 tokens by process (``fp.cpu_split``): the rounds' median.
-CPU_KEYS = ("front_ms_per_1k", "engine_ms_per_1k", "client_ms_per_1k")
 
 
 # Rounds of table B: each measures every path once, in turn, so drift hits all paths alike;
