@@ -110,7 +110,8 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             stops = asyncio.create_task(self.monitor_stop_signals(session))
             try:
                 await self.get_jobs(session)
-                await self._drain()
+                await _drain(list(self.jobs_tasks.values()),
+                             None if self.gate.closed is None else self.drain_timeout)
             finally:
                 stops.cancel()
                 await asyncio.gather(stops, return_exceptions=True)
@@ -190,14 +191,12 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             self.admission.job_ended(job["id"])
             self._changed.set()
 
-    async def _drain(self) -> None:
-        """Let running jobs end: all of them on SIGTERM; for ``drain_timeout`` seconds once the
-        gate closed (they fail fast when the engine is gone)."""
-        tasks = list(self.jobs_tasks.values())
-        if not tasks:
-            return
+
+async def _drain(tasks: list[asyncio.Task[None]], timeout: float | None) -> None:
+    """Let running jobs end: all of them on SIGTERM (`timeout` None); for `timeout` seconds
+    once the intake's gate closed (they fail fast when the engine is gone)."""
+    if tasks:
         log.info("Waiting for %d running job(s) to end", len(tasks))
-        timeout = None if self.gate.closed is None else self.drain_timeout
         await asyncio.wait(tasks, timeout=timeout)
 
 
