@@ -20,7 +20,7 @@ from runpod.serverless import worker as sdk_worker
 from runpod.serverless.modules import rp_job, rp_scale
 from runpod.serverless.modules.worker_state import Job, JobsProgress
 
-from worker_vllm.admission import Admission
+from worker_vllm.admission import Admission, FixedAdmission
 from worker_vllm.engine.load import EngineLoad, RequestSize
 from worker_vllm.sdk.intake import EventIntake, IntakeGate
 from worker_vllm.sdk.job_state import JobIds, use_private_job_state
@@ -343,6 +343,46 @@ async def test_a_job_take_reads_back_every_job_in_flight():
     intake = make(EventIntake, platform, jobs, concurrency=4)
     await run_until_done(intake, jobs, 30)
     assert sum(1 for _, running in seen if running) >= 5, seen
+    for listed, running in seen:
+        assert listed == running
+    await asyncio.sleep(0)
+    assert ids_in_the_file() == set() and len(JobsProgress()) == 0
+
+
+async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file():
+    """A job ends after the intake decided to take but before the take's first step (the
+    SDK's take then reloads its tracker from the file): the file must already say so, or the
+    ended job comes back into the tracker and the heartbeat reports it for ever."""
+    seen: list[tuple[set[str], set[str]]] = []
+    zero_done, asked_after = False, False
+
+    class ReadingPlatform(Platform):
+        async def take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
+            listed = JobsProgress().get_job_list()  # what rp_job.get_job does first
+            seen.append((set(listed.split(",")) if listed else set(), set(intake.jobs_tasks)))
+            return await super().take(session, count)
+
+    class Asking(FixedAdmission):
+        def room(self, taken: int) -> int:
+            nonlocal asked_after
+            asked_after = asked_after or zero_done  # the take after job-0 ended is decided
+            return super().room(taken)
+
+    class Racing(Jobs):  # job-0 ends; job-1 ends right after the intake decides to take
+        async def handle(self, session: Any, config: Any, job: dict[str, Any]) -> None:
+            nonlocal zero_done
+            if job["id"] == "job-0":
+                await asyncio.sleep(0.01)
+                zero_done = True
+            elif job["id"] == "job-1":
+                while not asked_after:
+                    await asyncio.sleep(0)
+            self.ran.append(job["id"])
+
+    platform, jobs = ReadingPlatform(3, take_delay=0.01), Racing()
+    intake = make(EventIntake, platform, jobs, concurrency=2, admission=Asking(2))
+    await run_until_done(intake, jobs, 3)
+    assert len(seen) >= 2
     for listed, running in seen:
         assert listed == running
     await asyncio.sleep(0)

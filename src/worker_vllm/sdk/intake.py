@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from runpod.http_client import AsyncClientSession, TooManyRequests
@@ -149,9 +150,9 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            self.job_ids.flush()  # the job-take reads the tracker back from its file
             self._taking = asyncio.ensure_future(_take(
-                self.jobs_fetcher, session, self.take_size.ask(free), self.jobs_fetcher_timeout))
+                self.jobs_fetcher, session, self.take_size.ask(free), self.jobs_fetcher_timeout,
+                self.job_ids.flush))
             try:
                 jobs = await self._taking
             except asyncio.CancelledError:
@@ -200,11 +201,14 @@ async def _drain(tasks: list[asyncio.Task[None]], timeout: float | None) -> None
         await asyncio.wait(tasks, timeout=timeout)
 
 
-async def _take(fetch: Any, session: Any, count: int, timeout: float
-                ) -> list[dict[str, Any]]:
+async def _take(fetch: Any, session: Any, count: int, timeout: float,
+                write_job_ids: Callable[[], None]) -> list[dict[str, Any]]:
     """One job-take for up to `count` jobs: the jobs, or none once it ended without any."""
     try:
         async with asyncio.timeout(timeout):
+            # The SDK's take first reloads its job tracker from the file: written in this same
+            # step, so no job that ended since can come back from it.
+            write_job_ids()
             return list(await fetch(session, count) or [])
     except TooManyRequests:
         await asyncio.sleep(TOO_MANY_REQUESTS_S)
