@@ -293,6 +293,23 @@ async def test_while_the_engine_decides_a_take_asks_for_what_the_last_brought_or
     assert len(jobs.ran) == 11
 
 
+class ReadingPlatform(Platform):
+    """A platform whose job-take first reads the SDK's tracker back from its file, as
+    ``rp_job.get_job`` does, and records what it listed beside the intake's running jobs."""
+
+    def __init__(self, jobs: int, take_delay: float = 0.0) -> None:
+        super().__init__(jobs, take_delay)
+        self.intake: EventIntake | None = None
+        self.seen: list[tuple[set[str], set[str]]] = []  # (listed in the file, running)
+
+    async def take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
+        assert self.intake is not None
+        listed = JobsProgress().get_job_list()  # what rp_job.get_job does first
+        self.seen.append((set(listed.split(",")) if listed else set(),
+                          set(self.intake.jobs_tasks)))
+        return await super().take(session, count)
+
+
 def ids_in_the_file() -> set[str]:
     """The job ids as the SDK's heartbeat process reads them: from the tracker's file."""
     with open(JobsProgress._STATE_FILE, "rb") as f:
@@ -326,24 +343,16 @@ async def test_job_ids_reach_the_file_once_per_loop_iteration_by_id_only(monkeyp
 async def test_a_job_take_reads_back_every_job_in_flight():
     """The SDK's job-take reloads the tracker from its file (``get_job_list``): a write left
     for later would drop the jobs started since from the tracker and the heartbeat."""
-    seen: list[tuple[set[str], set[str]]] = []
-
-    class ReadingPlatform(Platform):
-        async def take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
-            listed = JobsProgress().get_job_list()  # what rp_job.get_job does first
-            seen.append((set(listed.split(",")) if listed else set(), set(intake.jobs_tasks)))
-            return await super().take(session, count)
-
     class StaggeredJobs(Jobs):  # jobs of different lengths: slots free one by one
         async def handle(self, session: Any, config: Any, job: dict[str, Any]) -> None:
             self.seconds = 0.01 * (1 + int(job["id"].split("-")[1]) % 4)
             await super().handle(session, config, job)
 
     platform, jobs = ReadingPlatform(30), StaggeredJobs()
-    intake = make(EventIntake, platform, jobs, concurrency=4)
+    platform.intake = intake = make(EventIntake, platform, jobs, concurrency=4)
     await run_until_done(intake, jobs, 30)
-    assert sum(1 for _, running in seen if running) >= 5, seen
-    for listed, running in seen:
+    assert sum(1 for _, running in platform.seen if running) >= 5, platform.seen
+    for listed, running in platform.seen:
         assert listed == running
     await asyncio.sleep(0)
     assert ids_in_the_file() == set() and len(JobsProgress()) == 0
@@ -353,14 +362,7 @@ async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file
     """A job ends after the intake decided to take but before the take's first step (the
     SDK's take then reloads its tracker from the file): the file must already say so, or the
     ended job comes back into the tracker and the heartbeat reports it for ever."""
-    seen: list[tuple[set[str], set[str]]] = []
     zero_done, asked_after = False, False
-
-    class ReadingPlatform(Platform):
-        async def take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
-            listed = JobsProgress().get_job_list()  # what rp_job.get_job does first
-            seen.append((set(listed.split(",")) if listed else set(), set(intake.jobs_tasks)))
-            return await super().take(session, count)
 
     class Asking(FixedAdmission):
         def room(self, taken: int) -> int:
@@ -380,10 +382,11 @@ async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file
             self.ran.append(job["id"])
 
     platform, jobs = ReadingPlatform(3, take_delay=0.01), Racing()
-    intake = make(EventIntake, platform, jobs, concurrency=2, admission=Asking(2))
+    platform.intake = intake = make(EventIntake, platform, jobs, concurrency=2,
+                                    admission=Asking(2))
     await run_until_done(intake, jobs, 3)
-    assert len(seen) >= 2
-    for listed, running in seen:
+    assert len(platform.seen) >= 2
+    for listed, running in platform.seen:
         assert listed == running
     await asyncio.sleep(0)
     assert ids_in_the_file() == set() and len(JobsProgress()) == 0
