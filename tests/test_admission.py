@@ -124,6 +124,36 @@ def test_the_share_of_max_tokens_used_is_learned_from_finished_requests():
     assert a.sizes.shape(chat._replace(generated=400)) == Shape(500, 500)
 
 
+request_sizes = st.builds(lambda prompt, max_tokens, done: RequestSize(
+    prompt, round(done * max_tokens), max_tokens), st.integers(0, 5000), st.integers(0, 4000),
+    st.floats(0, 1.2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(request_sizes, max_size=40), st.lists(request_sizes, max_size=8))
+def test_requests_sized_together_are_sized_as_one_by_one(in_flight, finished):
+    """The columns every step reads (one numpy pass) say what ``shape`` says of each request,
+    and the next job is expected alike from either."""
+    sizes = admission().sizes
+    for r in finished:
+        sizes.learn(r)
+    columns = sizes.columns(tuple(in_flight))
+    one_by_one = [sizes.shape(r) for r in in_flight]
+    assert columns.held.tolist() == [s.held for s in one_by_one]
+    assert columns.end.tolist() == pytest.approx([s.end for s in one_by_one])
+    assert columns.prompt.tolist() == [r.prompt for r in in_flight]
+    expected = sizes.next_job(tuple(in_flight))
+    if not in_flight and not finished:
+        assert expected is None
+    else:
+        prompts = [r.prompt for r in in_flight] or [0]
+        ends = [s.end for s in one_by_one] or [0]
+        recent = sizes.recent or Shape(sum(prompts) / len(prompts), sum(ends) / len(ends))
+        prompt = max(sum(prompts) / len(prompts), recent.held)
+        assert expected == pytest.approx(Shape(prompt, max(sum(ends) / len(ends), recent.end,
+                                                           prompt + 1)))
+
+
 def test_a_change_to_longer_jobs_is_seen_before_it_over_fills_the_cache():
     a = admission()
     step(a, [], finished=[SHORT] * 20)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker_vllm.kv_projection import MAX_POINTS, Projection, Shape
+
+
+def projection_of(requests: list[Shape], block: int, held_now: float = 0.0) -> Projection:
+    return Projection(np.array([r.held for r in requests], dtype=np.float64),
+                      np.array([r.end for r in requests], dtype=np.float64), block, held_now)
 
 
 def blocks(tokens: float, block: int) -> int:
@@ -34,7 +40,7 @@ job_shapes = st.builds(lambda prompt, grow: Shape(prompt, prompt + grow),
        st.integers(2_000, 40_000))
 def test_what_fits_never_overfills_the_cache_and_one_more_would(requests, job, block,
                                                                pending, budget):
-    projection = Projection(requests, block)
+    projection = projection_of(requests, block)
     room = projection.room(job, pending, budget)
     horizon = range(int(max([r.end for r in requests] + [job.end])) + 2)
     peak = max(held_at(k, requests, job, pending + room, block) for k in horizon)
@@ -51,23 +57,23 @@ def test_what_fits_never_overfills_the_cache_and_one_more_would(requests, job, b
 
 
 def test_an_empty_engine_fits_what_the_cache_holds_of_the_job_at_its_end():
-    projection = Projection([], 16, held_now=0.0)
+    projection = projection_of([], 16, held_now=0.0)
     assert projection.room(Shape(100, 612), 0, 4096) == 4096 // 624
     assert projection.room(Shape(100, 612), 2, 4096) == 4096 // 624 - 2
 
 
 def test_what_the_engine_reports_it_holds_now_counts():
     """Blocks the requests do not show (held by the engine for other reasons) still fill it."""
-    projection = Projection([Shape(10, 20)], 16, held_now=4000.0)
+    projection = projection_of([Shape(10, 20)], 16, held_now=4000.0)
     assert projection.room(Shape(8, 30), 0, 4096) == (4096 - 4000) // 16
 
 
 def test_a_request_past_its_expected_end_is_held_for_one_more_step():
-    projection = Projection([Shape(500, 500)], 16)
+    projection = projection_of([Shape(500, 500)], 16)
     assert projection.points == [(0, 512.0)]
 
 
 def test_many_lifetimes_are_rounded_up_to_a_coarser_grid():
     requests = [Shape(10, 10 + life) for life in range(1, 500)]
-    projection = Projection(requests, 16)
+    projection = projection_of(requests, 16)
     assert len(projection.points) <= MAX_POINTS + 1

@@ -24,11 +24,15 @@ job is never given back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
 
 from worker_vllm.engine.load import EngineLoad, RequestSize
 from worker_vllm.kv_projection import Projection, Shape
@@ -72,17 +76,35 @@ class RequestSizes:
         held = r.prompt + r.generated
         return Shape(held, r.prompt + max(r.generated, self.share * r.max_tokens))
 
-    def next_job(self, in_flight: tuple[RequestSize, ...]) -> Shape | None:
+    def columns(self, in_flight: tuple[RequestSize, ...]) -> Columns:
+        """``shape`` of every request at once (one pass in numpy: hundreds of requests are
+        sized at every engine step)."""
+        sizes = np.fromiter(itertools.chain.from_iterable(in_flight), dtype=np.float64,
+                            count=3 * len(in_flight)).reshape(-1, 3)
+        prompt, generated, max_tokens = sizes.T
+        return Columns(prompt, prompt + generated,
+                       prompt + np.maximum(generated, self.share * max_tokens))
+
+    def next_job(self, in_flight: tuple[RequestSize, ...] | Columns) -> Shape | None:
         """The next job's request, expected like the recent ones and the ones in flight
         (whichever is larger): its prompt and its end; None before anything ran."""
-        shapes = [Shape(r.prompt, self.shape(r).end) for r in in_flight]
-        if self.recent is None and not shapes:
+        requests = in_flight if isinstance(in_flight, Columns) else self.columns(in_flight)
+        if self.recent is None and not len(requests.prompt):
             return None
-        current = Shape(*(sum(x) / len(shapes) for x in zip(*shapes, strict=True))) \
-            if shapes else Shape(0.0, 0.0)
+        current = Shape(float(requests.prompt.mean()), float(requests.end.mean())) \
+            if len(requests.prompt) else Shape(0.0, 0.0)
         recent = self.recent or current
         prompt = max(current.held, recent.held)
         return Shape(prompt, max(current.end, recent.end, prompt + 1))
+
+
+class Columns(NamedTuple):
+    """Requests in flight as columns: their prompts, the tokens they hold, their expected
+    ends."""
+
+    prompt: np.ndarray
+    held: np.ndarray
+    end: np.ndarray
 
 
 class Admission:
@@ -107,9 +129,9 @@ class Admission:
         # Engine steps seen, and how many had been seen at the latest take: a take waits for
         # a step after the one before, so it never sizes jobs by a load that predates them.
         self._steps = self._steps_at_take = 0
-        # The requests in flight at the latest step that read them (``wants_sizes``), and
+        # The requests in flight at the latest step that read them (``wants_sizes``), sized, and
         # their projection (built once, when asked).
-        self._sized: tuple[int, tuple[RequestSize, ...]] = (-1, ())
+        self._sized: tuple[int, Columns] = (-1, self.sizes.columns(()))
         self._projected: tuple[int, Projection] | None = None
         self._log = IntakeLog(clock)
 
@@ -122,10 +144,10 @@ class Admission:
     def observe(self, load: EngineLoad) -> None:
         self.load = load
         self._steps += 1
-        if load.in_flight is not None:
-            self._sized = (self._steps, load.in_flight)
         for r in load.finished:
             self.sizes.learn(r)
+        if load.in_flight is not None:
+            self._sized = (self._steps, self.sizes.columns(load.in_flight))
         if self._blocked and self.wake is not None and self._room(self.taken)[0] > 0:
             self._blocked = False
             self.wake()
@@ -174,17 +196,17 @@ class Admission:
         jobs that have not reached the engine yet will hold at every step from now on; at
         most as many as are in the engine (a take at most doubles them: a change of job
         sizes shows before it can over-fill the cache)."""
-        in_flight = len(self._sized[1])
+        in_flight = len(self._sized[1].prompt)
         pending = max(0, active - in_flight)  # taken, not in the engine yet
         fits = self.projection().room(job, pending, self.kv_tokens * KV_TARGET)
         return max(0, min(fits, self.limit - taken, max(1, in_flight)))
 
     def projection(self) -> Projection:
         """The KV tokens the requests in flight (as last read) will hold until they end."""
-        (step, in_flight), load = self._sized, self.load
+        (step, requests), load = self._sized, self.load
         if self._projected is None or self._projected[0] != step:
-            shapes = [self.sizes.shape(r) for r in in_flight]
-            self._projected = (step, Projection(shapes, self.block_tokens,
+            self._projected = (step, Projection(requests.held, requests.end,
+                                                self.block_tokens,
                                                 load.kv_usage * self.kv_tokens))
         return self._projected[1]
 

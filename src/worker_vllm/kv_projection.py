@@ -17,7 +17,6 @@ more: the projection only errs on the safe side).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -38,16 +37,17 @@ class Projection:
     """The KV tokens the requests in flight will hold (whole blocks), at the steps where that
     can peak: ``points`` of (steps from now, tokens held then)."""
 
-    def __init__(self, requests: Sequence[Shape], block: int, held_now: float = 0.0) -> None:
-        """`held_now`: what the engine reports it holds now (it may hold more than the
-        requests show, never less than it reports)."""
+    def __init__(self, held: np.ndarray, end: np.ndarray, block: int,
+                 held_now: float = 0.0) -> None:
+        """Requests as columns: the tokens each holds now (`held`) and is expected to hold
+        when it ends (`end`). `held_now`: what the engine reports it holds now (it may hold
+        more than the requests show, never less than it reports)."""
         self.block = max(1, block)
         self.points: list[tuple[int, float]] = [(0, held_now)]
-        if not requests:
+        if not len(held):
             return
-        held = np.array([r.held for r in requests], dtype=np.float64)
         # Steps each request still runs: it is in the cache at steps k < its lifetime.
-        life = np.maximum(1, np.ceil(np.array([r.end for r in requests]) - held - 1e-6))
+        life = np.maximum(1, np.ceil(end - held - 1e-6))
         if len(np.unique(life)) > MAX_POINTS:
             grid = math.ceil(float(life.max()) / MAX_POINTS)
             life = np.ceil(life / grid) * grid
