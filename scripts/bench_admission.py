@@ -27,6 +27,10 @@ measured in turn, ROUNDS times (p50 and p95 over all rounds' jobs), so that the 
 drift and its stalls (a 2-core machine runs the load, the stand-in and the server on the same
 cores) fall on every path alike.
 
+Table C, no engine: the intake's own work after each engine step in the worker's process (it
+sizes every request in flight and projects the KV cache), by requests in flight, at the counts
+GPUs run.
+
 Every process (worker or `vllm serve`) first runs one unmeasured round of 16-token jobs at the
 load's concurrency: a fresh process's first batches of each size cost more, whoever runs them.
 """
@@ -35,8 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import statistics
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +227,40 @@ def first_message_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
             for (path, c), values in samples.items()]
 
 
+def intake_cost_rows(smoke: bool) -> list[dict[str, Any]]:
+    """Table C: what the engine-deciding intake does in the worker's process after each engine
+    step, by requests in flight: size them (prompt, generated, expected end), project the KV
+    cache until they end and count the jobs that fit (``Admission.observe`` of an intake
+    waiting for room, which does all of it at every step). Requests of 8 + 128 tokens at every
+    age, in a cache that they fill: the best of 5 runs of 300 steps."""
+    from worker_vllm.admission import Admission
+    from worker_vllm.engine.load import EngineLoad, RequestSize
+
+    rows = []
+    for n in (32,) if smoke else (32, 256, 1024):
+        admission = Admission(2 * n, n * 140, 32)
+        admission.wake = lambda: None
+        requests = tuple(RequestSize(8, i % 128, 128) for i in range(n))
+        steps = [EngineLoad(running=n, kv_usage=0.9, in_flight=tuple(
+            r._replace(generated=(r.generated + k) % 128) for r in requests))
+            for k in range(300)]
+        best = math.inf
+        for _ in range(5):
+            started = time.perf_counter()
+            for load in steps:
+                admission.room(n)  # no room: the next step checks again
+                admission.observe(load)
+            best = min(best, (time.perf_counter() - started) / len(steps))
+        rows.append({"requests": n, "us_per_step": best * 1e6})
+    return rows
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
-def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
+def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]],
+                 cost: list[dict[str, Any]]) -> None:
     rounds = max(row["rounds"] for row in kv)
     print(f"\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0 (short and "
           f"mixed loads: {rounds} round(s), every path in turn; tok/s: the rounds' median, "
@@ -256,8 +291,19 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]]) -> None:
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "
               f"{row.get('queue_max', '-')} | "
               f"{' / '.join(f'{row[key]:.0f}' for key in CPU_KEYS)} |")
-    if not first:
-        return
+    if first:
+        _print_first_message(first)
+    print("\nC. The intake's work after each engine step in the worker's process (sizing the "
+          "requests in flight, projecting the KV cache, counting the jobs that fit), by "
+          "requests in flight\n")
+    print("| requests in flight | us per engine step | of a 10 ms step |")
+    print("|---|---|---|")
+    for row in cost:
+        print(f"| {row['requests']} | {row['us_per_step']:.0f} | "
+              f"{row['us_per_step'] / 10_000:.1%} |")
+
+
+def _print_first_message(first: list[dict[str, Any]]) -> None:
     print(f"\nB. The first stream message, demo engine defaults, RTT 0 ({ROUNDS} rounds of 64 "
           "jobs x 128 tokens per path, in turn; tok/s: the rounds' median)\n")
     print("| path | c | tok/s | first msg from take p50/p95 ms | vllm serve TTFT p50/p95 ms | "

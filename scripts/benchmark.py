@@ -328,7 +328,7 @@ def main() -> None:
         kv = bench_admission.kv_limited_rows(run_dir, args.smoke, args.repeat, kinds)
         first = [] if args.no_first_message else bench_admission.first_message_rows(
             run_dir, args.smoke)
-        bench_admission.print_tables(kv, first)
+        bench_admission.print_tables(kv, first, bench_admission.intake_cost_rows(args.smoke))
         return
     if args.smoke:
         args.tokens, args.jobs, args.repeat = 8, 2, 1

@@ -12,21 +12,40 @@ from conftest import ROOT, worker_env
 pytestmark = pytest.mark.slow
 
 
-def test_benchmark_smoke_runs_every_path():
+def _smoke(*options: str) -> str:
     env = worker_env()
     env.pop("MODEL_NAME", None)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--smoke",
-                           "--rtt-ms", "50"], env=env, capture_output=True, text=True,
-                          timeout=1200)
+                           *options], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    return proc.stdout
+
+
+def test_benchmark_smoke_runs_every_path():
+    out = _smoke("--rtt-ms", "50")
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
     paths = [row.split("|")[1].strip() for row in rows[1:]]
     expected = {"raw engine (in-process)", "vllm serve, HTTP SSE",
                 "worker, load-balancing, HTTP SSE", "floor, native, events intake",
                 "worker, native, events intake", "worker, openai, events intake"}
-    assert expected <= set(paths), proc.stdout
+    assert expected <= set(paths), out
     # The queue worker: 2 routes x (c2 and c1), with the worker's own intake; the floor: 1.
-    assert sum(p.startswith(("worker, native", "worker, openai")) for p in paths) == 4, \
-        proc.stdout
-    assert "Load-balancing worker cold start: first /ping 204 after" in proc.stdout
-    assert sum(p.startswith("floor") for p in paths) == 1, proc.stdout
+    assert sum(p.startswith(("worker, native", "worker, openai")) for p in paths) == 4, out
+    assert "Load-balancing worker cold start: first /ping 204 after" in out
+    assert sum(p.startswith("floor") for p in paths) == 1, out
+
+
+def test_benchmark_smoke_runs_the_jobs_per_worker_tables():
+    out = _smoke("--admission")
+    paths = {line.split("|")[3].strip() for line in out.splitlines()
+             if line.startswith("| short") or line.startswith("| long")}
+    assert paths == {"worker, engine decides", "vllm serve"}, out
+    assert "| worker, native, MAX_CONCURRENCY unset | 2 |" in out, out
+    assert any(line.startswith("| 32 | ") for line in out.splitlines()), out  # table C
+
+
+def test_benchmark_smoke_runs_the_batch_table():
+    out = _smoke("--batch")
+    for path in ("one batch job of 16 lines", "16 /run jobs at c4",
+                 "vllm run-batch (its batch step)"):
+        assert f"| {path} |" in out, out
