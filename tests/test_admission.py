@@ -32,6 +32,12 @@ SHORT = RequestSize(8, 64, 64)  # 72 tokens: 80 in blocks of 16
 LONG = RequestSize(600, 300, 300)  # 900 tokens: 912 in blocks
 
 
+def shape(a: Admission, r: RequestSize) -> Shape:
+    """What the admission expects of one request: the tokens it holds, and when it ends."""
+    sized = a.sizes.columns((r,))
+    return Shape(float(sized.held[0]), float(sized.end[0]))
+
+
 def in_blocks(tokens: int) -> int:
     return -(-tokens // BLOCK) * BLOCK
 
@@ -48,12 +54,12 @@ def assert_never_over_target(old: list[RequestSize], free: int, job: RequestSize
 
 def test_an_idle_worker_takes_one_job_then_doubles_what_reaches_the_engine():
     a = admission()
-    assert a.sizes.next_job(()) is None
+    assert a.sizes.next_job(a.sizes.columns(())) is None
     assert a.room(0) == 1
     assert a.room(1) == 0  # taken, not in the engine yet: its size is unknown
     step(a, [RequestSize(8, 0, 64)])
     # Before anything finished, a request is expected to use all of its max_tokens.
-    assert a.sizes.shape(RequestSize(8, 0, 64)) == Shape(8, 72)
+    assert shape(a, RequestSize(8, 0, 64)) == Shape(8, 72)
     assert a.room(1) == 1  # one take at most doubles the requests in the engine
     step(a, [RequestSize(8, 1, 64)] * 2)
     assert a.room(2) == 2
@@ -117,11 +123,11 @@ def test_five_long_requests_leave_no_room_for_a_sixth_whatever_their_ages(ages):
 def test_the_share_of_max_tokens_used_is_learned_from_finished_requests():
     a = admission()
     chat = RequestSize(100, 0, 924)  # no max_tokens in the body: the rest of the context
-    assert a.sizes.shape(chat) == Shape(100, 1024)
+    assert shape(a, chat) == Shape(100, 1024)
     step(a, [chat], finished=[RequestSize(100, 92, 924)] * 8)  # they stop after ~10%
-    assert a.sizes.shape(chat) == Shape(100, 192)
+    assert shape(a, chat) == Shape(100, 192)
     # A request past its expected share is expected to hold at least what it holds.
-    assert a.sizes.shape(chat._replace(generated=400)) == Shape(500, 500)
+    assert shape(a, chat._replace(generated=400)) == Shape(500, 500)
 
 
 request_sizes = st.builds(lambda prompt, max_tokens, done: RequestSize(
@@ -131,27 +137,29 @@ request_sizes = st.builds(lambda prompt, max_tokens, done: RequestSize(
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(request_sizes, max_size=40), st.lists(request_sizes, max_size=8))
-def test_requests_sized_together_are_sized_as_one_by_one(in_flight, finished):
-    """The columns every step reads (one numpy pass) say what ``shape`` says of each request,
-    and the next job is expected alike from either."""
+def test_requests_are_sized_by_the_share_learned_and_the_next_job_by_their_mean(in_flight,
+                                                                               finished):
+    """Each request in flight (one numpy pass over them all) holds its prompt and what it
+    generated, and ends at its prompt plus the learned share of its max_tokens, never below
+    what it holds; the next job is expected like their mean or the recent ones, whichever is
+    larger."""
     sizes = admission().sizes
     for r in finished:
         sizes.learn(r)
     columns = sizes.columns(tuple(in_flight))
-    one_by_one = [sizes.shape(r) for r in in_flight]
-    assert columns.held.tolist() == [s.held for s in one_by_one]
-    assert columns.end.tolist() == pytest.approx([s.end for s in one_by_one])
     assert columns.prompt.tolist() == [r.prompt for r in in_flight]
-    expected = sizes.next_job(tuple(in_flight))
+    assert columns.held.tolist() == [r.prompt + r.generated for r in in_flight]
+    ends = [r.prompt + max(r.generated, sizes.share * r.max_tokens) for r in in_flight]
+    assert columns.end.tolist() == pytest.approx(ends)
+    expected = sizes.next_job(columns)
     if not in_flight and not finished:
         assert expected is None
-    else:
-        prompts = [r.prompt for r in in_flight] or [0]
-        ends = [s.end for s in one_by_one] or [0]
-        recent = sizes.recent or Shape(sum(prompts) / len(prompts), sum(ends) / len(ends))
-        prompt = max(sum(prompts) / len(prompts), recent.held)
-        assert expected == pytest.approx(Shape(prompt, max(sum(ends) / len(ends), recent.end,
-                                                           prompt + 1)))
+        return
+    prompts, ends = [r.prompt for r in in_flight] or [0], ends or [0]
+    recent = sizes.recent or Shape(sum(prompts) / len(prompts), sum(ends) / len(ends))
+    prompt = max(sum(prompts) / len(prompts), recent.held)
+    assert expected == pytest.approx(Shape(prompt, max(sum(ends) / len(ends), recent.end,
+                                                       prompt + 1)))
 
 
 def test_a_change_to_longer_jobs_is_seen_before_it_over_fills_the_cache():
@@ -159,7 +167,7 @@ def test_a_change_to_longer_jobs_is_seen_before_it_over_fills_the_cache():
     step(a, [], finished=[SHORT] * 20)
     assert a.room(0) == 1  # idle: one job, whatever the history says
     step(a, [LONG._replace(generated=0)])
-    assert a.sizes.next_job(a.load.in_flight) == Shape(600, 900)
+    assert a.sizes.next_job(a.sizes.columns(a.load.in_flight)) == Shape(600, 900)
     assert a.room(1) == 1
     step(a, [LONG._replace(generated=1)] * 2)
     assert a.room(2) == 2  # 4 x 912 fit in the target share, 5 do not

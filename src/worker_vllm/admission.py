@@ -70,25 +70,19 @@ class RequestSizes:
             *(RECENT_WEIGHT * new + (1 - RECENT_WEIGHT) * old
               for new, old in zip(done, self.recent, strict=True)))
 
-    def shape(self, r: RequestSize) -> Shape:
-        """The request's tokens now, and when it is expected to end: its prompt plus the
-        learned share of its max_tokens, never less than it holds."""
-        held = r.prompt + r.generated
-        return Shape(held, r.prompt + max(r.generated, self.share * r.max_tokens))
-
     def columns(self, in_flight: tuple[RequestSize, ...]) -> Columns:
-        """``shape`` of every request at once (one pass in numpy: hundreds of requests are
-        sized at every engine step)."""
+        """What each request holds now, and when it is expected to end: its prompt plus the
+        learned share of its max_tokens, never less than it holds (one numpy pass: hundreds
+        of requests are sized at every engine step)."""
         sizes = np.fromiter(itertools.chain.from_iterable(in_flight), dtype=np.float64,
                             count=3 * len(in_flight)).reshape(-1, 3)
         prompt, generated, max_tokens = sizes.T
         return Columns(prompt, prompt + generated,
                        prompt + np.maximum(generated, self.share * max_tokens))
 
-    def next_job(self, in_flight: tuple[RequestSize, ...] | Columns) -> Shape | None:
+    def next_job(self, requests: Columns) -> Shape | None:
         """The next job's request, expected like the recent ones and the ones in flight
         (whichever is larger): its prompt and its end; None before anything ran."""
-        requests = in_flight if isinstance(in_flight, Columns) else self.columns(in_flight)
         if self.recent is None and not len(requests.prompt):
             return None
         current = Shape(float(requests.prompt.mean()), float(requests.end.mean())) \
