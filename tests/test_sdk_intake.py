@@ -274,23 +274,32 @@ async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
     await asyncio.wait_for(task, 5)
 
 
-async def test_while_the_engine_decides_a_take_asks_for_what_the_last_brought_or_twice():
+async def test_while_the_engine_decides_a_take_after_the_queue_emptied_asks_for_one():
     """A take waits while the platform's queue is empty and brings what it asked for when
-    jobs come, sized by the engine's load when it asked: after a take that brought less than
-    it asked for, the next asks for as few; takes that bring all they ask for double."""
+    jobs come, sized by the engine's load when it asked (short jobs then, maybe long ones now):
+    after a take that brought less than it asked for, the next asks for one job; takes that
+    bring all they ask for double."""
     admission = Admission(128, 4096, 16)
     admission.room = lambda taken: 50  # room for many, whatever runs
     platform, jobs = Platform(11), Jobs(seconds=30)
     intake = make(EventIntake, platform, jobs, concurrency=1, admission=admission)
     task = asyncio.ensure_future(intake.run())
     async with asyncio.timeout(10):
-        while len(platform.asked) < 7:
+        while len(platform.asked) < 7:  # 1, 2, 4 brought in full; 8 asked, 4 brought; waits
+            await asyncio.sleep(0.005)
+        refilled = len(platform.asked)
+        platform.queue += [{"id": f"later-{i}", "input": {}} for i in range(7)]
+        while jobs.running < 18:
             await asyncio.sleep(0.005)
     intake.gate.close("end of test")
     await asyncio.wait_for(task, 5)
-    # 1, 2, 4 brought in full; 8 asked, 4 left to bring; then an empty queue: 1 at a time.
-    assert platform.asked[:6] == [1, 2, 4, 8, 4, 1], platform.asked
-    assert len(jobs.ran) == 11
+    assert platform.asked[:5] == [1, 2, 4, 8, 1], platform.asked
+    assert set(platform.asked[4:refilled]) == {1}, platform.asked  # the queue stayed empty
+    after = platform.asked[refilled:]
+    while after and after[0] == 1:  # the take that brought the first later job
+        after.pop(0)
+    assert after[:2] == [2, 4], platform.asked  # then doubling: 1 + 2 + 4 = the 7 later jobs
+    assert jobs.running == 18
 
 
 class ReadingPlatform(Platform):

@@ -59,12 +59,13 @@ class IntakeGate:
 
 
 class TakeSize:
-    """How many jobs one job-take asks for. While the engine decides, no more than the last
-    take brought, or twice that when it brought all it asked for: a take waits (a long-poll)
-    while the platform's queue is empty, and the jobs it brings then were sized by the
-    engine's load when it was asked (short jobs then, maybe long ones now). A take that
-    brought less than it asked for found the queue short, so the next asks for as few; one
-    that brought all may have left more, so the next asks for twice as many."""
+    """How many jobs one job-take asks for. While the engine decides: one after a take that
+    brought less than it asked for, twice what the last brought when it brought all. A take
+    waits (a long-poll) while the platform's queue is empty, and the jobs it brings then were
+    sized by the engine's load when it was asked (short jobs then, maybe long ones now, which
+    would wait in the engine and be preempted). A take that brought less than it asked for
+    emptied the queue, so the next one is likely to wait: it asks for one job, whose size the
+    engine then shows; takes that bring all they ask for double."""
 
     def __init__(self, follows_engine: bool) -> None:
         self.follows_engine = follows_engine
@@ -75,7 +76,7 @@ class TakeSize:
         return self.asked
 
     def brought(self, jobs: int) -> None:
-        self.cap = 2 * jobs if jobs >= self.asked else max(1, jobs)
+        self.cap = 2 * jobs if jobs >= self.asked else 1
 
 
 class EventIntake(StopChannel, rp_scale.JobScaler):
