@@ -15,6 +15,11 @@ to be like the recent ones or those in flight, whichever is larger. After a take
 waits for an engine step (so jobs are never sized by a load that predates the last ones
 taken), and one take at most doubles the requests in the engine (a change to longer jobs shows
 before it can over-fill the cache).
+Room: 95% of the cache (``KV_TARGET``), or 130% while the next job and every request in flight
+are short, each within 1/16 of the cache (``KV_TARGET_SHORT``): short requests taken together
+grow together, and when they outgrow the cache vLLM preempts the newest and recomputes its few
+tokens later, cheaper than leaving the batch smaller. Long jobs are never projected past the
+cache, so they are not preempted.
 Bounds: never more jobs than ``max_num_seqs`` (or ``MAX_CONCURRENCY`` when set, a cap); a
 worker with no job in its engine (none, or only jobs whose results have ended and whose last
 messages are on their way) takes one job and sizes the next ones by what reaches its engine (a
@@ -46,6 +51,13 @@ RECENT_WEIGHT = 0.25
 # Share of the KV cache the projection may fill: the rest absorbs requests that grow past
 # their expected size.
 KV_TARGET = 0.95
+# Short jobs may fill more than the cache: requests taken together grow together, and when
+# they outgrow the cache vLLM preempts the newest and later recomputes it from its tokens, a
+# small cost when each holds a small share of the cache (a long job's recomputation costs
+# about what it ran, so long jobs never overcommit). Short: the next job and every request in
+# flight expected to end within SHORT_JOB_SHARE of the cache.
+KV_TARGET_SHORT = 1.3
+SHORT_JOB_SHARE = 1 / 16
 # The intake's state is logged at each change, at most once per REGIME_LOG_S, and once per
 # BUSY_LOG_S while jobs run.
 REGIME_LOG_S = 10.0
@@ -192,8 +204,16 @@ class Admission:
         sizes shows before it can over-fill the cache)."""
         in_flight = len(self._sized[1].prompt)
         pending = max(0, active - in_flight)  # taken, not in the engine yet
-        fits = self.projection().room(job, pending, self.kv_tokens * KV_TARGET)
+        fits = self.projection().room(job, pending, self.kv_tokens * self.target(job))
         return max(0, min(fits, self.limit - taken, max(1, in_flight)))
+
+    def target(self, job: Shape) -> float:
+        """The share of the KV cache the projection may fill: KV_TARGET_SHORT while the next
+        job and every request in flight are short, KV_TARGET otherwise."""
+        short = SHORT_JOB_SHARE * self.kv_tokens
+        ends = self._sized[1].end
+        return KV_TARGET_SHORT if job.end <= short and (not len(ends) or ends.max() <= short) \
+            else KV_TARGET
 
     def projection(self) -> Projection:
         """The KV tokens the requests in flight (as last read) will hold until they end."""
