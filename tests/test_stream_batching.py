@@ -66,10 +66,13 @@ async def test_slow_source_is_flushed_by_time():
         batches = [b async for b in batched(timed_source([0.0] + [0.03] * 12), policy)]
     assert len(batches[0].items) == 1
     assert all(len(b.items) <= 2 for b in batches[1:])
-    # The interval, scheduling slack, and however late this event loop ran its timers (a busy
-    # machine runs them late, the batcher's flush timer as much as any).
-    assert max(b.oldest_wait for b in batches) <= 0.05 + 0.03 + lateness.worst, lateness.worst
     assert sum(len(b.items) for b in batches) == 13
+    # The interval and a fixed scheduling slack. A machine so busy that this loop ran its
+    # timers later than that slack cannot tell a late flush from a slow timer: the bound is
+    # then not checked (it is never widened by the lateness it would measure).
+    if lateness.worst > 0.02:
+        pytest.skip(f"this event loop ran its timers {lateness.worst * 1000:.0f} ms late")
+    assert max(b.oldest_wait for b in batches) <= 0.05 + 0.03, lateness.worst
 
 
 async def test_zero_interval_flushes_every_item():
