@@ -233,13 +233,16 @@ def intake_cost_rows(smoke: bool) -> list[dict[str, Any]]:
     cache until they end and count the jobs that fit (``Admission.observe`` of an intake
     waiting for room, which does all of it at every step). Requests of 8 + 128 tokens at every
     age, in a cache that they fill: the best of 5 runs of 300 steps."""
-    from worker_vllm.admission import Admission
-    from worker_vllm.engine.load import EngineLoad, RequestSize
+    from worker_vllm.queue.admission import Admission
+    from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
 
     rows = []
     for n in (32,) if smoke else (32, 256, 1024):
-        admission = Admission(2 * n, n * 140, 32)
-        admission.wake = lambda: None
+        admission = Admission(EngineCapacity(2 * n, n * 140, 32))
+        admission.wake_when_room(lambda: None)
+        for i in range(n):
+            admission.jobs.start(str(i))
+        admission.took(n, n)
         requests = tuple(RequestSize(8, i % 128, 128) for i in range(n))
         steps = [EngineLoad(running=n, kv_usage=0.9, in_flight=tuple(
             r._replace(generated=(r.generated + k) % 128) for r in requests))
@@ -248,7 +251,8 @@ def intake_cost_rows(smoke: bool) -> list[dict[str, Any]]:
         for _ in range(5):
             started = time.perf_counter()
             for load in steps:
-                admission.room(n)  # no room: the next step checks again
+                admission.arm()
+                admission.room()  # no room: the next step checks again
                 admission.observe(load)
             best = min(best, (time.perf_counter() - started) / len(steps))
         rows.append({"requests": n, "us_per_step": best * 1e6})
@@ -261,6 +265,21 @@ def _ms(v: float | None) -> str:
 
 def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]],
                  cost: list[dict[str, Any]]) -> None:
+    if kv:
+        _print_kv_limited(kv)
+    if first:
+        _print_first_message(first)
+    print("\nC. The intake's work after each engine step in the worker's process (sizing the "
+          "requests in flight, projecting the KV cache, counting the jobs that fit), by "
+          "requests in flight\n")
+    print("| requests in flight | us per engine step | of a 10 ms step |")
+    print("|---|---|---|")
+    for row in cost:
+        print(f"| {row['requests']} | {row['us_per_step']:.0f} | "
+              f"{row['us_per_step'] / 10_000:.1%} |")
+
+
+def _print_kv_limited(kv: list[dict[str, Any]]) -> None:
     rounds = max(row["rounds"] for row in kv)
     print(f"\nA. KV-limited engine (4 contexts of 1,024 tokens), native jobs, RTT 0 (short and "
           f"mixed loads: {rounds} round(s), every path in turn; tok/s: the rounds' median, "
@@ -291,16 +310,6 @@ def print_tables(kv: list[dict[str, Any]], first: list[dict[str, Any]],
               f"{row.get('waiting_max', '-')} | {row.get('preempted', '-')} | "
               f"{row.get('queue_max', '-')} | "
               f"{' / '.join(f'{row[key]:.0f}' for key in CPU_KEYS)} |")
-    if first:
-        _print_first_message(first)
-    print("\nC. The intake's work after each engine step in the worker's process (sizing the "
-          "requests in flight, projecting the KV cache, counting the jobs that fit), by "
-          "requests in flight\n")
-    print("| requests in flight | us per engine step | of a 10 ms step |")
-    print("|---|---|---|")
-    for row in cost:
-        print(f"| {row['requests']} | {row['us_per_step']:.0f} | "
-              f"{row['us_per_step'] / 10_000:.1%} |")
 
 
 def _print_first_message(first: list[dict[str, Any]]) -> None:

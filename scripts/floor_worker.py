@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from worker_vllm.sdk.job_loop import serve_jobs  # noqa: E402
+from worker_vllm.queue.sdk.job_loop import serve_jobs  # noqa: E402
 
 CONSTANT = {"choices": [{"tokens": ["constant"]}], "usage": {"input": 1, "output": 1}}
 

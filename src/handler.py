@@ -2,7 +2,7 @@
 
 On a queue endpoint (the platform's webhooks are set) it serves jobs through the runpod SDK's
 job loop; locally it runs one job from `--test_input '{...}'` or `test_input.json` and prints
-the result (`worker_vllm.serve_queue`). On a load-balancing endpoint (ENDPOINT_TYPE=lb, or
+the result (`worker_vllm.queue.serve`). On a load-balancing endpoint (ENDPOINT_TYPE=lb, or
 PORT_HEALTH set) it serves vLLM's app over HTTP (`worker_vllm.lb`).
 """
 
@@ -37,7 +37,7 @@ def main() -> int:
         from worker_vllm.lb.serve import serve_lb
 
         return serve_lb(os.environ)
-    from worker_vllm.serve_queue import serve_queue
+    from worker_vllm.queue.serve import serve_queue
 
     return serve_queue(sys.argv[1:], os.environ)
 

@@ -116,6 +116,28 @@ class Endpoint:
 
 
 
+class HealthSampler:
+    """/health polled in a thread: (inProgress, inQueue) samples until stopped."""
+
+    def __init__(self, ep: Endpoint) -> None:
+        self.ep, self.samples = ep, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                jobs = session.get(f"{self.ep.base}/health", timeout=30).json()["jobs"]
+                self.samples.append((jobs["inProgress"], jobs["inQueue"]))
+                time.sleep(0.02)
+
+    def stop(self) -> list[tuple[int, int]]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.samples
+
+
 def group_members(pgid: int) -> list[psutil.Process]:
     """The processes alive in process group `pgid` (whoever their parent is now)."""
     members = []

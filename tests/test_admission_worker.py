@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-import requests
-from processes import FINAL, Endpoint
+from processes import FINAL, Endpoint, HealthSampler
 
 pytestmark = pytest.mark.slow
 
@@ -18,28 +14,6 @@ SMALL_CACHE = {"KV_CACHE_MEMORY_BYTES": str(4 * 1024 * 1024), "MAX_MODEL_LEN": "
                "BLOCK_SIZE": "32"}
 FULL_CONTEXTS = 4
 LONG_PROMPT = "value = compute(item)\n" * 75  # 600 tokens of the demo tokenizer
-
-
-class HealthSampler:
-    """/health polled in a thread: (inProgress, inQueue) samples until stopped."""
-
-    def __init__(self, ep: Endpoint) -> None:
-        self.ep, self.samples = ep, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        with requests.Session() as session:
-            while not self._stop.is_set():
-                jobs = session.get(f"{self.ep.base}/health", timeout=30).json()["jobs"]
-                self.samples.append((jobs["inProgress"], jobs["inQueue"]))
-                time.sleep(0.02)
-
-    def stop(self) -> list[tuple[int, int]]:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        return self.samples
 
 
 def run_all(ep: Endpoint, inputs: list[dict]) -> tuple[list[dict], list[tuple[int, int]]]:
@@ -52,6 +26,18 @@ def run_all(ep: Endpoint, inputs: list[dict]) -> tuple[list[dict], list[tuple[in
         samples = sampler.stop()
     assert [s["status"] for s in statuses] == ["COMPLETED"] * len(inputs), statuses
     return [ep.record(job_id) for job_id in ids], samples
+
+
+def preempted_so_far(ep: Endpoint) -> int:
+    """The engine's preemptions until now, read from the record of a one-token job (a check
+    after a load then counts its first wave too)."""
+    job_id = ep.run({"prompt": "x", "sampling_params": {"max_tokens": 1}})
+    assert ep.wait(job_id)["status"] == "COMPLETED"
+    return ep.record(job_id)["engine_preemptions"]
+
+
+def assert_none_preempted(records: list[dict], before: int) -> None:
+    assert {r["engine_preemptions"] for r in records} == {before}, records
 
 
 def short_job(i: int) -> dict:
@@ -91,17 +77,52 @@ def test_long_jobs_wait_on_the_platform_not_in_the_engine(small_cache):
     platform's queue; inside the engine at most a couple of requests wait at any step, and none
     is preempted. (The platform counts a job in progress until its result is posted: jobs whose
     requests ended are still counted there while the next ones start.)"""
+    assert_long_jobs_wait_on_the_platform(small_cache)
+
+
+def assert_long_jobs_wait_on_the_platform(ep: Endpoint) -> None:
     jobs = [{"prompt": LONG_PROMPT, "sampling_params": {
         "max_tokens": 300, "ignore_eos": True, "temperature": 1.0, "seed": i}}
         for i in range(8)]
-    records, samples = run_all(small_cache, jobs)
+    before = preempted_so_far(ep)
+    records, samples = run_all(ep, jobs)
     assert all(r["prompt_tokens"] == 600 and r["output_tokens"] == 300 for r in records)
     assert max(r["engine_requests_running_max"] for r in records) <= FULL_CONTEXTS + 1, records
     assert max(p for p, _ in samples) <= 2 * FULL_CONTEXTS, samples
     assert any(p >= 1 and q >= 1 for p, q in samples), samples  # queued on the platform
     assert max(r["engine_requests_waiting_max"] for r in records) <= 2, records
-    preemptions = [r["engine_preemptions"] for r in records]
-    assert max(preemptions) == min(preemptions), records  # none during these jobs
+    assert_none_preempted(records, before)
+
+
+def test_failed_and_cancelled_jobs_leave_the_books(small_cache):
+    """Jobs that fail after they were taken (a prompt over MAX_MODEL_LEN, a vLLM refusal) and
+    jobs cancelled while they stream: each leaves the worker's count of its jobs once. Were
+    they counted as gone twice, the worker would take every long job at once afterwards
+    (they would wait in the engine and be preempted)."""
+    failing = [{"prompt": LONG_PROMPT * 2, "sampling_params": {"max_tokens": 8}}] * 6 + [
+        {"prompt": "x", "sampling_params": {"max_tokens": 4, "logprobs": 50}}] * 4
+    ids = [small_cache.run(i) for i in failing]
+    assert {small_cache.wait(i, FINAL)["status"] for i in ids} == {"FAILED"}
+    streams = [small_cache.run({"prompt": "def f():", "stream": True, "sampling_params": {
+        "max_tokens": 1000, "ignore_eos": True}}) for _ in range(4)]
+    for job_id in streams:
+        small_cache.wait(job_id, ("IN_PROGRESS",), timeout=120)
+        small_cache.post(f"cancel/{job_id}")
+    assert {small_cache.wait(i, FINAL)["status"] for i in streams} == {"CANCELLED"}
+    assert_long_jobs_wait_on_the_platform(small_cache)
+
+
+def test_jobs_of_n_requests_are_sized_as_all_of_them(small_cache):
+    """n = 4: each job runs four requests of ~300 tokens (40 of the cache's 127 blocks per
+    job): three such jobs fit at once. Sized as one request each, twelve would be taken and
+    their requests preempted."""
+    jobs = [{"prompt": f"def job_{i}():", "sampling_params": {
+        "n": 4, "max_tokens": 300, "ignore_eos": True, "temperature": 1.0}} for i in range(8)]
+    before = preempted_so_far(small_cache)
+    records, _ = run_all(small_cache, jobs)
+    assert all(r["output_tokens"] == 1200 for r in records), records
+    assert max(r["engine_requests_waiting_max"] for r in records) <= 4, records
+    assert_none_preempted(records, before)
 
 
 def test_max_concurrency_caps_the_jobs_taken(tmp_path, demo_model_dir):

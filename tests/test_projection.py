@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker_vllm.kv_projection import MAX_POINTS, Projection, Shape
+from worker_vllm.queue.projection import MAX_POINTS, Projection, Shape
 
 
 def projection_of(requests: list[Shape], block: int, held_now: float = 0.0) -> Projection:
@@ -68,9 +68,22 @@ def test_what_the_engine_reports_it_holds_now_counts():
     assert projection.room(Shape(8, 30), 0, 4096) == (4096 - 4000) // 16
 
 
-def test_a_request_past_its_expected_end_is_held_for_one_more_step():
-    projection = projection_of([Shape(500, 500)], 16)
-    assert projection.points == [(0, 512.0)]
+@settings(max_examples=200, deadline=None)
+@given(requests, st.sampled_from([1, 16, 32]))
+def test_every_request_holds_its_blocks_until_its_expected_end(requests, block):
+    """The profile is what the requests hold at each point: each its tokens so far plus one
+    per step, in whole blocks, while it runs (a request at or past its expected end runs one
+    more step); and the peak is the most of those."""
+    projection = projection_of(requests, block)
+    distinct = len({max(1, math.ceil(r.end - r.held)) for r in requests})
+    for k, held in projection.points:
+        expected = sum(blocks(r.held + k, block) for r in requests
+                       if k < max(1, math.ceil(r.end - r.held)))
+        if distinct < MAX_POINTS:
+            assert held == expected, k
+        else:  # lifetimes rounded up to a coarser grid: never less
+            assert held >= expected, k
+    assert projection.peak() == max(t for _, t in projection.points)
 
 
 def test_many_lifetimes_are_rounded_up_to_a_coarser_grid():

@@ -20,10 +20,10 @@ from runpod.serverless import worker as sdk_worker
 from runpod.serverless.modules import rp_job, rp_scale
 from runpod.serverless.modules.worker_state import Job, JobsProgress
 
-from worker_vllm.admission import Admission, FixedAdmission
-from worker_vllm.engine.load import EngineLoad, RequestSize
-from worker_vllm.sdk.intake import EventIntake, IntakeGate
-from worker_vllm.sdk.job_state import JobIds, use_private_job_state
+from worker_vllm.queue.admission import Admission, Decision, FixedAdmission
+from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
+from worker_vllm.queue.sdk.intake import EventIntake, IntakeGate
+from worker_vllm.queue.sdk.job_state import JobIds, use_private_job_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SDK_SCALER = (rp_scale.JobScaler if rp_scale.JobScaler is not EventIntake
@@ -242,7 +242,7 @@ async def until(condition: Any, timeout: float = 10) -> None:
 async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
     """Idle: one job; then nothing until the engine's step shows it; a step with room wakes the
     intake from the engine's thread; requests waiting in the engine stop it."""
-    admission, gate = Admission(128, 4096, 16), IntakeGate()
+    admission, gate = Admission(EngineCapacity(128, 4096, 16)), IntakeGate()
     platform, jobs = Platform(20), Jobs(seconds=30)
     intake = make(EventIntake, platform, jobs, concurrency=1, admission=admission,
                   intake_gate=gate, drain_timeout=0.1)
@@ -253,21 +253,21 @@ async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
         thread.start()
         thread.join()
 
-    await until(lambda: jobs.running == 1 and admission._blocked)
+    await until(lambda: jobs.running == 1 and admission._armed)
     assert platform.asked == [1]
     # The job's request: 600 prompt tokens, up to 300 more (912 in blocks); one take at most
     # doubles the requests in the engine.
     long = RequestSize(600, 0, 300)
     engine_step(EngineLoad(running=1, kv_usage=608 / 4096, in_flight=(long,)))
-    await until(lambda: jobs.running == 2 and admission._blocked)
+    await until(lambda: jobs.running == 2 and admission._armed)
     assert platform.asked == [1, 1]
     engine_step(EngineLoad(running=2, kv_usage=1216 / 4096, in_flight=(long,) * 2))
-    await until(lambda: jobs.running == 4 and admission._blocked)
+    await until(lambda: jobs.running == 4 and admission._armed)
     assert platform.asked == [1, 1, 2]  # 4 x 912 fit in 95% of the cache, 5 would not
     for load in (EngineLoad(running=3, waiting=1, in_flight=(long,) * 4),
                  EngineLoad(running=4, in_flight=(long,) * 4)):
         engine_step(load)
-        assert admission._blocked  # no room: no wake-up was sent
+        assert admission._armed  # no room: no wake-up was sent
     await asyncio.sleep(0)
     assert platform.asked == [1, 1, 2] and jobs.running == 4
     gate.close("end of test")
@@ -277,15 +277,18 @@ async def test_with_an_admission_the_engines_steps_decide_and_wake_the_intake():
 async def test_while_the_engine_decides_a_take_after_the_queue_emptied_asks_for_one():
     """A take waits while the platform's queue is empty and brings what it asked for when
     jobs come, sized by the engine's load when it asked (short jobs then, maybe long ones now):
-    after a take that brought less than it asked for, the next asks for one job; takes that
-    bring all they ask for double."""
-    admission = Admission(128, 4096, 16)
-    admission.room = lambda taken: 50  # room for many, whatever runs
+    after a take that brought less than it asked for, the next asks for one job; otherwise a
+    take at most doubles the jobs held."""
+    class Ramping(Admission):  # room for many, whatever runs: only the ramp bounds a take
+        def _decide(self) -> Decision:
+            return Decision(min(50, self._ramp(self.jobs.active)), "taking")
+
+    admission = Ramping(EngineCapacity(128, 4096, 16))
     platform, jobs = Platform(11), Jobs(seconds=30)
     intake = make(EventIntake, platform, jobs, concurrency=1, admission=admission)
     task = asyncio.ensure_future(intake.run())
     async with asyncio.timeout(10):
-        while len(platform.asked) < 7:  # 1, 2, 4 brought in full; 8 asked, 4 brought; waits
+        while len(platform.asked) < 8:  # 1, 1, 2, 4 brought in full; 8 asked, 3 brought; waits
             await asyncio.sleep(0.005)
         refilled = len(platform.asked)
         platform.queue += [{"id": f"later-{i}", "input": {}} for i in range(7)]
@@ -293,12 +296,12 @@ async def test_while_the_engine_decides_a_take_after_the_queue_emptied_asks_for_
             await asyncio.sleep(0.005)
     intake.gate.close("end of test")
     await asyncio.wait_for(task, 5)
-    assert platform.asked[:5] == [1, 2, 4, 8, 1], platform.asked
-    assert set(platform.asked[4:refilled]) == {1}, platform.asked  # the queue stayed empty
+    assert platform.asked[:6] == [1, 1, 2, 4, 8, 1], platform.asked
+    assert set(platform.asked[5:refilled]) == {1}, platform.asked  # the queue stayed empty
     after = platform.asked[refilled:]
     while after and after[0] == 1:  # the take that brought the first later job
         after.pop(0)
-    assert after[:2] == [2, 4], platform.asked  # then doubling: 1 + 2 + 4 = the 7 later jobs
+    assert after[0] == 12, platform.asked  # 12 jobs held: a take may double them
     assert jobs.running == 18
 
 
@@ -374,10 +377,10 @@ async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file
     zero_done, asked_after = False, False
 
     class Asking(FixedAdmission):
-        def room(self, taken: int) -> int:
+        def room(self) -> int:
             nonlocal asked_after
             asked_after = asked_after or zero_done  # the take after job-0 ended is decided
-            return super().room(taken)
+            return super().room()
 
     class Racing(Jobs):  # job-0 ends; job-1 ends right after the intake decides to take
         async def handle(self, session: Any, config: Any, job: dict[str, Any]) -> None:
@@ -404,7 +407,7 @@ async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file
 def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):
     """A full garbage collection of the start-up heap, set off by decoding a large job input,
     would stop the job loop for a quarter of a second or more (a batch job's first message)."""
-    from worker_vllm.sdk import job_loop
+    from worker_vllm.queue.sdk import job_loop
 
     frozen_at_start: list[int] = []
     monkeypatch.setattr(runpod.serverless, "start",

@@ -114,7 +114,7 @@ class _Lines:
 async def finished_lines(app: VLLMApp, inp: BatchInput, settings: WorkerSettings,
                          job_id: str) -> AsyncIterator[dict[str, Any]]:
     """The batch's output lines as they finish; lines start as the engine makes room."""
-    window = LineWindow(app.runner.capacity()[0])
+    window = LineWindow(app.runner.capacity().max_num_seqs)
     lines, source, seen = _Lines(), raw_lines(inp), set[str]()
     loop = asyncio.get_running_loop()
     # An engine step can open room: wake the batch (on this loop) when it waits for one.

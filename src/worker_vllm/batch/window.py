@@ -5,7 +5,7 @@ it can run may wait in its scheduler: a line that ends is replaced within the en
 step, as in `vllm run-batch` (which hands the engine every line at once), instead of one
 hand-off later (lines that end together would otherwise leave the engine idle while their
 successors are rendered and tokenized). Requests waiting in the engine also keep the worker
-from taking other jobs (``worker_vllm.admission``): they stay in the platform's queue.
+from taking other jobs (``worker_vllm.queue.admission``): they stay in the platform's queue.
 While the engine holds other requests too, a line starts only while no request waits in the
 scheduler and the KV cache has room, so requests of the worker's other jobs wait behind no
 batch line (the scheduler serves in arrival order). The lines in flight at most double the
@@ -15,11 +15,8 @@ always runs.
 
 from __future__ import annotations
 
-from worker_vllm.engine.load import EngineLoad
-
-# KV-cache use past which no line starts beside other jobs' requests: running requests still
-# grow into the rest.
-KV_START_LIMIT = 0.9
+from worker_vllm.queue.load import EngineLoad
+from worker_vllm.queue.tuning import KV_START_LIMIT
 
 
 class LineWindow:

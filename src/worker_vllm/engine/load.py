@@ -1,4 +1,4 @@
-"""The engine's load after each step, as plain data, from vLLM's own bookkeeping.
+"""The engine's load after each step (``worker_vllm.queue.load``), from vLLM's own bookkeeping.
 
 ``AsyncLLM`` hands every step's ``SchedulerStats`` (running and waiting requests, KV-cache
 usage) and ``IterationStats`` (finished requests, preemptions) to its stat loggers; ``LoadFeed``
@@ -16,35 +16,11 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Protocol
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-
-class RequestSize(NamedTuple):
-    """One request's tokens: its prompt, those generated so far, and its ``max_tokens`` (0
-    for a request that generates nothing, such as a pooling one)."""
-
-    prompt: int
-    generated: int
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """The engine after one step."""
-
-    running: int = 0
-    waiting: int = 0
-    # Share of the KV cache's blocks in use (0..1).
-    kv_usage: float = 0.0
-    # Requests the scheduler preempted so far (their KV blocks were taken back).
-    preempted: int = 0
-    # Every request added to the engine and not finished (running, waiting, or just added);
-    # None where nobody asked for them at this step.
-    in_flight: tuple[RequestSize, ...] | None = None
-    # The requests that finished in this step.
-    finished: tuple[RequestSize, ...] = ()
+from worker_vllm.queue.load import EngineLoad, RequestSize
 
 
 @dataclass(eq=False)  # hashable by identity: the runner keeps a set of them
@@ -63,24 +39,36 @@ class LoadWatch:
             self.wake()
 
 
+class LoadFollower(Protocol):
+    """Told of every engine step (on the engine's thread); it may want the sizes of the
+    requests in flight at that step (asked with the step's counts)."""
+
+    def wants_sizes(self, load: EngineLoad) -> bool: ...
+
+    def observe(self, load: EngineLoad) -> None: ...
+
+
 class EngineLoads:
-    """The engine's load after its latest step, and who follows it: ``on_step`` (one
-    listener, told of every step on the engine's thread), which may want the sizes of the
-    requests in flight at that step (``wants_sizes``, asked with the step's counts), and
-    watches (``watching``)."""
+    """The engine's load after its latest step, and who follows it: one ``LoadFollower``
+    (``follow``) and watches (``watching``)."""
 
     def __init__(self) -> None:
         self.latest = EngineLoad()
-        self.on_step: Callable[[EngineLoad], None] | None = None
-        self.wants_sizes: Callable[[EngineLoad], bool] = lambda _load: False
+        self.follower: LoadFollower | None = None
         self._watches: set[LoadWatch] = set()
+
+    def follow(self, follower: LoadFollower) -> None:
+        self.follower = follower
+
+    def wants_sizes(self, load: EngineLoad) -> bool:
+        return self.follower is not None and self.follower.wants_sizes(load)
 
     def saw(self, load: EngineLoad) -> None:
         self.latest = load
         for watch in tuple(self._watches):  # one C call: safe beside adds on other threads
             watch.saw(load)
-        if self.on_step is not None:
-            self.on_step(load)
+        if self.follower is not None:
+            self.follower.observe(load)
 
     @contextlib.contextmanager
     def watching(self, wake: Callable[[], None] | None = None) -> Iterator[LoadWatch]:
@@ -120,8 +108,9 @@ class LoadFeed(StatLoggerBase):
         load = EngineLoad(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
                           scheduler_stats.kv_cache_usage, self.preempted, None, finished)
         if self.loads.wants_sizes(load):
-            load = dataclasses.replace(load, in_flight=tuple(
-                _size(r) for r in self.requests.values()))
+            requests = tuple(self.requests.values())
+            load = dataclasses.replace(load, in_flight=tuple(_size(r) for r in requests),
+                                       in_flight_ids=tuple(r.external_req_id for r in requests))
         self.loads.saw(load)
 
     def log_engine_initialized(self) -> None:

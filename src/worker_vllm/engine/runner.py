@@ -18,6 +18,7 @@ from worker_vllm.engine.load import EngineLoads, LoadFeed
 from worker_vllm.engine.outputs import Step, plain_step
 from worker_vllm.engine.watchdog import watch
 from worker_vllm.loop_thread import LoopThread
+from worker_vllm.queue.load import EngineCapacity
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,22 @@ def _engine_kwargs(feed: LoadFeed) -> dict[str, Any]:
     from vllm.usage.usage_lib import UsageContext
 
     return {"usage_context": UsageContext.OPENAI_API_SERVER, "stat_loggers": [feed.factory()]}
+
+
+def unmodelled_cache(model_config: Any, kv_tokens: int) -> str | None:
+    """Why one KV projection (every request holding its tokens in blocks of one pool) does not
+    model this model's cache, or None. Encoder-only models have no KV cache (their attention
+    layers declare none); sliding-window, hybrid (Mamba) and encoder-decoder models keep
+    several KV-cache groups in one block pool, each request a block table in each."""
+    if kv_tokens <= 0:
+        return "no KV cache (an encoder-only or attention-free model)"
+    kind = model_config.attn_type
+    if kind != "decoder":
+        return f"a {kind.replace('_', '-')} model's KV cache"
+    layer_types = set(getattr(model_config.hf_text_config, "layer_types", None) or ())
+    if model_config.get_sliding_window() is not None and len(layer_types) != 1:
+        return "several KV-cache groups (sliding-window and full-attention layers)"
+    return None
 
 
 class EngineRunner:
@@ -111,14 +128,16 @@ class EngineRunner:
     async def check_health(self) -> None:
         await self.loop.call(self.engine.check_health)
 
-    def capacity(self) -> tuple[int, int, int]:
-        """(max_num_seqs, tokens the KV cache holds, tokens per KV block): what the engine can
-        run at once."""
+    def capacity(self) -> EngineCapacity:
+        """What the engine can run at once, and whether one KV projection models its cache."""
         config = self.engine.vllm_config
         # vLLM keeps one block as its null block.
         blocks = max(0, (config.cache_config.num_gpu_blocks or 0) - 1)
         block = config.cache_config.block_size
-        return config.scheduler_config.max_num_seqs, blocks * block, block
+        scheduler = config.scheduler_config
+        return EngineCapacity(scheduler.max_num_seqs, blocks * block, block,
+                              scheduler.max_num_batched_tokens,
+                              unmodelled_cache(config.model_config, blocks * block))
 
     @property
     def errored(self) -> bool:

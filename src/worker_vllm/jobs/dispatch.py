@@ -86,14 +86,15 @@ class JobHandler:
     """Validates jobs and routes them to the engine or vLLM's app. One per process."""
 
     def __init__(self, runner: EngineRunner, settings: WorkerSettings,
-                 app: VLLMApp | None = None, chat_template: str | None = None) -> None:
+                 app: VLLMApp | None = None, chat_template: str | None = None,
+                 on_results_end: Callable[[str], None] | None = None) -> None:
         self.runner = runner
         self.settings = settings
         self.app = app
         # Told once a job finds the engine dead (production: closes the job intake).
         self.on_engine_dead: Callable[[str], None] | None = None
-        # Told of a job's id once its results have ended (production: the admission).
-        self.on_results_end: Callable[[str], None] | None = None
+        # Told of a job's id once its results have ended (production: the admission's jobs).
+        self.on_results_end = on_results_end
         # The --chat-template text (read once from a file if it named one).
         self.chat_template = chat_template
 

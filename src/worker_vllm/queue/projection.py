@@ -58,14 +58,17 @@ class Projection:
         totals[0] = max(totals[0], held_now)
         self.points = [(int(k), float(t)) for k, t in zip(steps, totals, strict=True)]
 
-    def room(self, job: Shape, pending: int, budget: float) -> int:
-        """Jobs of `job`'s shape (prompt held at once, then growing by a token per step up to
-        its end) that can start now, beside `pending` such jobs that started and the requests
-        in flight, without the cache ever holding more than `budget` tokens."""
-        fits = self._jobs(budget, self.blocks(job.end)) - pending  # once all others ended
+    def room(self, job: Shape, pending: int, budget: float, requests: float = 1.0) -> int:
+        """Jobs of `requests` requests of `job`'s shape each (a prompt held at once, then
+        growing by a token per step up to its end) that can start now, beside `pending` such
+        jobs that started and the requests in flight, without the cache ever holding more than
+        `budget` tokens."""
+        def jobs(budget: float, tokens: float) -> int:
+            return self._jobs(budget, requests * self.blocks(tokens)) - pending
+
+        fits = jobs(budget, job.end)  # once all others ended
         for k, held in self.points:
-            fits = min(fits, self._jobs(budget - held, self.blocks(min(job.end,
-                                                                        job.held + k))) - pending)
+            fits = min(fits, jobs(budget - held, min(job.end, job.held + k)))
         return max(0, fits)
 
     def peak(self) -> float:
@@ -75,5 +78,5 @@ class Projection:
         return max(1, math.ceil(tokens / self.block - 1e-9)) * self.block
 
     @staticmethod
-    def _jobs(budget: float, per_job: int) -> int:
+    def _jobs(budget: float, per_job: float) -> int:
         return int(budget // per_job) if budget > 0 else 0

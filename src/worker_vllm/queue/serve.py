@@ -10,15 +10,15 @@ import logging
 from collections.abc import Mapping
 
 from worker_vllm import local_run
-from worker_vllm.admission import Admission, FixedAdmission
 from worker_vllm.config.settings import WorkerSettings, load_worker_settings
 from worker_vllm.engine import EngineRunner
 from worker_vllm.errors import InvalidInput, WorkerError, error_result
 from worker_vllm.jobs.dispatch import JobHandler
 from worker_vllm.jobs.validate import validate_job
 from worker_vllm.process_tree import end_children, exit_now
-from worker_vllm.sdk.intake import IntakeGate
-from worker_vllm.sdk.job_loop import serve_jobs
+from worker_vllm.queue.admission import Admission, FixedAdmission, rule
+from worker_vllm.queue.sdk.intake import IntakeGate
+from worker_vllm.queue.sdk.job_loop import serve_jobs
 from worker_vllm.startup.build import Core, build_core, is_production
 from worker_vllm.startup.engine_death import on_engine_death
 from worker_vllm.startup.errors import StartupFailure, startup_failure_action
@@ -67,7 +67,9 @@ def _reported(failure: StartupFailure) -> WorkerError:
 
 def serve_until_stopped(core: Core) -> int:
     """Production: the SDK's job loop until SIGTERM (exit 0) or the engine's death (exit 1)."""
-    jobs = JobHandler(core.runner, core.settings, core.app, core.chat_template)
+    admission = job_admission(core.settings, core.runner)
+    jobs = JobHandler(core.runner, core.settings, core.app, core.chat_template,
+                      on_results_end=admission.jobs.results_ended)
     gate = IntakeGate()
     jobs.on_engine_dead = on_engine_death(core.runner, core.settings, gate.close)
 
@@ -78,8 +80,6 @@ def serve_until_stopped(core: Core) -> int:
     async def engine_is_healthy() -> None:
         await core.runner.check_health()
 
-    admission = job_admission(core.settings, core.runner)
-    jobs.on_results_end = admission.results_ended
     try:
         serve_jobs(handler, admission.limit, intake=core.settings.job_intake, gate=gate,
                    fitness_check=engine_is_healthy, admission=admission)
@@ -109,19 +109,29 @@ def serve_startup_error(error: WorkerError, env: Mapping[str, str]) -> int:
 
 def job_admission(settings: WorkerSettings, runner: EngineRunner
                   ) -> Admission | FixedAdmission:
-    """Jobs are taken as the engine's load allows (``worker_vllm.admission``), up to
+    """Jobs are taken as the engine's load allows (``worker_vllm.queue.admission``), up to
     MAX_NUM_SEQS or MAX_CONCURRENCY; JOB_ADMISSION=fixed and the SDK's own intake
-    (JOB_INTAKE=sdk) keep that many at once."""
-    max_num_seqs, kv_tokens, block = runner.capacity()
-    admission = Admission(max_num_seqs, kv_tokens, block, settings.max_concurrency)
+    (JOB_INTAKE=sdk) keep MAX_CONCURRENCY jobs at once (MAX_NUM_SEQS when it is unset), as
+    set: jobs beyond MAX_NUM_SEQS then wait inside the engine, which the log says."""
+    capacity = runner.capacity()
+    cap = settings.max_concurrency
     if settings.job_admission == "fixed" or settings.job_intake == "sdk":
+        limit = cap if cap is not None else capacity.max_num_seqs
         log.info("Job concurrency: %d jobs at once (%s; JOB_ADMISSION=%s, JOB_INTAKE=%s)",
-                 admission.limit, admission.limit_reason, settings.job_admission,
-                 settings.job_intake)
-        return FixedAdmission(admission.limit)
-    runner.loads.on_step = admission.observe
-    runner.loads.wants_sizes = admission.wants_sizes
-    log.info("Job intake: jobs are taken while the engine can start them (no request "
-             "waiting in it, room in its KV cache of %d tokens), up to %d at once (%s)",
-             kv_tokens, admission.limit, admission.limit_reason)
+                 limit, "MAX_CONCURRENCY" if cap is not None else "MAX_NUM_SEQS",
+                 settings.job_admission, settings.job_intake)
+        if limit > capacity.max_num_seqs:
+            log.warning("MAX_CONCURRENCY=%d is above the engine's MAX_NUM_SEQS=%d: up to %d "
+                        "jobs' requests wait inside the engine instead of in the platform's "
+                        "queue", limit, capacity.max_num_seqs, limit - capacity.max_num_seqs)
+        return FixedAdmission(limit)
+    admission = Admission(capacity, cap)
+    runner.loads.follow(admission)
+    if cap is not None and cap > capacity.max_num_seqs:
+        log.warning("MAX_CONCURRENCY=%d is above the engine's MAX_NUM_SEQS=%d, which bounds "
+                    "the jobs taken (JOB_ADMISSION=fixed takes %d)", cap,
+                    capacity.max_num_seqs, cap)
+    log.info("Job intake: jobs are taken while the engine can start them (%s); up to %d at "
+             "once (%s)", rule(admission),
+             admission.limit, admission.limit_reason)
     return admission

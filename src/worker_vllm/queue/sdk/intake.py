@@ -4,7 +4,7 @@ runpod 1.10.0's ``JobScaler`` sleeps 1 s whenever its slots are full and starts 
 a loop that wakes every 0.1 s, so a freed slot stays empty for up to a second and a taken job
 waits before it starts. ``EventIntake`` replaces those loops: a freed slot triggers the next
 job-take at once, a taken job starts at once, the engine's own load decides how many jobs to
-take (``worker_vllm.admission``: an engine step that frees room wakes the intake), a stop
+take (``worker_vllm.queue.admission``: an engine step that frees room wakes the intake), a stop
 signal that arrives before its job is remembered so the job never starts, and a closed intake
 (the engine died) takes nothing more.
 Everything else stays the SDK's: job-take and its batch sizes, stream and done posts, the stop
@@ -26,9 +26,9 @@ from typing import Any
 from runpod.http_client import AsyncClientSession, TooManyRequests
 from runpod.serverless.modules import rp_scale
 
-from worker_vllm.admission import Admission, FixedAdmission
-from worker_vllm.sdk.job_state import JobIds
-from worker_vllm.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
+from worker_vllm.queue.admission import Admission, FixedAdmission
+from worker_vllm.queue.sdk.job_state import JobIds
+from worker_vllm.queue.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +58,6 @@ class IntakeGate:
             self._loop.call_soon_threadsafe(self._intake.stop_taking)
 
 
-class TakeSize:
-    """How many jobs one job-take asks for. While the engine decides: one after a take that
-    brought less than it asked for, twice what the last brought when it brought all. A take
-    waits (a long-poll) while the platform's queue is empty, and the jobs it brings then were
-    sized by the engine's load when it was asked (short jobs then, maybe long ones now, which
-    would wait in the engine and be preempted). A take that brought less than it asked for
-    emptied the queue, so the next one is likely to wait: it asks for one job, whose size the
-    engine then shows; takes that bring all they ask for double."""
-
-    def __init__(self, follows_engine: bool) -> None:
-        self.follows_engine = follows_engine
-        self.cap = self.asked = 1
-
-    def ask(self, room: int) -> int:
-        self.asked = min(room, self.cap) if self.follows_engine else room
-        return self.asked
-
-    def brought(self, jobs: int) -> None:
-        self.cap = 2 * jobs if jobs >= self.asked else 1
-
-
 class EventIntake(StopChannel, rp_scale.JobScaler):
     """The SDK's JobScaler with its polling replaced by waits on events (see the module doc).
 
@@ -93,11 +72,11 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         self.admission: Admission | FixedAdmission = (
             config.get("admission") or FixedAdmission(int(self.concurrency_modifier(1))))
         self.current_concurrency = self.admission.limit
+        self.jobs = self.admission.jobs  # the jobs started, and how each ended
         self.gate: IntakeGate = config.get("intake_gate") or IntakeGate()
         self.drain_timeout: float = float(config.get("drain_timeout", 1.0))
         self.stopped_early = {}  # job id -> when its stop arrived (see StopChannel)
         self._changed = asyncio.Event()  # a slot freed, or the intake closed
-        self.take_size = TakeSize(follows_engine=isinstance(self.admission, Admission))
         self._taking: asyncio.Future[list[dict[str, Any]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.job_ids = JobIds(self.job_progress)  # the SDK's tracker, written once a tick
@@ -107,7 +86,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         self._loop = asyncio.get_running_loop()
         self.gate.bind(self, self._loop)
         loop = self._loop
-        self.admission.wake = lambda: loop.call_soon_threadsafe(self._changed.set)
+        self.admission.wake_when_room(lambda: loop.call_soon_threadsafe(self._changed.set))
         async with AsyncClientSession() as session:
             stops = asyncio.create_task(self.monitor_stop_signals(session))
             try:
@@ -146,13 +125,14 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         """Take jobs whenever there is room, as many as there is room for; wait on a freed
         slot or (with an admission) an engine step that opens room."""
         while self._open():
-            free = self.admission.room(self.current_occupancy())
+            self._changed.clear()
+            self.admission.arm()
+            free = self.admission.room()
             if free <= 0:
-                self._changed.clear()
                 await self._changed.wait()
                 continue
             self._taking = asyncio.ensure_future(_take(
-                self.jobs_fetcher, session, self.take_size.ask(free), self.jobs_fetcher_timeout,
+                self.jobs_fetcher, session, free, self.jobs_fetcher_timeout,
                 self.job_ids.flush))
             try:
                 jobs = await self._taking
@@ -162,7 +142,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
                 return
             finally:
                 self._taking = None
-            self.take_size.brought(len(jobs))
+            self.admission.took(free, len(jobs))
             for job in jobs:
                 self._start(session, job)
 
@@ -177,6 +157,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             log.warning("Job %s taken as the intake closed: left to the platform", job_id)
             return
         self.job_ids.add(job_id)  # the heartbeat reports these ids
+        self.jobs.start(job_id)
         self.jobs_tasks[job_id] = asyncio.create_task(self.handle_job(session, job))
 
     async def handle_job(self, session: Any, job: dict[str, Any]) -> None:
@@ -190,7 +171,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         finally:
             self.job_ids.remove(job["id"])
             self.jobs_tasks.pop(job["id"], None)
-            self.admission.job_ended(job["id"])
+            self.jobs.ended(job["id"])
             self._changed.set()
 
 

@@ -6,9 +6,9 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from worker_vllm.admission import Admission, FixedAdmission
-from worker_vllm.sdk.intake import IntakeGate, install
-from worker_vllm.sdk.job_state import use_private_job_state
+from worker_vllm.queue.admission import Admission, FixedAdmission
+from worker_vllm.queue.sdk.intake import IntakeGate, install
+from worker_vllm.queue.sdk.job_state import use_private_job_state
 
 
 def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,

@@ -10,7 +10,7 @@ from typing import Any
 from runpod.http_client import TooManyRequests
 from runpod.serverless.modules import rp_job
 
-log = logging.getLogger("worker_vllm.sdk.intake")
+log = logging.getLogger("worker_vllm.queue.sdk.intake")
 
 # Back-off after a request the platform refused with 429 (the SDK's own figure).
 TOO_MANY_REQUESTS_S = 5.0
