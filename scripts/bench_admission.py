@@ -229,10 +229,11 @@ def first_message_rows(run_dir: Path, smoke: bool) -> list[dict[str, Any]]:
 
 def intake_cost_rows(smoke: bool) -> list[dict[str, Any]]:
     """Table C: what the engine-deciding intake does in the worker's process after each engine
-    step, by requests in flight: size them (prompt, generated, expected end), project the KV
-    cache until they end and count the jobs that fit (``Admission.observe`` of an intake
-    waiting for room, which does all of it at every step). Requests of 8 + 128 tokens at every
-    age, in a cache that they fill: the best of 5 runs of 300 steps."""
+    step, by requests in flight: size them (prompt, generated, expected end), find their jobs
+    by the ids they carry, project the KV cache until they end and count the jobs that fit
+    (``Admission.observe`` of an intake waiting for room, which does all of it at every step).
+    Requests of 8 + 128 tokens at every age, in a cache that they fill: the best of 5 runs of
+    300 steps."""
     from worker_vllm.queue.admission import Admission
     from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
 
@@ -241,12 +242,13 @@ def intake_cost_rows(smoke: bool) -> list[dict[str, Any]]:
         admission = Admission(EngineCapacity(2 * n, n * 140, 32))
         admission.wake_when_room(lambda: None)
         for i in range(n):
-            admission.jobs.start(str(i))
+            admission.jobs.start(f"job-{i}")
         admission.took(n, n)
         requests = tuple(RequestSize(8, i % 128, 128) for i in range(n))
+        ids = tuple(f"chatcmpl-job-{i}" for i in range(n))  # each request names its job
         steps = [EngineLoad(running=n, kv_usage=0.9, in_flight=tuple(
-            r._replace(generated=(r.generated + k) % 128) for r in requests))
-            for k in range(300)]
+            r._replace(generated=(r.generated + k) % 128) for r in requests),
+            in_flight_ids=ids) for k in range(300)]
         best = math.inf
         for _ in range(5):
             started = time.perf_counter()

@@ -303,8 +303,9 @@ def main() -> None:
                              "load-balancing endpoint (direct HTTP)")
     parser.add_argument("--admission", action="store_true",
                         help="only the jobs-per-worker tables (scripts/bench_admission.py)")
-    parser.add_argument("--loads", default="short,mixed,long",
-                        help="--admission: table A's loads (short, mixed, long)")
+    parser.add_argument("--loads", default="short,mixed,long,pooling,ramp",
+                        help="--admission: table A's loads (short, mixed, long), table D "
+                             "(pooling) and table E (ramp)")
     parser.add_argument("--no-first-message", action="store_true",
                         help="--admission: table A only")
     parser.add_argument("--batch", action="store_true",
@@ -322,13 +323,19 @@ def main() -> None:
     if args.admission:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_admission
+        import bench_intake
 
         run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
         kinds = tuple(args.loads.split(","))
-        kv = bench_admission.kv_limited_rows(run_dir, args.smoke, args.repeat, kinds)
+        kv = bench_admission.kv_limited_rows(run_dir, args.smoke, args.repeat, kinds) \
+            if {"short", "mixed", "long"} & set(kinds) else []
         first = [] if args.no_first_message else bench_admission.first_message_rows(
             run_dir, args.smoke)
         bench_admission.print_tables(kv, first, bench_admission.intake_cost_rows(args.smoke))
+        bench_intake.print_tables(
+            bench_intake.pooling_rows(run_dir, args.smoke, args.repeat)
+            if "pooling" in kinds else [],
+            bench_intake.ramp_rows(run_dir, args.smoke) if "ramp" in kinds else [])
         return
     if args.smoke:
         args.tokens, args.jobs, args.repeat = 8, 2, 1

@@ -109,6 +109,26 @@ class Endpoint:
             assert time.time() < deadline, f"no record of job {job_id}"
             time.sleep(0.2)
 
+    def run_all(self, inputs: list[dict], timeout: float = 600
+                ) -> tuple[list[str], list[dict], list[tuple[int, int]]]:
+        """Every job submitted at once, all COMPLETED: (their ids, their final statuses, the
+        /health samples meanwhile)."""
+        sampler = HealthSampler(self)
+        try:
+            ids = [self.run(i) for i in inputs]
+            statuses = [self.wait(job_id, FINAL, timeout=timeout) for job_id in ids]
+        finally:
+            samples = sampler.stop()
+        assert [s["status"] for s in statuses] == ["COMPLETED"] * len(inputs), statuses
+        return ids, statuses, samples
+
+    def preempted_so_far(self) -> int:
+        """The engine's preemptions until now, read from the record of a one-token job (a
+        check after a load then counts its first wave too)."""
+        job_id = self.run({"prompt": "x", "sampling_params": {"max_tokens": 1}})
+        assert self.wait(job_id)["status"] == "COMPLETED"
+        return self.record(job_id)["engine_preemptions"]
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=120)

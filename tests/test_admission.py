@@ -35,6 +35,7 @@ def room(a: Admission, taken: int) -> int:
     a.arm()
     free = a.room()
     if free > 0:
+        a.asking()
         a.took(free, free)
     return free
 
@@ -279,6 +280,7 @@ def test_every_end_of_a_job_is_counted_once_whatever_the_order(order):
     assert not a.jobs.started and not a.jobs.tails
     assert a.jobs.ended_since_take == 50
     # Four long jobs then run: the worker counts them as four, not as none.
+    a.asking()
     a.took(4, 4)
     for i in range(4):
         a.jobs.start(f"long-{i}")
@@ -296,6 +298,7 @@ def test_short_jobs_that_end_within_a_round_trip_do_not_fall_to_one_job_per_take
     for _ in range(8):
         free = a.room()
         sizes.append(free)
+        a.asking()
         a.took(free, free)
         ids = [f"job-{next(_ids)}" for _ in range(free)]
         for job in ids:
@@ -306,6 +309,30 @@ def test_short_jobs_that_end_within_a_round_trip_do_not_fall_to_one_job_per_take
             a.jobs.results_ended(job)
             a.jobs.ended(job)
     assert sizes == [1, 2, 4, 8, 16, 32, 64, 64], sizes
+
+
+def test_jobs_that_end_while_the_next_take_is_on_its_way_count_for_the_one_after():
+    """A take's round trip (100 ms on the platform) outlasts short jobs: those of the take
+    before end while it is on its way. They showed what the engine holds, so the take after
+    it may double them; counted from the take's return they would be lost, and every take
+    would ask for one job."""
+    a = admission(max_num_seqs=128)
+    tiny = RequestSize(4, 2, 2)
+    sizes, running = [], []
+    for _ in range(8):
+        free = a.room()
+        sizes.append(free)
+        a.asking()
+        step(a, [], finished=[tiny] * len(running))
+        for job in running:  # the last take's jobs end during this one's round trip
+            a.jobs.results_ended(job)
+            a.jobs.ended(job)
+        a.took(free, free)
+        running = [f"job-{next(_ids)}" for _ in range(free)]
+        for job in running:
+            a.jobs.start(job)
+        step(a, [tiny._replace(generated=0)] * free)
+    assert sizes == sorted(sizes) and sizes[-1] >= 32, sizes
 
 
 def test_without_a_kv_cache_the_engines_counts_decide_and_nothing_divides_by_it(caplog):
@@ -542,3 +569,25 @@ def test_a_fixed_count_is_kept_as_set_and_the_log_says_what_bounds_it(env, limit
         assert not warnings
     else:
         assert any(warned in w for w in warnings), caplog.text
+
+
+@pytest.mark.parametrize("kv_tokens,max_model_len,blind", [
+    (4096, 1024, 3), (4096, 0, 1), (0, 256, 20)])
+def test_after_a_take_that_emptied_the_queue_the_next_fits_jobs_as_long_as_the_context(
+        kv_tokens, max_model_len, blind):
+    """The next take waits for jobs that have not come yet (a long-poll): they are sized by
+    nothing seen, so it asks for no more than the cache holds of jobs as long as the context
+    (95% of 4,096 tokens: 3 of 1,024), one when the context is unknown, and what the ramp
+    allows where there is no KV cache to over-fill. A take that found all it asked for
+    leaves the ramp alone."""
+    a = Admission(EngineCapacity(128, kv_tokens, BLOCK, max_model_len=max_model_len))
+    for i in range(10):
+        a.jobs.start(f"job-{i}")
+    a.asking()
+    for i in range(10):
+        a.jobs.results_ended(f"job-{i}")
+        a.jobs.ended(f"job-{i}")
+    a.took(16, 10)
+    assert a.ramp.most(0) == min(blind, 20)
+    a.took(10, 10)
+    assert a.ramp.most(0) == 20

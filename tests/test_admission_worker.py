@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from processes import FINAL, Endpoint, HealthSampler
+from processes import FINAL, Endpoint
 
 pytestmark = pytest.mark.slow
 
@@ -17,23 +17,9 @@ LONG_PROMPT = "value = compute(item)\n" * 75  # 600 tokens of the demo tokenizer
 
 
 def run_all(ep: Endpoint, inputs: list[dict]) -> tuple[list[dict], list[tuple[int, int]]]:
-    """Submit every job at once; (their final statuses, the /health samples meanwhile)."""
-    sampler = HealthSampler(ep)
-    try:
-        ids = [ep.run(i) for i in inputs]
-        statuses = [ep.wait(job_id, FINAL, timeout=600) for job_id in ids]
-    finally:
-        samples = sampler.stop()
-    assert [s["status"] for s in statuses] == ["COMPLETED"] * len(inputs), statuses
+    """Submit every job at once; (their records, the /health samples meanwhile)."""
+    ids, _, samples = ep.run_all(inputs)
     return [ep.record(job_id) for job_id in ids], samples
-
-
-def preempted_so_far(ep: Endpoint) -> int:
-    """The engine's preemptions until now, read from the record of a one-token job (a check
-    after a load then counts its first wave too)."""
-    job_id = ep.run({"prompt": "x", "sampling_params": {"max_tokens": 1}})
-    assert ep.wait(job_id)["status"] == "COMPLETED"
-    return ep.record(job_id)["engine_preemptions"]
 
 
 def assert_none_preempted(records: list[dict], before: int) -> None:
@@ -84,7 +70,7 @@ def assert_long_jobs_wait_on_the_platform(ep: Endpoint) -> None:
     jobs = [{"prompt": LONG_PROMPT, "sampling_params": {
         "max_tokens": 300, "ignore_eos": True, "temperature": 1.0, "seed": i}}
         for i in range(8)]
-    before = preempted_so_far(ep)
+    before = ep.preempted_so_far()
     records, samples = run_all(ep, jobs)
     assert all(r["prompt_tokens"] == 600 and r["output_tokens"] == 300 for r in records)
     assert max(r["engine_requests_running_max"] for r in records) <= FULL_CONTEXTS + 1, records
@@ -118,7 +104,7 @@ def test_jobs_of_n_requests_are_sized_as_all_of_them(small_cache):
     their requests preempted."""
     jobs = [{"prompt": f"def job_{i}():", "sampling_params": {
         "n": 4, "max_tokens": 300, "ignore_eos": True, "temperature": 1.0}} for i in range(8)]
-    before = preempted_so_far(small_cache)
+    before = small_cache.preempted_so_far()
     records, _ = run_all(small_cache, jobs)
     assert all(r["output_tokens"] == 1200 for r in records), records
     assert max(r["engine_requests_waiting_max"] for r in records) <= 4, records

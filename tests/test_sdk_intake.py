@@ -281,7 +281,7 @@ async def test_while_the_engine_decides_a_take_after_the_queue_emptied_asks_for_
     take at most doubles the jobs held."""
     class Ramping(Admission):  # room for many, whatever runs: only the ramp bounds a take
         def _decide(self) -> Decision:
-            return Decision(min(50, self._ramp(self.jobs.active)), "taking")
+            return Decision(min(50, self.ramp.most(self.jobs.active)), "taking")
 
     admission = Ramping(EngineCapacity(128, 4096, 16))
     platform, jobs = Platform(11), Jobs(seconds=30)

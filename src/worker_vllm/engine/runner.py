@@ -56,10 +56,14 @@ def unmodelled_cache(model_config: Any, kv_tokens: int) -> str | None:
     kind = model_config.attn_type
     if kind != "decoder":
         return f"a {kind.replace('_', '-')} model's KV cache"
+    if model_config.get_sliding_window() is None:
+        return None
     layer_types = set(getattr(model_config.hf_text_config, "layer_types", None) or ())
-    if model_config.get_sliding_window() is not None and len(layer_types) != 1:
+    if len(layer_types) > 1:
         return "several KV-cache groups (sliding-window and full-attention layers)"
-    return None
+    if layer_types <= {"full_attention", "attention"} and layer_types:
+        return None  # a window in the config that no layer uses
+    return "a sliding-window KV cache (a request holds at most its window)"
 
 
 class EngineRunner:
@@ -137,7 +141,8 @@ class EngineRunner:
         scheduler = config.scheduler_config
         return EngineCapacity(scheduler.max_num_seqs, blocks * block, block,
                               scheduler.max_num_batched_tokens,
-                              unmodelled_cache(config.model_config, blocks * block))
+                              unmodelled_cache(config.model_config, blocks * block),
+                              config.model_config.max_model_len)
 
     @property
     def errored(self) -> bool:

@@ -155,8 +155,9 @@ class JobBook:
         # Started jobs whose results ended (their last messages are on their way): they hold
         # nothing in the engine and will not.
         self.tails: set[str] = set()
-        # Jobs that left the engine since the last take that brought jobs.
+        # Jobs that left the engine since the last take was asked for.
         self.ended_since_take = 0
+        self._owners: dict[str, str | None] = {}  # request id -> its job, as found
 
     @property
     def taken(self) -> int:
@@ -180,6 +181,18 @@ class JobBook:
             self.ended_since_take += 1
         self.tails.discard(job_id)
 
+    def jobs_of(self, request_ids: set[str]) -> set[str]:
+        """The started jobs these requests belong to (a request's job is found once and
+        remembered: this runs at engine steps, over every request, in C but for new ones)."""
+        owners = self._owners
+        if len(owners) > 4 * len(self.started) + 1024:
+            owners.clear()
+        for request_id in request_ids - owners.keys():
+            owners[request_id] = self.job_of(request_id)
+        found = set(map(owners.__getitem__, request_ids))
+        found.discard(None)
+        return found & self.started.keys()
+
     def job_of(self, request_id: str) -> str | None:
         """The started job a request id names: the worker's request ids are its job's id,
         `<job>-<line>` for a batch's lines, under vLLM's route prefix (`chatcmpl-<job>`) and
@@ -201,11 +214,10 @@ def size_in_flight(step: int, load: EngineLoad, sizes: RequestSizes, jobs: JobBo
     ids = load.in_flight_ids
     if ids is None:  # one job per request
         return InFlight(step, requests, len(requests.prompt))
-    if ids:
-        sizes.per_job = len(ids) / len(set(ids))
-    named = {jobs.job_of(i) for i in set(ids)}
-    named.discard(None)
-    return InFlight(step, requests, len(named))
+    distinct = set(ids)
+    if distinct:
+        sizes.per_job = len(ids) / len(distinct)
+    return InFlight(step, requests, len(jobs.jobs_of(distinct)))
 
 
 class KvRoom:
@@ -244,6 +256,39 @@ class KvRoom:
         return projection.room(job, pending, self.kv_tokens * self.target(job, ends), per_job)
 
 
+class Ramp:
+    """How many jobs one take may bring: RAMP times what the engine has shown it holds (its
+    jobs and those that ended since the last take was asked for), less what it holds now.
+    After a take that emptied the platform's queue, the next one waits for new jobs (a
+    long-poll) of unknown size, sized by a load they may not resemble: then no more than the
+    cache holds if each were as long as the context (one when that is unknown)."""
+
+    def __init__(self, capacity: EngineCapacity, jobs: JobBook) -> None:
+        self.capacity, self.jobs = capacity, jobs
+        self.queue_emptied = False
+
+    def asking(self) -> None:
+        """A take is asked for: jobs that end from now on count for the next one (many end
+        during its round trip when they are short)."""
+        self.jobs.ended_since_take = 0
+
+    def took(self, asked: int, brought: int) -> None:
+        self.queue_emptied = brought < asked
+
+    def most(self, active: int) -> int:
+        shown = active + self.jobs.ended_since_take
+        most = max(1, RAMP * shown - active)
+        return min(most, self._blind_take()) if self.queue_emptied else most
+
+    def _blind_take(self) -> int:
+        capacity = self.capacity
+        if not capacity.kv_tokens:
+            return capacity.max_num_seqs  # no KV cache to over-fill
+        if not capacity.max_model_len:
+            return 1
+        return max(1, int(capacity.kv_tokens * KV_TARGET // capacity.max_model_len))
+
+
 class Decision(NamedTuple):
     free: int  # jobs to take now
     regime: str  # why: what the intake's log shows
@@ -264,6 +309,7 @@ class Admission:
         self.limit = seqs if cap is None else min(cap, seqs)
         self.limit_reason = "MAX_CONCURRENCY" if self.limit < seqs else "MAX_NUM_SEQS"
         self.jobs = JobBook()
+        self.ramp = Ramp(capacity, self.jobs)
         self.load = EngineLoad()
         self._wake: Callable[[], None] | None = None
         self._armed = False
@@ -271,8 +317,6 @@ class Admission:
         # jobs: a take waits for a step after it, so it never sizes jobs by a load that
         # predates them.
         self._steps = self._steps_at_take = 0
-        # After a take that found fewer jobs than it asked for, the next asks for one.
-        self._queue_emptied = False
         # The requests in flight at the latest step that read them (``wants_sizes``).
         self.sized = InFlight(-1, self.sizes.columns(()), 0)
         self._log = IntakeLog(clock)
@@ -312,12 +356,14 @@ class Admission:
         self._log.regime(decision.regime, lambda: describe(self, decision.regime))
         return decision.free
 
+    def asking(self) -> None:
+        self.ramp.asking()
+
     def took(self, asked: int, brought: int) -> None:
         """A take asked for `asked` jobs and brought `brought`."""
-        self._queue_emptied = brought < asked
+        self.ramp.took(asked, brought)
         if brought:
             self._steps_at_take = self._steps
-            self.jobs.ended_since_take = 0
 
     def _decide(self) -> Decision:
         jobs = self.jobs
@@ -331,7 +377,7 @@ class Admission:
         # A take waits for a step after the last one's jobs were taken.
         if self._steps == self._steps_at_take:
             return Decision(0, "waiting for the engine's next step")
-        most = min(self.limit - jobs.taken, self._ramp(active))
+        most = min(self.limit - jobs.taken, self.ramp.most(active))
         if self.capacity.unmodelled is not None:
             if self.kv.kv_tokens and self.load.kv_usage >= KV_START_LIMIT:
                 return Decision(0, "the KV cache is full")
@@ -353,20 +399,12 @@ class Admission:
         one job, sized by what reaches the engine."""
         if not self.jobs.ended_since_take:
             return Decision(1, "taking")
-        most = min(self.limit - self.jobs.taken, self._ramp(0))
+        most = min(self.limit - self.jobs.taken, self.ramp.most(0))
         job = self.sizes.next_job(self.sizes.columns(()))
         if self.capacity.unmodelled is not None or job is None:
             return Decision(most, "taking")
         fits = self.kv.fits(self.kv.empty(), job, 0, self.sizes.per_job, np.zeros(0))
         return Decision(max(1, min(most, fits)), "taking")
-
-    def _ramp(self, active: int) -> int:
-        """Jobs one take may bring: RAMP times what the engine has shown it holds, less what
-        it holds now; one after a take that emptied the platform's queue."""
-        if self._queue_emptied:
-            return 1
-        shown = active + self.jobs.ended_since_take
-        return max(1, RAMP * shown - active)
 
 def rule(admission: Admission) -> str:
     """The rule in force, for the log."""
@@ -436,6 +474,9 @@ class FixedAdmission:
 
     def room(self) -> int:
         return self.limit - self.jobs.taken
+
+    def asking(self) -> None:
+        pass
 
     def took(self, asked: int, brought: int) -> None:
         pass

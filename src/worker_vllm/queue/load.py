@@ -50,3 +50,5 @@ class EngineCapacity:
     # Why the KV projection cannot model this engine's cache (None: it can): the admission
     # then follows the engine's own counts.
     unmodelled: str | None = None
+    # The longest request the engine takes, prompt and output (0: unknown).
+    max_model_len: int = 0

