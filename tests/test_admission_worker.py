@@ -119,3 +119,15 @@ def test_max_concurrency_caps_the_jobs_taken(tmp_path, demo_model_dir):
         ep.close()
     assert max(p for p, _ in samples) == 3, samples
     assert "up to 3 at once (MAX_CONCURRENCY)" in ep.log.read_text()
+
+
+def test_prompts_sharing_a_long_prefix_run_and_are_not_preempted(small_cache):
+    """Prefix caching (vLLM's default): jobs whose 600-token prompts share all but their last
+    line hold one copy of the shared blocks; the projection counts each prompt whole (more
+    than they hold: fewer jobs at once, never more), so nothing is preempted."""
+    jobs = [{"prompt": LONG_PROMPT + f"job_{i} = {i}\n", "sampling_params": {
+        "max_tokens": 200, "ignore_eos": True, "temperature": 1.0}} for i in range(8)]
+    before = small_cache.preempted_so_far()
+    records, _ = run_all(small_cache, jobs)
+    assert all(r["output_tokens"] == 200 for r in records), records
+    assert_none_preempted(records, before)

@@ -105,8 +105,10 @@ class LoadFeed(StatLoggerBase):
             finished = tuple(RequestSize(r.num_prompt_tokens, r.num_generation_tokens,
                                          r.max_tokens_param or 0)
                              for r in iteration_stats.finished_requests)
-        load = EngineLoad(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                          scheduler_stats.kv_cache_usage, self.preempted, None, finished)
+        load = EngineLoad(running=scheduler_stats.num_running_reqs,
+                          waiting=scheduler_stats.num_waiting_reqs,
+                          kv_usage=scheduler_stats.kv_cache_usage, preempted=self.preempted,
+                          finished=finished)
         if self.loads.wants_sizes(load):
             requests = tuple(self.requests.values())
             load = dataclasses.replace(load, in_flight=tuple(_size(r) for r in requests),
