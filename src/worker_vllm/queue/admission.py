@@ -137,11 +137,13 @@ class Columns(NamedTuple):
 
 
 class InFlight(NamedTuple):
-    """The requests in flight at one engine step, sized, and the jobs they belong to."""
+    """The requests in flight at one engine step, sized, the jobs they belong to, and the
+    next job's request expected from them (None before anything ran)."""
 
     step: int
     requests: Columns
     jobs_in_engine: int  # the worker's started jobs with a request in the engine
+    next_job: Shape | None
 
 
 class JobBook:
@@ -213,11 +215,11 @@ def size_in_flight(step: int, load: EngineLoad, sizes: RequestSizes, jobs: JobBo
     requests = sizes.columns(load.in_flight or ())
     ids = load.in_flight_ids
     if ids is None:  # one job per request
-        return InFlight(step, requests, len(requests.prompt))
+        return InFlight(step, requests, len(requests.prompt), sizes.next_job(requests))
     distinct = set(ids)
     if distinct:
         sizes.per_job = len(ids) / len(distinct)
-    return InFlight(step, requests, len(jobs.jobs_of(distinct)))
+    return InFlight(step, requests, len(jobs.jobs_of(distinct)), sizes.next_job(requests))
 
 
 class KvRoom:
@@ -318,7 +320,7 @@ class Admission:
         # predates them.
         self._steps = self._steps_at_take = 0
         # The requests in flight at the latest step that read them (``wants_sizes``).
-        self.sized = InFlight(-1, self.sizes.columns(()), 0)
+        self.sized = InFlight(-1, self.sizes.columns(()), 0, None)
         self._log = IntakeLog(clock)
 
     def wants_sizes(self, load: EngineLoad) -> bool:
@@ -384,7 +386,7 @@ class Admission:
             return Decision(most, "taking (engine counts)")
         if self.sized.step != self._steps:
             return Decision(0, "waiting for the engine's next step")
-        job = self.sizes.next_job(self.sized.requests)
+        job = self.sized.next_job
         if job is None:
             return Decision(0, "waiting for the first job to reach the engine")
         pending = max(0, active - self.sized.jobs_in_engine)
@@ -427,7 +429,7 @@ def describe(admission: Admission, regime: str) -> str:
     if self.capacity.unmodelled is not None:
         kv = f"KV cache {load.kv_usage:.0%}, " if self.kv.kv_tokens else ""
         return f"{head}{kv}{tail} ({self.capacity.unmodelled})"
-    job = self.sizes.next_job(self.sized.requests)
+    job = self.sized.next_job
     expected = "-" if job is None else \
         f"{self.sizes.per_job:.3g} x {job.held:.0f}+{job.end - job.held:.0f}"
     peak = self.kv.projection(self.sized, load.kv_usage).peak()

@@ -43,40 +43,40 @@ class Projection:
         when it ends (`end`). `held_now`: what the engine reports it holds now (it may hold
         more than the requests show, never less than it reports)."""
         self.block = max(1, block)
-        self.points: list[tuple[int, float]] = [(0, held_now)]
-        if not len(held):
-            return
-        # Steps each request still runs: it is in the cache at steps k < its lifetime.
-        life = np.maximum(1, np.ceil(end - held - 1e-6))
-        if len(np.unique(life)) > MAX_POINTS:
-            grid = math.ceil(float(life.max()) / MAX_POINTS)
-            life = np.ceil(life / grid) * grid
-        steps = np.unique(np.concatenate(([1.0], life))) - 1  # just before each end
-        alive = life[:, None] > steps[None, :]
-        tokens = np.ceil((held[:, None] + steps[None, :]) / self.block - 1e-9) * self.block
-        totals = (tokens * alive).sum(axis=0)
-        totals[0] = max(totals[0], held_now)
-        self.points = [(int(k), float(t)) for k, t in zip(steps, totals, strict=True)]
+        # The points as columns: steps from now, and the tokens held then.
+        self.steps, self.totals = np.zeros(1), np.array([float(held_now)])
+        if len(held):
+            # Steps each request still runs: it is in the cache at steps k < its lifetime.
+            life = np.maximum(1, np.ceil(end - held - 1e-6))
+            if len(np.unique(life)) > MAX_POINTS:
+                grid = math.ceil(float(life.max()) / MAX_POINTS)
+                life = np.ceil(life / grid) * grid
+            steps = np.unique(np.concatenate(([1.0], life))) - 1  # just before each end
+            alive = life[:, None] > steps[None, :]
+            tokens = np.ceil((held[:, None] + steps[None, :]) / self.block - 1e-9) * self.block
+            totals = (tokens * alive).sum(axis=0)
+            totals[0] = max(totals[0], held_now)
+            self.steps, self.totals = steps, totals
+        # For ``room``: one more point, once every request ended (nothing held, for ever).
+        self._steps_then = np.append(self.steps, np.inf)
+        self._totals_then = np.append(self.totals, 0.0)
+
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        """(steps from now, tokens held then), at the steps where that can peak."""
+        return [(int(k), float(t)) for k, t in zip(self.steps, self.totals, strict=True)]
 
     def room(self, job: Shape, pending: int, budget: float, requests: float = 1.0) -> int:
         """Jobs of `requests` requests of `job`'s shape each (a prompt held at once, then
         growing by a token per step up to its end) that can start now, beside `pending` such
         jobs that started and the requests in flight, without the cache ever holding more than
-        `budget` tokens."""
-        def jobs(budget: float, tokens: float) -> int:
-            return self._jobs(budget, requests * self.blocks(tokens)) - pending
-
-        fits = jobs(budget, job.end)  # once all others ended
-        for k, held in self.points:
-            fits = min(fits, jobs(budget - held, min(job.end, job.held + k)))
-        return max(0, fits)
+        `budget` tokens (one numpy pass over the points)."""
+        tokens = np.minimum(job.end, job.held + self._steps_then)
+        per_job = requests * np.maximum(1, np.ceil(tokens / self.block - 1e-9)) * self.block
+        left = budget - self._totals_then
+        if left.min() <= 0:
+            return 0
+        return max(0, int((left // per_job).min()) - pending)
 
     def peak(self) -> float:
-        return max(t for _, t in self.points)
-
-    def blocks(self, tokens: float) -> int:
-        return max(1, math.ceil(tokens / self.block - 1e-9)) * self.block
-
-    @staticmethod
-    def _jobs(budget: float, per_job: float) -> int:
-        return int(budget // per_job) if budget > 0 else 0
+        return float(self.totals.max())
