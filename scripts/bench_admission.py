@@ -234,8 +234,8 @@ def intake_cost_rows(smoke: bool) -> list[dict[str, Any]]:
     (``Admission.observe`` of an intake waiting for room, which does all of it at every step).
     Requests of 8 + 128 tokens at every age, in a cache that they fill: the best of 5 runs of
     300 steps."""
+    from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
     from worker_vllm.queue.admission import Admission
-    from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
 
     rows = []
     for n in (32,) if smoke else (32, 256, 1024):

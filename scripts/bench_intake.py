@@ -1,9 +1,10 @@
 """Jobs per worker beyond the demo decoder, for scripts/benchmark.py --admission (tables D and E).
 
-Table D, a pooling load: 512 embedding jobs (all-MiniLM-L6-v2, encoder-only: no KV cache in
-vLLM) at c64 through the platform stand-in with a 100 ms job-take round trip, the engine
-deciding (MAX_CONCURRENCY unset) against a fixed 64 (JOB_ADMISSION=fixed MAX_CONCURRENCY=64):
-jobs/s, each path in turn, `rounds` times (the ratio: the median of the rounds' ratios).
+Table D, jobs shorter than a round trip: 512 embedding jobs (all-MiniLM-L6-v2, encoder-only:
+no KV cache in vLLM) and 512 native jobs of 2 tokens (the demo model) at c64 through the
+platform stand-in with a 100 ms job-take round trip, the engine deciding (MAX_CONCURRENCY
+unset) against a fixed 64 (JOB_ADMISSION=fixed MAX_CONCURRENCY=64): jobs/s, each path in
+turn, `rounds` times (the ratio: the median of the rounds' ratios).
 
 Table E, the ramp: an idle worker (the demo model, the engine deciding) and a full queue of
 long jobs, the same 100 ms round trip: the job-takes that brought jobs until N jobs were
@@ -53,18 +54,29 @@ async def _run_jobs(platform: fp.Platform, bodies: list[dict[str, Any]],
         return time.monotonic() - started
 
 
-def pooling_rows(run_dir: Path, smoke: bool, rounds: int = 3) -> list[dict[str, Any]]:
+def fast_rows(run_dir: Path, smoke: bool, rounds: int = 3) -> list[dict[str, Any]]:
+    """Table D: jobs shorter than a job-take round trip, on two models."""
     jobs, concurrency = (32, 8) if smoke else (512, 64)
-    bodies = [{"input": {"openai_route": "/v1/embeddings", "openai_input": {
+    embed = [{"input": {"openai_route": "/v1/embeddings", "openai_input": {
         "model": "minilm", "input": f"sentence number {i} of the load"}}} for i in range(jobs)]
+    tiny = [{"input": {"prompt": "Hi there", "sampling_params": {
+        "max_tokens": 2, "ignore_eos": True}}} for _ in range(jobs)]
+    return (_fast_rows(run_dir, "embeddings (MiniLM)", embed, concurrency, rounds, smoke,
+                       MODEL_NAME=_minilm(), **EMBEDDING_ENV)
+            + _fast_rows(run_dir, "2-token completions (demo)", tiny, concurrency, rounds,
+                         smoke))
+
+
+def _fast_rows(run_dir: Path, load: str, bodies: list[dict[str, Any]], concurrency: int,
+               rounds: int, smoke: bool, **env: str) -> list[dict[str, Any]]:
     configs = [("engine decides", None, "engine"), (f"fixed {concurrency}", concurrency,
                                                      "fixed")]
     rates: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
         platforms = {}
         for label, cap, rule in configs:
-            platform = fp.Platform(0.0, run_dir / f"pooling-{rule}.log", concurrency=cap,
-                                   MODEL_NAME=_minilm(), JOB_ADMISSION=rule, **EMBEDDING_ENV)
+            log = run_dir / f"fast-{load.split()[0]}-{rule}.log"
+            platform = fp.Platform(0.0, log, concurrency=cap, JOB_ADMISSION=rule, **env)
             stack.callback(platform.close)
             platform.endpoint.take_delay = ROUND_TRIP_S
             asyncio.run(_run_jobs(platform, bodies[:concurrency], concurrency))  # warm-up
@@ -72,9 +84,10 @@ def pooling_rows(run_dir: Path, smoke: bool, rounds: int = 3) -> list[dict[str, 
         for _ in range(1 if smoke else rounds):
             for label, platform in platforms.items():
                 wall = asyncio.run(_run_jobs(platform, bodies, concurrency))
-                rates.setdefault(label, []).append(jobs / wall)
+                rates.setdefault(label, []).append(len(bodies) / wall)
     fixed = rates[configs[1][0]]
-    return [{"path": label, "jobs": jobs, "c": concurrency, "jobs_s": statistics.median(r),
+    return [{"load": load, "path": label, "jobs": len(bodies), "c": concurrency,
+             "jobs_s": statistics.median(r), "all": r,
              "vs_fixed": statistics.median(a / b for a, b in zip(r, fixed, strict=True))}
             for label, r in rates.items()]
 
@@ -120,18 +133,22 @@ def _ramp_row(run_dir: Path, n: int) -> dict[str, Any]:
             "sizes": [k for _, k in takes[:count]]}
 
 
-def print_tables(pooling: list[dict[str, Any]], ramp: list[dict[str, Any]]) -> None:
-    if pooling:
-        print(f"\nD. Pooling load: embedding jobs (all-MiniLM-L6-v2, no KV cache), "
-              f"{ROUND_TRIP_S * 1000:.0f} ms job-take round trip\n")
-        print(f"{'path':<16} {'jobs':>5} {'c':>4} {'jobs/s':>8} {'x fixed':>8}")
-        for r in pooling:
-            print(f"{r['path']:<16} {r['jobs']:>5} {r['c']:>4} {r['jobs_s']:>8.1f} "
-                  f"{r['vs_fixed']:>8.2f}")
+def print_tables(fast: list[dict[str, Any]], ramp: list[dict[str, Any]]) -> None:
+    if fast:
+        print(f"\nD. Jobs shorter than a round trip, {ROUND_TRIP_S * 1000:.0f} ms job-take "
+              f"round trip (jobs/s: the rounds' median, each round's in brackets; x fixed: the "
+              f"median of the rounds' ratios)\n")
+        print("| load | path | jobs | c | jobs/s | x fixed |")
+        print("|---|---|---|---|---|---|")
+        for r in fast:
+            each = " ".join(f"{v:.0f}" for v in r["all"])
+            print(f"| {r['load']} | {r['path']} | {r['jobs']} | {r['c']} | "
+                  f"{r['jobs_s']:.1f} ({each}) | {r['vs_fixed']:.2f} |")
     if ramp:
         print(f"\nE. The ramp: an idle worker, a full queue, {ROUND_TRIP_S * 1000:.0f} ms "
               f"job-take round trip (the demo model, the engine deciding)\n")
-        print(f"{'N jobs':>6} {'takes':>6} {'target':>7} {'seconds':>8}  take sizes")
+        print("| N jobs | takes | target log2(N) + 1 | seconds | take sizes |")
+        print("|---|---|---|---|---|")
         for r in ramp:
             secs = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
-            print(f"{r['n']:>6} {r['takes']:>6} {r['target']:>7.0f} {secs:>8}  {r['sizes']}")
+            print(f"| {r['n']} | {r['takes']} | {r['target']:.0f} | {secs} | {r['sizes']} |")

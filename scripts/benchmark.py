@@ -303,9 +303,9 @@ def main() -> None:
                              "load-balancing endpoint (direct HTTP)")
     parser.add_argument("--admission", action="store_true",
                         help="only the jobs-per-worker tables (scripts/bench_admission.py)")
-    parser.add_argument("--loads", default="short,mixed,long,pooling,ramp",
+    parser.add_argument("--loads", default="short,mixed,long,fast,ramp",
                         help="--admission: table A's loads (short, mixed, long), table D "
-                             "(pooling) and table E (ramp)")
+                             "(fast: jobs shorter than a round trip) and table E (ramp)")
     parser.add_argument("--no-first-message", action="store_true",
                         help="--admission: table A only")
     parser.add_argument("--batch", action="store_true",
@@ -333,8 +333,8 @@ def main() -> None:
             run_dir, args.smoke)
         bench_admission.print_tables(kv, first, bench_admission.intake_cost_rows(args.smoke))
         bench_intake.print_tables(
-            bench_intake.pooling_rows(run_dir, args.smoke, args.repeat)
-            if "pooling" in kinds else [],
+            bench_intake.fast_rows(run_dir, args.smoke, args.repeat)
+            if "fast" in kinds else [],
             bench_intake.ramp_rows(run_dir, args.smoke) if "ramp" in kinds else [])
         return
     if args.smoke:

@@ -22,6 +22,7 @@ if (( stress )); then
     pids+=($!)
   done
   trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+  export WORKER_VLLM_TEST_STRESS=1  # tests that allow for a busy machine read it
   echo "Stress: CPU-bound processes ${pids[*]} beside the tests" >&2
 fi
 .venv/bin/python -m pytest -n "${TEST_PROCESSES:-2}" --dist loadscope "$@"

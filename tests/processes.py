@@ -21,6 +21,9 @@ import requests
 from conftest import ROOT, worker_env
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+# scripts/test.sh --stress runs CPU-bound processes beside the tests (and says so here).
+STRESSED = os.environ.get("WORKER_VLLM_TEST_STRESS") == "1"
+LATE_PINGS: tuple[type[Exception], ...] = (requests.Timeout,) if STRESSED else ()
 
 
 def free_port() -> int:
@@ -283,8 +286,10 @@ class LBWorker:
         deadline = time.time() + timeout
         while True:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            # A ping unanswered within its 10 s (a start-up on a busy machine) is "not yet".
-            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
+            # A ping unanswered within its 10 s is "not yet" on a machine made busy on purpose
+            # (scripts/test.sh --stress); elsewhere it fails: /ping must answer while the
+            # engine starts.
+            with contextlib.suppress(requests.ConnectionError, *LATE_PINGS):
                 if (response := self.ping()).status_code == status:
                     return response
             assert time.time() < deadline, (self.pings, self.log.read_text()[-3000:])

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.admission import Admission, describe, rule
-from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.projection import Shape
 from worker_vllm.queue.tuning import KV_TARGET, KV_TARGET_SHORT, SHORT_JOB_SHARE
 

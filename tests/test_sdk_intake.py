@@ -20,8 +20,8 @@ from runpod.serverless import worker as sdk_worker
 from runpod.serverless.modules import rp_job, rp_scale
 from runpod.serverless.modules.worker_state import Job, JobsProgress
 
+from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.admission import Admission, Decision, FixedAdmission
-from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.sdk.intake import EventIntake, IntakeGate
 from worker_vllm.queue.sdk.job_state import JobIds, use_private_job_state
 

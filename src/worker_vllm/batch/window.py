@@ -15,7 +15,7 @@ always runs.
 
 from __future__ import annotations
 
-from worker_vllm.queue.load import EngineLoad
+from worker_vllm.engine_state import EngineLoad
 from worker_vllm.queue.tuning import KV_START_LIMIT
 
 

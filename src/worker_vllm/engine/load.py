@@ -1,4 +1,4 @@
-"""The engine's load after each step (``worker_vllm.queue.load``), from vLLM's own bookkeeping.
+"""The engine's load after each step (``worker_vllm.engine_state``), from vLLM's own bookkeeping.
 
 ``AsyncLLM`` hands every step's ``SchedulerStats`` (running and waiting requests, KV-cache
 usage) and ``IterationStats`` (finished requests, preemptions) to its stat loggers; ``LoadFeed``
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from worker_vllm.queue.load import EngineLoad, RequestSize
+from worker_vllm.engine_state import EngineLoad, RequestSize
 
 
 @dataclass(eq=False)  # hashable by identity: the runner keeps a set of them

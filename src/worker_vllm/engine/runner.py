@@ -17,8 +17,8 @@ from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 from worker_vllm.engine.load import EngineLoads, LoadFeed
 from worker_vllm.engine.outputs import Step, plain_step
 from worker_vllm.engine.watchdog import watch
+from worker_vllm.engine_state import EngineCapacity
 from worker_vllm.loop_thread import LoopThread
-from worker_vllm.queue.load import EngineCapacity
 
 log = logging.getLogger(__name__)
 

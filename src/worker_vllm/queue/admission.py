@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from worker_vllm.queue.load import EngineCapacity, EngineLoad, RequestSize
+from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.projection import Projection, Shape
 from worker_vllm.queue.tuning import (
     BUSY_LOG_S,
