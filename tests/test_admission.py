@@ -350,6 +350,12 @@ def test_without_a_kv_cache_the_engines_counts_decide_and_nothing_divides_by_it(
         assert room(a, 4) == 0
         describe(a, "taking")
     assert not a.wants_sizes(EngineLoad(running=1))  # no projection: nothing to size
+    # Nothing to over-fill: the next take need not wait for a step to show the last one's
+    # jobs (its round trip overlaps their work); with a KV cache it does.
+    for kv_tokens, after_a_take in ((0, 1), (KV_TOKENS, 0)):
+        b = Admission(EngineCapacity(128, kv_tokens, 16, unmodelled="not modelled"))
+        assert room(b, 0) == 1
+        assert room(b, 1) == after_a_take
     assert "no KV cache" in caplog.text
     assert "no KV cache" in rule(a) and "engine's counts decide" in rule(a)
 

@@ -193,7 +193,8 @@ class JobBook:
             owners[request_id] = self.job_of(request_id)
         found = set(map(owners.__getitem__, request_ids))
         found.discard(None)
-        return found & self.started.keys()
+        # Membership, not a pass over ``started``: the intake's thread changes it meanwhile.
+        return {job for job in found if job in self.started}
 
     def job_of(self, request_id: str) -> str | None:
         """The started job a request id names: the worker's request ids are its job's id,
@@ -376,8 +377,10 @@ class Admission:
             return self._idle()
         if self.load.waiting > 0:
             return Decision(0, "requests wait in the engine")
-        # A take waits for a step after the last one's jobs were taken.
-        if self._steps == self._steps_at_take:
+        # A take waits for a step after the last one's jobs were taken (without a KV cache
+        # nothing can over-fill: requests waiting in the engine stop the intake, the ramp
+        # bounds each take, and the next take's round trip overlaps these jobs' work).
+        if self._steps == self._steps_at_take and self.kv.kv_tokens:
             return Decision(0, "waiting for the engine's next step")
         most = min(self.limit - jobs.taken, self.ramp.most(active))
         if self.capacity.unmodelled is not None:
