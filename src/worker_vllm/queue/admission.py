@@ -348,10 +348,11 @@ class Admission:
         """`wake` (thread-safe) is called once room opens after ``arm``."""
         self._wake = wake
 
-    def arm(self) -> None:
-        """The intake found no room and waits: the next step that opens room wakes it. Armed
-        before it asks, so a step seen meanwhile is not missed."""
-        self._armed = True
+    def arm(self, armed: bool = True) -> None:
+        """The intake may find no room and wait: the next step that opens room wakes it. Armed
+        before it asks, so a step seen meanwhile is not missed; disarmed when it found room
+        (the steps during its take then decide nothing)."""
+        self._armed = armed
 
     def room(self) -> int:
         """Jobs to take now (a question: it changes nothing but the log)."""
@@ -410,6 +411,7 @@ class Admission:
             return Decision(most, "taking")
         fits = self.kv.fits(self.kv.empty(), job, 0, self.sizes.per_job, np.zeros(0))
         return Decision(max(1, min(most, fits)), "taking")
+
 
 def rule(admission: Admission) -> str:
     """The rule in force, for the log."""
@@ -474,7 +476,7 @@ class FixedAdmission:
     def wake_when_room(self, wake: Callable[[], None]) -> None:
         pass  # only a job's end frees room, and the intake hears of that itself
 
-    def arm(self) -> None:
+    def arm(self, armed: bool = True) -> None:
         pass
 
     def room(self) -> int:

@@ -131,6 +131,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             if free <= 0:
                 await self._changed.wait()
                 continue
+            self.admission.arm(False)
             self.admission.asking()
             self._taking = asyncio.ensure_future(_take(
                 self.jobs_fetcher, session, free, self.jobs_fetcher_timeout,
