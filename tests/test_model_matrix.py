@@ -2,8 +2,9 @@
 the SDK in production mode, MAX_CONCURRENCY unset (the engine decides how many jobs the worker
 takes). all-MiniLM-L6-v2 is encoder-only (no KV cache in vLLM); the sliding-window model keeps
 two KV-cache groups (sliding-window and full-attention layers). Neither is modelled by the KV
-projection: the engine's counts decide, and the worker says so. The demo decoder's own
-matrix (long, short, n > 1, failed and cancelled jobs) is tests/test_admission_worker.py."""
+projection: the engine's counts decide, and the worker says so. The demo decoder with a LoRA
+adapter is projected as usual. The demo decoder's own matrix (long, short, n > 1, failed and
+cancelled jobs, a shared prefix) is tests/test_admission_worker.py."""
 
 from __future__ import annotations
 
@@ -85,3 +86,34 @@ def test_a_sliding_window_models_jobs_complete_and_are_not_preempted(sliding):
                for i, s in enumerate(statuses[:12]))
     assert_served_without_a_restart(sliding, "several KV-cache groups")
     assert sliding.preempted_so_far() == before
+
+
+@pytest.fixture(scope="module")
+def with_lora(tmp_path_factory, demo_model_dir, lora_dir):
+    import json
+
+    from conftest import LORA_NAME
+
+    ep = Endpoint(tmp_path_factory.mktemp("lora"), LORA_MODULES=json.dumps(
+        [{"name": LORA_NAME, "path": str(lora_dir)}]), MAX_MODEL_LEN="1024",
+        KV_CACHE_MEMORY_BYTES=str(4 * 1024 * 1024))
+    yield ep, LORA_NAME
+    ep.close()
+
+
+def test_lora_and_base_model_jobs_complete_side_by_side(with_lora):
+    """The demo decoder with a LoRA adapter, MAX_CONCURRENCY unset: jobs on the adapter
+    (native and OpenAI) beside jobs on the base model, all at once, in a cache that holds them:
+    every job completes with its tokens, nothing is preempted (read before and after)."""
+    ep, lora = with_lora
+    before = ep.preempted_so_far()
+    native = [{"prompt": f"def job_{i}():", **({"model": lora} if i % 2 else {}),
+               "sampling_params": {"max_tokens": 64, "ignore_eos": True, "temperature": 1.0}}
+              for i in range(8)]
+    chat = [{"openai_route": "/v1/chat/completions", "openai_input": {
+        "model": lora, "messages": [{"role": "user", "content": f"job {i}"}],
+        "max_tokens": 32, "ignore_eos": True}} for i in range(4)]
+    _, statuses, _ = ep.run_all(native + chat, timeout=300)
+    assert all(s["output"][0]["usage"]["output"] == 64 for s in statuses[:8]), statuses
+    assert all(s["output"][0]["model"] == lora for s in statuses[8:]), statuses
+    assert ep.preempted_so_far() == before
