@@ -43,7 +43,7 @@ def test_benchmark_smoke_runs_the_jobs_per_worker_tables():
     assert "| worker, native, MAX_CONCURRENCY unset | 2 |" in out, out
     assert any(line.startswith("| 32 | ") for line in out.splitlines()), out  # table C
     assert "| embeddings (MiniLM) | engine decides |" in out, out  # table D
-    assert "| 2-token completions (demo) | fixed 8 |" in out, out
+    assert "| embeddings (MiniLM) | fixed 8 |" in out, out
     assert "E. The ramp" in out, out
 
 
