@@ -77,7 +77,9 @@ class RequestSizes:
         self.shares: deque[float] = deque(maxlen=HISTORY)  # generated / max_tokens
         self.share = 1.0  # their mean: all of max_tokens before any request finished
         self._by_size: dict[int, deque[float]] = {}  # the same, by log2(max_tokens)
-        self._table = np.ones(SIZE_CLASSES)  # share by log2(max_tokens), for numpy lookups
+        # Share by log2(max_tokens) for numpy lookups, where a finished request showed it.
+        self._table = np.ones(SIZE_CLASSES)
+        self._known = np.zeros(SIZE_CLASSES, dtype=bool)
         # The recent requests' prompt and final tokens, weighted towards the latest.
         self.recent: Shape | None = None
         # Requests per job (n > 1: n children), as last seen in the engine.
@@ -88,11 +90,10 @@ class RequestSizes:
             share = min(1.0, r.generated / r.max_tokens)
             self.shares.append(share)
             self.share = sum(self.shares) / len(self.shares)
-            size = self._by_size.setdefault(_size_class(r.max_tokens), deque(maxlen=HISTORY))
+            k = _size_class(r.max_tokens)
+            size = self._by_size.setdefault(k, deque(maxlen=HISTORY))
             size.append(share)
-            self._table[:] = self.share
-            for k, shares in self._by_size.items():
-                self._table[k] = sum(shares) / len(shares)
+            self._table[k], self._known[k] = sum(size) / len(size), True
         done = Shape(float(r.prompt), float(r.prompt + r.generated))
         self.recent = done if self.recent is None else Shape(
             *(RECENT_WEIGHT * new + (1 - RECENT_WEIGHT) * old
@@ -107,7 +108,8 @@ class RequestSizes:
                             count=3 * len(in_flight)).reshape(-1, 3)
         prompt, generated, max_tokens = sizes.T
         classes = np.log2(np.maximum(max_tokens, 1)).astype(np.int64)
-        expected = self._table[np.minimum(classes, SIZE_CLASSES - 1)] * max_tokens
+        classes = np.minimum(classes, SIZE_CLASSES - 1)
+        expected = np.where(self._known[classes], self._table[classes], self.share) * max_tokens
         end = np.where(generated < expected, expected, (generated + max_tokens) / 2)
         return Columns(prompt, prompt + generated, prompt + np.maximum(generated, end))
 
