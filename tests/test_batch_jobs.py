@@ -162,3 +162,38 @@ async def test_stopping_a_batch_aborts_every_line_at_once(worker):
             time.monotonic() - stopped < 1.0:
         await asyncio.sleep(0.02)
     assert running == 0
+
+
+async def test_more_failed_lines_than_max_failed_lines_fail_the_batch(worker):
+    good = [completion(f"ok{i}", "z", max_tokens=2) for i in range(3)]
+    bad = completion("bad", "z", model="not-served")
+    # Within the limit: the batch completes with its error line.
+    (output,) = await collect(worker, {"batch": [*good, bad], "max_failed_lines": 1})
+    assert output["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    # Over it, streamed: the failed line reaches the client, then the job fails naming it.
+    lines = [completion(f"long{i}", "a", max_tokens=300, ignore_eos=True) for i in range(2)]
+    out = await collect(worker, {"batch": [bad, *lines], "stream": True,
+                                 "max_failed_lines": 0})
+    *streamed, end = out
+    assert [line["custom_id"] for m in streamed for line in m["lines"]] == ["bad"]
+    error = end["error"]
+    assert (error["code"], error["param"]) == (422, "max_failed_lines")
+    assert "'bad'" in error["message"] and "404" in error["message"]
+    # The long lines were stopped, not run to their end.
+    stopped = time.monotonic()
+    while await worker.runner.num_unfinished_requests() and time.monotonic() - stopped < 5:
+        await asyncio.sleep(0.02)
+    assert await worker.runner.num_unfinished_requests() == 0
+    (failed,) = await collect(worker, {"batch": [bad, *good], "max_failed_lines": 0})
+    assert failed["error"]["type"] == "batch_lines_failed"
+
+
+async def test_the_hubs_batch_test_fails_when_its_lines_fail(worker):
+    """The Hub judges a test by the job's status: its batch test, sent as written to a
+    worker that serves another model (every line 404), must fail."""
+    from conftest import ROOT
+
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text())["tests"]
+    (hub,) = [t["input"] for t in tests if t["name"] == "batch"]
+    *_, end = await collect(worker, hub)
+    assert end["error"]["type"] == "batch_lines_failed", end

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker_vllm.batch.window import KV_START_LIMIT, LineWindow
 from worker_vllm.engine.load import EngineLoad
+from worker_vllm.jobs.batch.window import KV_START_LIMIT, LineWindow
 
 
 def test_one_line_always_runs_then_the_lines_at_most_double_the_engines_requests():

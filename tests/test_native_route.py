@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import collect
 
-from worker_vllm.jobs.batching import batched
 from worker_vllm.jobs.dispatch import JobHandler
+from worker_vllm.jobs.flush import chunked
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ async def test_streamed_200_tokens_arrive_in_growing_batches(worker):
 
 async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker):
     """Time bound, measured on the real engine stream with the worker's default policy."""
-    from worker_vllm.jobs.dispatch import batch_policy
+    from worker_vllm.jobs.dispatch import flush_policy
     from worker_vllm.jobs.native import tokenize_prompt
     from worker_vllm.jobs.shapes import NativeInput
     from worker_vllm.jobs.validate import build_sampling_params
@@ -114,11 +114,11 @@ async def test_streamed_batches_never_wait_longer_than_the_flush_interval(worker
     inp = NativeInput(prompt="while True:", stream=True,
                       sampling_params={"temperature": 1.0, "seed": 9, "max_tokens": 200,
                                        "ignore_eos": True})
-    policy = batch_policy(worker.settings, inp)
+    policy = flush_policy(worker.settings, inp)
     params = build_sampling_params(inp)
     ids = tokenize_prompt(worker.runner, inp, params.max_tokens)
     stream = worker.runner.generate({"prompt_token_ids": ids}, params, "time-bound")
-    batches = [b async for b in batched(stream, policy)]
+    batches = [b async for b in chunked(stream, policy)]
     sizes = [len(b.items) for b in batches]
     # Items are vLLM's deltas: one token each, unless vLLM merged the deltas of a consumer
     # that fell behind (seen on a busy machine), so the tokens are counted, not the deltas.

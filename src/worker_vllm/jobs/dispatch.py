@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from worker_vllm.batch.job import run_batch
 from worker_vllm.config.settings import WorkerSettings
 from worker_vllm.engine import (
     EngineDeadError,
@@ -19,11 +18,12 @@ from worker_vllm.engine import (
     sampling_param_names,
 )
 from worker_vllm.errors import EngineUnavailable, InvalidInput, WorkerError, error_result
-from worker_vllm.jobs.batching import BatchPolicy, batch_waits
+from worker_vllm.jobs.batch.job import run_batch
+from worker_vllm.jobs.flush import FlushPolicy, flush_waits
 from worker_vllm.jobs.native import run_native
 from worker_vllm.jobs.shapes import (
     BatchInput,
-    BatchOverrides,
+    FlushOverrides,
     NativeInput,
     OpenAIInput,
     RouteInput,
@@ -36,8 +36,8 @@ from worker_vllm.logs import job_id_var
 log = logging.getLogger(__name__)
 
 
-def batch_policy(settings: WorkerSettings, overrides: BatchOverrides) -> BatchPolicy:
-    return BatchPolicy(
+def flush_policy(settings: WorkerSettings, overrides: FlushOverrides) -> FlushPolicy:
+    return FlushPolicy(
         max_size=overrides.max_batch_size or settings.default_batch_size,
         min_size=overrides.min_batch_size or settings.default_min_batch_size,
         growth=overrides.batch_size_growth_factor or settings.default_batch_size_growth_factor,
@@ -70,7 +70,7 @@ def _close_if_abandoned(results: Any) -> None:
 
 
 def app_job(app: VLLMApp | None, inp: OpenAIInput | RouteInput | BatchInput,
-            settings: WorkerSettings, policy: BatchPolicy, job_id: str, summary: JobSummary
+            settings: WorkerSettings, policy: FlushPolicy, job_id: str, summary: JobSummary
             ) -> AsyncIterator[Any]:
     """The results of a job that vLLM's app answers: a route, or a batch of them."""
     if app is None:
@@ -110,7 +110,7 @@ class JobHandler:
         job_id = str(job.get("id") or "local")
         job_id_var.set(job_id)
         summary = JobSummary()
-        batch_waits.set(summary.batch_waits)
+        flush_waits.set(summary.flush_waits)
         results = self._tracked(job_id, job.get("input"), summary)
         owner = asyncio.current_task()
         if owner is not None:
@@ -152,7 +152,7 @@ class JobHandler:
 
     def _route(self, job: ValidJob, job_id: str, summary: JobSummary) -> AsyncIterator[Any]:
         inp = job.input
-        policy = batch_policy(self.settings, inp)
+        policy = flush_policy(self.settings, inp)
         if not isinstance(inp, NativeInput):
             return app_job(self.app, inp, self.settings, policy, job_id, summary)
         summary.route = "native" + ("/stream" if inp.stream else "")

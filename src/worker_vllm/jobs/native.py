@@ -13,7 +13,7 @@ from typing import Any
 
 from worker_vllm.engine import EngineRunner, Step
 from worker_vllm.errors import InvalidInput
-from worker_vllm.jobs.batching import BatchPolicy, batched
+from worker_vllm.jobs.flush import FlushPolicy, chunked
 from worker_vllm.jobs.shapes import NativeInput
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ async def run_native(
     inp: NativeInput,
     params: Any,
     request_id: str,
-    policy: BatchPolicy,
+    policy: FlushPolicy,
     lora_request: Any = None,
     chat_template: str | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
@@ -151,7 +151,7 @@ async def run_native(
         usage["output"] = choices.output_tokens
         yield choices.result(result, usage)
         return
-    async with contextlib.aclosing(batched(outputs, policy, weigh=output_weight)) as batches:
+    async with contextlib.aclosing(chunked(outputs, policy, weigh=output_weight)) as batches:
         async for batch in batches:
             result = choices.take(batch.items)
             usage["output"] = choices.output_tokens

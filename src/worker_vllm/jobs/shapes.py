@@ -18,7 +18,7 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class BatchOverrides(BaseModel):
+class FlushOverrides(BaseModel):
     """Per-job stream batching overrides (names kept from the reference worker)."""
 
     model_config = ConfigDict(strict=True)
@@ -28,7 +28,7 @@ class BatchOverrides(BaseModel):
     batch_size_growth_factor: float | None = Field(None, ge=1)
 
 
-class NativeInput(BatchOverrides):
+class NativeInput(FlushOverrides):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str | None = None
@@ -54,7 +54,7 @@ class NativeInput(BatchOverrides):
         return None
 
 
-class RouteInput(BatchOverrides):
+class RouteInput(FlushOverrides):
     """Any allowed route of `vllm serve` (worker-vllm's `route` jobs)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -64,14 +64,14 @@ class RouteInput(BatchOverrides):
     method: Literal["GET", "POST", "DELETE"] | None = None
 
 
-class OpenAIInput(BatchOverrides):
+class OpenAIInput(FlushOverrides):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     openai_route: str
     openai_input: dict[str, Any] | None = None
 
 
-class BatchInput(BatchOverrides):
+class BatchInput(FlushOverrides):
     """Many requests in one job: OpenAI Batch API request lines, as a list or as the text of
     a `.jsonl` file. Each line is checked when it runs (a bad line is an error line)."""
 
@@ -80,6 +80,8 @@ class BatchInput(BatchOverrides):
     batch: list[Any] | None = None
     batch_jsonl: str | None = None
     stream: bool = False
+    # More failed lines than this fail the job (None: a batch fails only on its input).
+    max_failed_lines: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> BatchInput:

@@ -21,7 +21,7 @@ class JobSummary:
     started: float = field(default_factory=time.monotonic)
     first_output: float | None = None
     # How long the oldest delta of each streamed message waited for it (set by batching).
-    batch_waits: list[float] = field(default_factory=list)
+    flush_waits: list[float] = field(default_factory=list)
     # The engine's own count of unfinished requests once the job's own request has ended.
     engine_requests_running: int | None = None
     # The engine as the job ended (after its latest step): requests waiting in its scheduler,
@@ -54,10 +54,10 @@ class JobSummary:
                 if self.first_output is not None else "-")
         rate = (f"{self.output_tokens / elapsed:.1f}"
                 if self.output_tokens and elapsed > 0 else "-")
-        waits = sorted(self.batch_waits)
+        waits = sorted(self.flush_waits)
         staleness = f"{waits[int(0.95 * (len(waits) - 1))] * 1000:.0f}ms" if waits else "-"
         # The last message's oldest delta: bounds how long the stream's end waited for it.
-        last = f"{self.batch_waits[-1] * 1000:.0f}ms" if self.batch_waits else "-"
+        last = f"{self.flush_waits[-1] * 1000:.0f}ms" if self.flush_waits else "-"
         log.info("job done: route=%s outcome=%s prompt_tokens=%s output_tokens=%s ttft=%s "
                  "tok/s=%s yields=%d staleness_p95=%s last_wait=%s time=%.2fs", self.route,
                  outcome, _or_dash(self.prompt_tokens), _or_dash(self.output_tokens), ttft,

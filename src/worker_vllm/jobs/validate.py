@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from worker_vllm.batch.lines import line_count
 from worker_vllm.config.settings import WorkerSettings
 from worker_vllm.engine import VLLMClientError, make_sampling_params
 from worker_vllm.errors import InvalidInput
+from worker_vllm.jobs.batch.lines import line_count
 from worker_vllm.jobs.limits import check_counts, check_openai_body, check_size
 from worker_vllm.jobs.shapes import (
     BatchInput,

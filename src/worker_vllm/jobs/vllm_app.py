@@ -15,7 +15,7 @@ from typing import Any
 
 from worker_vllm.engine import VLLMApp
 from worker_vllm.errors import ErrorObject, WorkerError
-from worker_vllm.jobs.batching import BatchPolicy, batched
+from worker_vllm.jobs.flush import FlushPolicy, chunked
 from worker_vllm.jobs.shapes import OpenAIInput, RouteInput
 
 
@@ -99,7 +99,7 @@ def _event_weight(event: str) -> int:
     return len(json.dumps(event))
 
 
-async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPolicy,
+async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: FlushPolicy,
                     request_id: str, raw_output: bool = True) -> AsyncIterator[Any]:
     method, path, body, field = request_of(app, inp)
     if not app.allowed(method, path):
@@ -119,7 +119,7 @@ async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: BatchPo
             except ValueError:
                 yield {"text": raw.decode("utf-8", "replace")}
             return
-        async with contextlib.aclosing(batched(sse_events(chunks), policy,
+        async with contextlib.aclosing(chunked(sse_events(chunks), policy,
                                                weigh=_event_weight)) as batches:
             async for batch in batches:
                 if raw_output:

@@ -1,11 +1,14 @@
-"""One policy for grouping streamed deltas into yields, used by every route.
+"""One policy for grouping streamed items (deltas, SSE events, batch lines) into stream
+messages, used by every route.
 
-Each yield is one awaited HTTP POST to the platform, so single tokens are too many; batching by
-count alone makes slow streams choppy. A batch is flushed when it reaches the current size
-(min -> x growth -> max) OR when its oldest delta has waited `flush_interval` seconds; the very
-first delta leaves at once, so time-to-first-token is not delayed. A stream that fell behind
-(its consumer, one platform round trip per yield, was slower than the generation) sends its
-whole backlog in one yield, bounded only by the size of one stream message.
+Each message is one awaited HTTP POST to the platform, so single tokens are too many; flushing
+by count alone makes slow streams choppy. A chunk is flushed when it reaches the current size
+(min -> x growth -> max) OR when its oldest item has waited `flush_interval` seconds; the very
+first item leaves at once, so time-to-first-token is not delayed. A stream that fell behind
+(its consumer, one platform round trip per message, was slower than the generation) sends its
+whole backlog in one message. Every item is weighed as it joins a chunk: an item that would
+take the chunk past one stream message starts the next one (an item heavier than a whole
+message is the route's to refuse before it gets here: it leaves alone).
 """
 
 from __future__ import annotations
@@ -18,25 +21,23 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from worker_vllm.jobs.output_limits import STREAM_MESSAGE_BUDGET
+
 T = TypeVar("T")
 
-# RunPod takes at most 1 MB in one stream message; the batch's own items are kept below this,
-# leaving room for the message's envelope (usage, choice structure).
-STREAM_MESSAGE_BUDGET = 900_000
-
-# The waits of a job's flushed batches (seconds the oldest delta of each waited), collected
+# The waits of a job's flushed chunks (seconds the oldest delta of each waited), collected
 # for the job's summary line when the job sets a list here.
-batch_waits: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
-    "batch_waits", default=None)
+flush_waits: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "flush_waits", default=None)
 
 
 @dataclass(frozen=True)
-class BatchPolicy:
+class FlushPolicy:
     max_size: int = 50
     min_size: int = 1
     growth: float = 3.0
     flush_interval: float = 0.05  # seconds
-    # Bound of a backlog flush: the summed weight (serialised bytes) of its items.
+    # Bound of every chunk: the summed weight (serialised bytes) of its items.
     max_bytes: int = STREAM_MESSAGE_BUDGET
 
     def __post_init__(self) -> None:
@@ -62,13 +63,13 @@ class _End:
 
 
 @dataclass
-class Batch(Generic[T]):
+class Chunk(Generic[T]):
     items: list[T]
     # Seconds the oldest item waited in the batch before the flush (for tests and metrics).
     oldest_wait: float
 
     def __post_init__(self) -> None:
-        waits = batch_waits.get()
+        waits = flush_waits.get()
         if waits is not None:
             waits.append(self.oldest_wait)
 
@@ -77,38 +78,57 @@ def _one(_item: object) -> int:
     return 1
 
 
+# What an item adds to a message beyond its own weight: the separator between items.
+_SEPARATOR = 2
+
+
 class _Pending(Generic[T]):
     """The batch being filled from a queue that the source's own task feeds."""
 
-    def __init__(self, queue: asyncio.Queue, policy: BatchPolicy, clock: Callable[[], float],
+    def __init__(self, queue: asyncio.Queue, policy: FlushPolicy, clock: Callable[[], float],
                  weigh: Callable[[T], int]) -> None:
         self.queue, self.policy, self.clock, self.weigh = queue, policy, clock, weigh
         self.items: list[T] = []
         self.weight = 0
         self.oldest = 0.0
         self.ended: _End | None = None
+        # An item that did not fit in the chunk being filled: it starts the next one.
+        self.carry: tuple[T, float, int] | None = None
 
     def take(self, entry: tuple[T, float] | _End) -> None:
         if isinstance(entry, _End):
             self.ended = entry
             return
         item, arrived = entry
+        weight = self.weigh(item) + _SEPARATOR
+        if self.items and self.weight + weight > self.policy.max_bytes:
+            self.carry = (item, arrived, weight)  # the first item of the next chunk
+            return
+        self._add(item, arrived, weight)
+
+    def _add(self, item: T, arrived: float, weight: int) -> None:
         if not self.items:
             self.oldest = arrived
         self.items.append(item)
-        self.weight += self.weigh(item)
+        self.weight += weight
+
+    @property
+    def full(self) -> bool:
+        """No further item fits in this chunk's message."""
+        return self.carry is not None
 
     def take_queued(self, limit: int | None) -> None:
-        """Move what is already queued into the batch, without waiting: up to `limit` items
+        """Move what is already queued into the chunk, without waiting: up to `limit` items
         (None: the whole backlog), and never past one stream message."""
-        while (self.ended is None and not self.queue.empty()
-               and self.weight < self.policy.max_bytes
+        while (self.ended is None and self.carry is None and not self.queue.empty()
                and (limit is None or len(self.items) < limit)):
             self.take(self.queue.get_nowait())
 
     async def wait(self) -> None:
         """Wait for an item: as long as it takes for an empty batch, else until the oldest
         item's flush interval is over."""
+        if self.carry is not None:
+            return
         if not self.items:
             self.take(await self.queue.get())
         elif (remaining := self.oldest + self.policy.flush_interval - self.clock()) > 0:
@@ -124,10 +144,13 @@ class _Pending(Generic[T]):
     def due(self) -> bool:
         return bool(self.items) and self.clock() - self.oldest >= self.policy.flush_interval
 
-    def flush(self) -> Batch[T]:
-        batch = Batch(self.items, self.clock() - self.oldest)
+    def flush(self) -> Chunk[T]:
+        chunk = Chunk(self.items, self.clock() - self.oldest)
         self.items, self.weight = [], 0
-        return batch
+        if self.carry is not None:
+            carry, self.carry = self.carry, None
+            self._add(*carry)
+        return chunk
 
 
 async def _feed(source: AsyncIterator[T], queue: asyncio.Queue, clock: Callable[[], float]
@@ -142,14 +165,14 @@ async def _feed(source: AsyncIterator[T], queue: asyncio.Queue, clock: Callable[
         queue.put_nowait(_End())
 
 
-async def batched(
+async def chunked(
     source: AsyncIterator[T],
-    policy: BatchPolicy,
+    policy: FlushPolicy,
     clock: Callable[[], float] = time.monotonic,
     weigh: Callable[[T], int] = _one,
-) -> AsyncIterator[Batch[T]]:
-    """Group the items of `source` into batches under `policy`; `weigh` gives an item's size
-    in a stream message (bytes), which bounds a backlog flush.
+) -> AsyncIterator[Chunk[T]]:
+    """Group the items of `source` into chunks under `policy`; `weigh` gives an item's size
+    in a stream message (bytes), which bounds every chunk.
 
     The source is consumed by its own task, so a flush timeout never cancels the source's
     pending step (which for vLLM would abort the request). Closing or cancelling this
@@ -164,9 +187,9 @@ async def batched(
             await pending.wait()
             by_time = pending.due()
             # A flush takes what is already queued when the consumer (one platform round trip
-            # per yield) let a backlog build up (items arrived while it held the last batch)
+            # per yield) let a backlog build up (items arrived while it held the last chunk)
             # or the time bound triggered it: the backlog leaves whole (up to one stream
-            # message) instead of a batch per round trip. The first delta leaves alone.
+            # message) instead of a chunk per round trip. The first item leaves alone.
             pending.take_queued(1 if first else None if by_time or behind else size)
             if pending.ended is not None:
                 if pending.items:
@@ -174,7 +197,7 @@ async def batched(
                 if pending.ended.error is not None:
                     raise pending.ended.error
                 return
-            if not (first or by_time or len(pending.items) >= size):
+            if not (first or by_time or pending.full or len(pending.items) >= size):
                 continue
             full = len(pending.items) >= size
             queued = queue.qsize()

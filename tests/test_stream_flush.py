@@ -1,4 +1,5 @@
-"""The batching policy as a pure unit: count bound, growth, time bound, first delta at once."""
+"""The flush policy as a pure unit: count bound, growth, time bound, first delta at once, and
+every message within its weight."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from worker_vllm.jobs.batching import BatchPolicy, batched
+from worker_vllm.jobs.flush import FlushPolicy, chunked
 
 
 async def timed_source(gaps: list[float]):
@@ -41,29 +44,29 @@ class LoopLateness:
 
 
 async def sizes_of(source, policy) -> list[int]:
-    return [len(b.items) async for b in batched(source, policy)]
+    return [len(b.items) async for b in chunked(source, policy)]
 
 
 async def test_fast_source_grows_from_first_to_max():
-    policy = BatchPolicy(max_size=10, min_size=2, growth=2.0, flush_interval=60)
+    policy = FlushPolicy(max_size=10, min_size=2, growth=2.0, flush_interval=60)
     sizes = await sizes_of(timed_source([0.0] * 40), policy)
     # first delta alone, then min, x2, ... capped at max; the rest flushed at the end
     assert sizes == [1, 2, 4, 8, 10, 10, 5]
 
 
 async def test_items_keep_order_and_nothing_is_lost():
-    policy = BatchPolicy(max_size=7, min_size=1, growth=3.0, flush_interval=60)
-    items = [i async for b in batched(timed_source([0.0] * 100), policy) for i in b.items]
+    policy = FlushPolicy(max_size=7, min_size=1, growth=3.0, flush_interval=60)
+    items = [i async for b in chunked(timed_source([0.0] * 100), policy) for i in b.items]
     assert items == list(range(100))
 
 
 async def test_slow_source_is_flushed_by_time():
     # One item every 30 ms with a 50 ms interval: no batch may hold an item longer than 50 ms,
     # although the count bound (100) is never reached.
-    policy = BatchPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.05)
+    policy = FlushPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.05)
     lateness = LoopLateness()
     async with lateness:
-        batches = [b async for b in batched(timed_source([0.0] + [0.03] * 12), policy)]
+        batches = [b async for b in chunked(timed_source([0.0] + [0.03] * 12), policy)]
     assert len(batches[0].items) == 1
     assert all(len(b.items) <= 2 for b in batches[1:])
     assert sum(len(b.items) for b in batches) == 13
@@ -76,7 +79,7 @@ async def test_slow_source_is_flushed_by_time():
 
 
 async def test_zero_interval_flushes_every_item():
-    policy = BatchPolicy(max_size=50, min_size=50, growth=1.0, flush_interval=0)
+    policy = FlushPolicy(max_size=50, min_size=50, growth=1.0, flush_interval=0)
     assert await sizes_of(timed_source([0.01] * 5), policy) == [1, 1, 1, 1, 1]
 
 
@@ -86,10 +89,10 @@ async def test_source_error_is_raised_after_pending_items():
         yield 2
         raise RuntimeError("boom")
 
-    policy = BatchPolicy(max_size=10, min_size=10, growth=1.0, flush_interval=60)
+    policy = FlushPolicy(max_size=10, min_size=10, growth=1.0, flush_interval=60)
     got = []
     with pytest.raises(RuntimeError, match="boom"):
-        async for b in batched(failing(), policy):
+        async for b in chunked(failing(), policy):
             got.extend(b.items)
     assert got == [1, 2]
 
@@ -108,7 +111,7 @@ async def test_closing_the_consumer_cancels_the_source():
             cancelled.set()
             raise
 
-    gen = batched(endless(), BatchPolicy(flush_interval=0.01))
+    gen = chunked(endless(), FlushPolicy(flush_interval=0.01))
     await gen.__anext__()
     await gen.aclose()
     assert cancelled.is_set()
@@ -116,9 +119,9 @@ async def test_closing_the_consumer_cancels_the_source():
 
 def test_policy_rejects_nonsense():
     with pytest.raises(ValueError):
-        BatchPolicy(min_size=0)
+        FlushPolicy(min_size=0)
     with pytest.raises(ValueError):
-        BatchPolicy(growth=0.5)
+        FlushPolicy(growth=0.5)
 
 
 async def test_cancelling_the_consumer_is_never_swallowed():
@@ -127,10 +130,10 @@ async def test_cancelling_the_consumer_is_never_swallowed():
     import random
 
     rng = random.Random(0)
-    policy = BatchPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.002)
+    policy = FlushPolicy(max_size=100, min_size=100, growth=1.0, flush_interval=0.002)
     for _ in range(200):
         async def consume():
-            async for _ in batched(timed_source([0.0] + [0.0005] * 60), policy):
+            async for _ in chunked(timed_source([0.0] + [0.0005] * 60), policy):
                 pass
 
         task = asyncio.ensure_future(consume())
@@ -161,11 +164,11 @@ async def test_a_backlog_behind_a_slow_consumer_leaves_whole(consumer_delay):
     """Each yield is one awaited platform POST. When that is slower than the flush interval,
     a backlog builds up; every flush must take all of it, whatever the count bound, instead of
     one batch per round trip (which sent 200 deltas in 200 yields, long after generation)."""
-    policy = BatchPolicy(max_size=5, min_size=1, growth=3.0, flush_interval=0.05)
+    policy = FlushPolicy(max_size=5, min_size=1, growth=3.0, flush_interval=0.05)
     source = CountingSource(200, 0.01)
     received = 0
     yields = 0
-    async for batch in batched(source.__aiter__(), policy):
+    async for batch in chunked(source.__aiter__(), policy):
         received += len(batch.items)
         yields += 1
         if consumer_delay >= policy.flush_interval and yields > 1:
@@ -186,7 +189,7 @@ async def test_a_backlog_behind_a_slow_consumer_leaves_whole(consumer_delay):
 async def test_a_backlog_flush_stops_at_one_stream_message():
     """A backlog larger than one stream message leaves in several, each within the bound, in
     order and complete."""
-    policy = BatchPolicy(max_size=5, min_size=1, growth=3.0, flush_interval=0.01,
+    policy = FlushPolicy(max_size=5, min_size=1, growth=3.0, flush_interval=0.01,
                          max_bytes=1000)
     items = [f"{i:03d}" * 25 for i in range(100)]  # 75 bytes each: 7,500 in all
 
@@ -197,10 +200,59 @@ async def test_a_backlog_flush_stops_at_one_stream_message():
             yield item
 
     batches = []
-    async for batch in batched(burst(), policy, weigh=len):
+    async for batch in chunked(burst(), policy, weigh=len):
         batches.append(batch.items)
         await asyncio.sleep(0.1)  # a slow platform round trip
     assert [i for b in batches for i in b] == items
-    assert all(sum(map(len, b)) < 1000 + 75 for b in batches)
+    assert all(sum(len(i) + 2 for i in b) <= 1000 for b in batches)
     assert len(batches) <= 1 + 8 + 1  # the first delta, then full messages
     assert max(len(b) for b in batches) > policy.max_size  # bound by size, not by count
+
+
+async def test_a_flush_by_count_stays_within_one_stream_message():
+    """Heavy items (30 KB batch lines) arriving faster than the count bound: every message
+    stays under the bound (a count-triggered flush took 50 of them: 1.5 MB, which the
+    platform refuses), and an item over the bound on its own leaves alone."""
+    policy = FlushPolicy(max_size=50, min_size=50, growth=1.0, flush_interval=10.0)
+    items = ["x" * 30_000] * 120 + ["y" * 1_000_000] + ["z" * 30_000] * 10
+
+    async def fast():
+        for item in items:
+            yield item
+
+    messages = [c.items async for c in chunked(fast(), policy, weigh=len)]
+    assert [i for m in messages for i in m] == items
+    assert ["y" * 1_000_000] in messages
+    assert all(sum(len(i) + 2 for i in m) <= policy.max_bytes for m in messages
+               if len(m) > 1), [sum(map(len, m)) for m in messages]
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights=st.lists(st.integers(1, 400), min_size=1, max_size=60),
+       gaps=st.lists(st.sampled_from([0.0, 0.0, 0.0, 0.002]), min_size=60, max_size=60),
+       max_size=st.integers(1, 20), growth=st.sampled_from([1.0, 2.0, 3.0]),
+       consumer_delay=st.sampled_from([0.0, 0.003]))
+def test_every_message_is_within_its_weight_and_nothing_is_lost(weights, gaps, max_size,
+                                                                growth, consumer_delay):
+    policy = FlushPolicy(max_size=max_size, min_size=1, growth=growth, flush_interval=0.002,
+                         max_bytes=500)
+    items = [(i, w) for i, w in enumerate(weights)]
+
+    async def source():
+        for item, gap in zip(items, gaps[:len(items)], strict=True):
+            if gap:
+                await asyncio.sleep(gap)
+            yield item
+
+    async def run() -> list[list[tuple[int, int]]]:
+        out = []
+        async for chunk in chunked(source(), policy, weigh=lambda item: item[1]):
+            out.append(chunk.items)
+            if consumer_delay:
+                await asyncio.sleep(consumer_delay)
+        return out
+
+    messages = asyncio.run(run())
+    assert [i for m in messages for i in m] == items
+    assert all(sum(w + 2 for _, w in m) <= 500 for m in messages)
+    assert all(len(m) <= max(policy.max_size, 500) for m in messages)

@@ -2,9 +2,12 @@
 (``LineWindow``), and come back as Batch API output lines in the order they finish.
 
 Output: with ``"stream": true`` the finished lines are streamed as they come (each message
-``{"lines": [...]}``, within one stream message's size), then ``{"request_counts", "usage",
-"seconds"}``; without, one output holds all of it. Stopping the job (cancel, timeout) aborts
-every line in the engine at once; an engine death ends the job as it ends any job.
+``{"lines": [...]}``, within one stream message's size; a line too large for a message is an
+error line that says so), then ``{"request_counts", "usage", "seconds"}``; without, one output
+holds all of it, and a batch whose output would pass the platform's limit for a result fails
+with an error that says to stream it, as soon as that shows. Stopping the job (cancel,
+timeout) aborts every line in the engine at once; an engine death ends the job as it ends any
+job. With ``max_failed_lines``, more failed lines than that end the job (FAILED) at once.
 """
 
 from __future__ import annotations
@@ -17,18 +20,26 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from worker_vllm.batch.lines import (
+from worker_vllm.config.settings import WorkerSettings
+from worker_vllm.engine import VLLMApp
+from worker_vllm.errors import WorkerError
+from worker_vllm.jobs.batch.lines import (
     LineError,
     RequestLine,
     error_line,
+    line_count,
     output_line,
     raw_lines,
     request_line,
 )
-from worker_vllm.batch.window import LineWindow
-from worker_vllm.config.settings import WorkerSettings
-from worker_vllm.engine import VLLMApp
-from worker_vllm.jobs.batching import BatchPolicy, batched
+from worker_vllm.jobs.batch.window import LineWindow
+from worker_vllm.jobs.flush import FlushPolicy, chunked
+from worker_vllm.jobs.output_limits import (
+    RESULT_BUDGET,
+    STREAM_MESSAGE_BUDGET,
+    too_large_for_a_message,
+    too_large_for_a_result,
+)
 from worker_vllm.jobs.shapes import BatchInput
 from worker_vllm.jobs.vllm_app import app_error
 
@@ -36,14 +47,17 @@ from worker_vllm.jobs.vllm_app import app_error
 class BatchTally:
     """The batch's counts and tokens, from its output lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_failed: int | None = None) -> None:
         self.started = time.monotonic()
         self.completed = self.failed = 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.max_failed = max_failed
+        self.first_failed: dict[str, Any] | None = None
 
     def took(self, line: dict[str, Any]) -> dict[str, Any]:
         if line["error"] is not None:
             self.failed += 1
+            self.first_failed = self.first_failed or line
             return line
         self.completed += 1
         usage = (line["response"]["body"] or {}).get("usage") or {}
@@ -60,6 +74,21 @@ class BatchTally:
                       "total_tokens": self.prompt_tokens + self.completion_tokens},
             "seconds": round(time.monotonic() - self.started, 3),
         }
+
+
+    def check_failed(self) -> None:
+        """Raise once more lines failed than ``max_failed_lines`` allows."""
+        if self.max_failed is None or self.failed <= self.max_failed:
+            return
+        line = self.first_failed or {}
+        number = int(line.get("id", "_0").rsplit("_", 1)[1])
+        error = line.get("error") or {}
+        raise WorkerError(
+            f"{self.failed} line(s) of the batch failed, more than max_failed_lines "
+            f"({self.max_failed}); the lines still running were stopped. The first: line "
+            f"{number} (custom_id {line.get('custom_id')!r}): {error.get('code')} "
+            f"{error.get('message')}", code=422, type="batch_lines_failed",
+            param="max_failed_lines")
 
 
 def _tokens(usage: dict[str, Any], *names: str) -> int:
@@ -155,16 +184,76 @@ def _weight(line: dict[str, Any]) -> int:
     return len(json.dumps(line, ensure_ascii=False).encode())
 
 
+def _over_a_message(job_id: str, line: dict[str, Any], weight: int) -> dict[str, Any]:
+    """The error line that stands for a finished line too large for one stream message."""
+    number = int(line["id"].rsplit("_", 1)[1])
+    message = too_large_for_a_message(f"The output of line {number}", weight)
+    return error_line(job_id, LineError(f"{message} (send it in a batch job without "
+                                        "\"stream\", or in a job of its own)", number,
+                                        line["custom_id"], code=413, type="output_too_large"))
+
+
+async def _weighed(lines: AsyncIterator[dict[str, Any]], job_id: str
+                   ) -> AsyncIterator[tuple[dict[str, Any], int]]:
+    """Each finished line with its weight in a stream message; a line too large for one is
+    an error line that says so, and the lines after it go on."""
+    async for line in lines:
+        weight = _weight(line)
+        if weight > STREAM_MESSAGE_BUDGET:
+            line = _over_a_message(job_id, line, weight)
+            weight = _weight(line)
+        yield line, weight
+
+
+class ResultSize:
+    """A batch's output without ``stream`` against the one result it must fit in: it stops at
+    the limit, or as soon as its first lines show that all of them would pass it twice over."""
+
+    # Lines finished before their mean size projects the whole batch.
+    SAMPLE = 16
+
+    def __init__(self, total_lines: int) -> None:
+        self.total_lines = total_lines
+        self.size = self.lines = 0
+
+    def add(self, line: dict[str, Any]) -> None:
+        self.size += _weight(line) + 1
+        self.lines += 1
+        projected = self.size / self.lines * self.total_lines
+        if self.size > RESULT_BUDGET:
+            raise self._error(f"The output of the batch's first {self.lines} lines",
+                              self.size)
+        if self.lines >= min(self.SAMPLE, self.total_lines) and projected > 2 * RESULT_BUDGET:
+            raise self._error(f"The output of the batch's {self.total_lines} lines (projected "
+                              f"from its first {self.lines})", int(projected))
+
+    @staticmethod
+    def _error(what: str, size: int) -> WorkerError:
+        return WorkerError(too_large_for_a_result(what, size), code=413,
+                           type="output_too_large", param="stream")
+
+
 async def run_batch(app: VLLMApp, inp: BatchInput, settings: WorkerSettings, job_id: str,
-                    policy: BatchPolicy) -> AsyncIterator[dict[str, Any]]:
-    tally = BatchTally()
+                    policy: FlushPolicy) -> AsyncIterator[dict[str, Any]]:
+    tally = BatchTally(inp.max_failed_lines)
     lines = finished_lines(app, inp, settings, job_id)
+    # Closing the lines on an error aborts those still running.
     async with contextlib.aclosing(lines):
         if not inp.stream:
-            done = [tally.took(line) async for line in lines]
+            size, done = ResultSize(line_count(inp)), []
+            async for line in lines:
+                size.add(line)
+                done.append(tally.took(line))
+                tally.check_failed()
             yield {"lines": done, **tally.summary()}
             return
-        async with contextlib.aclosing(batched(lines, policy, weigh=_weight)) as batches:
-            async for batch in batches:
-                yield {"lines": [tally.took(line) for line in batch.items]}
+        weighed = _weighed(lines, job_id)
+        async with contextlib.aclosing(chunked(weighed, policy, weigh=_second)) as chunks:
+            async for chunk in chunks:
+                yield {"lines": [tally.took(line) for line, _ in chunk.items]}
+                tally.check_failed()  # after the client has the failed lines
     yield tally.summary()
+
+
+def _second(item: tuple[Any, int]) -> int:
+    return item[1]
