@@ -87,6 +87,31 @@ def test_worker_protocol_stream_done_and_webhook(client):
         server.shutdown()
 
 
+def test_posts_over_the_platforms_limits_are_refused_and_shown(client):
+    """1 MB per stream message, 20 MB per result (decimal), as RunPod documents them."""
+    job_id = client.post("/v2/e/run", json={"input": {}}).json()["id"]
+    client.get("/_worker/job-take/w1?x=1", headers=WORKER)
+    pad = 1_000_000 - len(json.dumps({"output": ""}))
+    fits = json.dumps({"output": "a" * pad})
+    assert client.post(f"/_worker/job-stream/w1/{job_id}?isStream=false", content=fits,
+                       headers=WORKER).status_code == 200
+    over = json.dumps({"output": "b" * (pad + 1)})
+    refused = client.post(f"/_worker/job-stream/w1/{job_id}?isStream=false", content=over,
+                          headers=WORKER)
+    assert refused.status_code == 413 and "1000000" in refused.json()["error"]
+    stream = client.get(f"/v2/e/stream/{job_id}").json()
+    assert [len(m["output"]) for m in stream["stream"]] == [pad]  # the refused one is lost
+    status = client.get(f"/v2/e/status/{job_id}").json()
+    assert status["status"] == "IN_PROGRESS"
+    assert status["refusedPosts"] == ["stream message of 1000001 bytes"]
+    result = json.dumps({"output": ["c" * 20_000_000]})
+    assert client.post(f"/_worker/job-done/w1/{job_id}?isStream=true", content=result,
+                       headers=WORKER).status_code == 413
+    status = client.get(f"/v2/e/status/{job_id}").json()
+    assert status["status"] == "FAILED" and "refused" in status["error"]
+    assert status["refusedPosts"][-1] == f"result of {len(result)} bytes"
+
+
 def test_cancel_of_a_running_job_reaches_the_stop_channel(client):
     job_id = client.post("/v2/e/run", json={"input": {}}).json()["id"]
     client.get("/_worker/job-take/w1?x=1", headers=WORKER)

@@ -85,6 +85,6 @@ async def json_body(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-async def worker_body(request: Request) -> dict[str, Any]:
+def worker_body(raw: bytes) -> dict[str, Any]:
     """What the SDK posts: JSON, sent with a form content type."""
-    return json.loads(await request.body() or b"{}")
+    return json.loads(raw or b"{}")

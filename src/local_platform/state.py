@@ -66,6 +66,7 @@ class Job:
     chunks: list[Any] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)  # arrival of each (monotonic)
     streamed: int = 0  # chunks already returned by /stream
+    refused: list[str] = field(default_factory=list)  # worker posts over the limits
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def notify(self) -> None:
@@ -89,6 +90,9 @@ class Job:
             body["output"] = self.output
         if self.error is not None:
             body["error"] = self.error
+        if self.refused:
+            # Not the platform's: what it refused of the worker's posts, shown locally.
+            body["refusedPosts"] = self.refused
         return body
 
     def removal_time(self) -> float | None:
@@ -107,6 +111,7 @@ class Job:
         self.status, self.started, self.finished = "IN_QUEUE", None, None
         self.output = self.error = self.worker_id = None
         self.chunks, self.chunk_times, self.streamed = [], [], 0
+        self.refused = []
         self.notify()
 
 

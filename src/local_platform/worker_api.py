@@ -12,6 +12,16 @@ from fastapi.responses import JSONResponse
 from .messages import worker_body
 from .state import Endpoint
 
+# What the platform takes from a worker (RunPod's docs: one streamed chunk at most 1 MB, a
+# result at most 20 MB), read as decimal megabytes, the stricter reading.
+STREAM_MESSAGE_LIMIT = 1_000_000
+RESULT_LIMIT = 20_000_000
+
+
+def _too_large(what: str, size: int, limit: int) -> Response:
+    return JSONResponse({"error": f"{what} of {size} bytes exceeds the limit of {limit} bytes"},
+                        status_code=413)
+
 router = APIRouter(prefix="/_worker")
 
 @router.get("/job-take/{worker_id}")
@@ -41,7 +51,12 @@ async def job_stop(request: Request, worker_id: str) -> Response:
 async def job_stream(request: Request, job_id: str) -> Response:
     endpoint: Endpoint = request.app.state.endpoint
     job = endpoint.jobs.get(job_id)
-    body = await worker_body(request)
+    raw = await request.body()
+    if len(raw) > STREAM_MESSAGE_LIMIT:
+        if job is not None:
+            job.refused.append(f"stream message of {len(raw)} bytes")
+        return _too_large("Stream message", len(raw), STREAM_MESSAGE_LIMIT)
+    body = worker_body(raw)
     if job is not None and job.status == "IN_PROGRESS" and "output" in body:
         job.chunks.append(body["output"])
         job.chunk_times.append(time.monotonic())
@@ -54,7 +69,16 @@ async def job_stream(request: Request, job_id: str) -> Response:
 async def job_done(request: Request, job_id: str) -> Response:
     endpoint: Endpoint = request.app.state.endpoint
     job = endpoint.jobs.get(job_id)
-    body = await worker_body(request)
+    raw = await request.body()
+    if len(raw) > RESULT_LIMIT:
+        # The hosted platform's handling of the job then is not documented: here it fails,
+        # so that a client (and a test) sees that the result was lost.
+        if job is not None:
+            job.refused.append(f"result of {len(raw)} bytes")
+            endpoint.finish(job, "FAILED", error=f"The worker's result of {len(raw)} bytes "
+                            f"was refused: over the limit of {RESULT_LIMIT} bytes")
+        return _too_large("Result", len(raw), RESULT_LIMIT)
+    body = worker_body(raw)
     if job is not None:
         if body.get("error"):
             endpoint.finish(job, "FAILED", error=body["error"])
