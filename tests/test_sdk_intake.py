@@ -82,6 +82,25 @@ def test_scaler_state_the_intake_uses(tmp_path, monkeypatch):
     from runpod.http_client import AsyncClientSession, TooManyRequests  # noqa: F401
 
 
+def test_the_workers_results_handler_is_used_in_production_by_either_intake(tmp_path,
+                                                                          monkeypatch):
+    """The SDK takes config["jobs_handler"] in local test mode only; in production (webhooks
+    set) its scaler uses rp_scale's handle_job, which the "sdk" intake replaces."""
+    monkeypatch.setattr(JobsProgress, "_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(rp_scale, "IS_LOCAL_TEST", False)
+    init = inspect.getsource(SDK_SCALER.__init__)
+    assert "self.jobs_handler = handle_job" in init
+    assert init.index("if not IS_LOCAL_TEST") < init.index('config.get("jobs_handler")')
+    assert SDK_SCALER({}).jobs_handler is rp_job.handle_job
+
+    async def mine(session, config, job):
+        pass
+
+    intake = EventIntake({"concurrency_modifier": lambda c: 2, "jobs_handler": mine})
+    assert intake.jobs_handler is mine
+    assert rp_scale.handle_job is rp_job.handle_job
+
+
 # ----- behaviour against a stand-in platform ---------------------------------------------------
 class Platform:
     """Job-take and the stop channel as the intake sees them: a queue of jobs and of stops."""

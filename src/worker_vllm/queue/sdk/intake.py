@@ -68,6 +68,8 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
+        # The SDK reads config["jobs_handler"] in local test mode only; in production too here.
+        self.jobs_handler = config.get("jobs_handler") or self.jobs_handler
         # The SDK's concurrency is a constant: read once, never resized.
         self.admission: Admission | FixedAdmission = (
             config.get("admission") or FixedAdmission(int(self.concurrency_modifier(1))))

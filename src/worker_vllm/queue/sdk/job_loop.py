@@ -9,6 +9,7 @@ from typing import Any, Literal
 from worker_vllm.queue.admission import Admission, FixedAdmission
 from worker_vllm.queue.sdk.intake import IntakeGate, install
 from worker_vllm.queue.sdk.job_state import use_private_job_state
+from worker_vllm.queue.sdk.results import handle_job
 
 
 def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,
@@ -23,6 +24,7 @@ def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurre
     lost).
     """
     import runpod
+    from runpod.serverless.modules import rp_scale
 
     use_private_job_state()
     if fitness_check is not None:
@@ -31,12 +33,18 @@ def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurre
         "handler": handler,
         # Must be constant: a changing value stalls the SDK's job intake.
         "concurrency_modifier": lambda _current: concurrency,
-        "return_aggregate_stream": True,
+        # The job's messages streamed and returned as its result within the platform's
+        # limits (the SDK's own handle_job with return_aggregate_stream, weighed).
+        "jobs_handler": handle_job,
     }
     if intake == "events":
-        install()
+        install()  # reads config["jobs_handler"]
         config["intake_gate"] = gate if gate is not None else IntakeGate()
         config["admission"] = admission
+    else:
+        # The SDK's own scaler reads config["jobs_handler"] in local test mode only: in
+        # production it takes rp_scale's handle_job.
+        rp_scale.handle_job = handle_job
     # As vllm serve does once started: the start-up heap (the SDK's, vLLM's and torch's modules,
     # over 600,000 objects) out of the garbage collector's reach; a full collection of it, set
     # off by decoding a large job input, stops the job loop for a quarter of a second or more.
