@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+# KV-cache use past which no job (without a KV projection: no KV cache, several KV-cache
+# groups) and no batch line starts beside other requests: the running ones grow into the rest.
+# A tuning value of the admission (see worker_vllm.queue.tuning), kept here for batch jobs too.
+KV_START_LIMIT = 0.9
+
 
 class RequestSize(NamedTuple):
     """One request's tokens: its prompt, those generated so far, and its ``max_tokens`` (0

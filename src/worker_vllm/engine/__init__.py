@@ -7,7 +7,7 @@ fails when any other module imports vLLM). The rest of the worker uses this inte
 from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from worker_vllm.engine.app import VLLMApp
+from worker_vllm.engine.app import AppResponse, VLLMApp
 from worker_vllm.engine.core_log import EngineCoreLog
 from worker_vllm.engine.outputs import Completion, Step
 from worker_vllm.engine.runner import EngineRunner, cache_key
@@ -27,6 +27,7 @@ from worker_vllm.engine.serve_args import (
 from worker_vllm.loop_thread import LoopThread
 
 __all__ = [
+    "AppResponse",
     "Completion",
     "Step",
     "EngineDeadError",

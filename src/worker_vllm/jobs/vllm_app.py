@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from worker_vllm.engine import VLLMApp
+from worker_vllm.engine import AppResponse, VLLMApp
 from worker_vllm.errors import ErrorObject, WorkerError
 from worker_vllm.jobs.flush import FlushPolicy, chunked
 from worker_vllm.jobs.shapes import OpenAIInput, RouteInput
@@ -47,6 +47,18 @@ def request_of(app: VLLMApp, inp: OpenAIInput | RouteInput) -> tuple[str, str, A
     body = inp.body
     method = inp.method or ("POST" if body is not None else "GET")
     return method, route_path(app, method, inp.route), body, "route"
+
+
+async def call(app: VLLMApp, method: str, path: str, body: Any,
+               request_id: str) -> AppResponse:
+    """One request to vLLM's app, as route jobs and batch lines make it: the body as JSON,
+    the request id vLLM's own. Closing the response's body aborts the request."""
+    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+    return await app.request(method, path, data, request_id)
+
+
+async def read_all(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
 
 
 def error_from(status: int, raw: bytes) -> RouteError:
@@ -106,14 +118,12 @@ async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: FlushPo
         raise RouteError(f"Unknown route {method} {path}; supported: "
                          f"{', '.join(app.route_list())}", type="invalid_request_error",
                          param=field, code=404)
-    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-    response = await app.request(method, path, data, request_id)
+    response = await call(app, method, path, body, request_id)
     async with contextlib.aclosing(response.body) as chunks:
         if response.status >= 400:
-            raise app_error(app, method, path, body, response.status,
-                            b"".join([c async for c in chunks]))
+            raise app_error(app, method, path, body, response.status, await read_all(chunks))
         if not response.content_type.startswith("text/event-stream"):
-            raw = b"".join([c async for c in chunks])
+            raw = await read_all(chunks)
             try:
                 yield json.loads(raw)
             except ValueError:

@@ -47,12 +47,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
+from worker_vllm.engine_state import KV_START_LIMIT, EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.projection import Projection, Shape
 from worker_vllm.queue.tuning import (
     BUSY_LOG_S,
     HISTORY,
-    KV_START_LIMIT,
     KV_TARGET,
     KV_TARGET_SHORT,
     RAMP,

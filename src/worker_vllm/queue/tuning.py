@@ -21,9 +21,8 @@ KV_TARGET_SHORT = 1.3
 # short on an H100's cache).
 SHORT_JOB_SHARE = 1 / 16
 
-# Without a projection (no KV cache, several KV-cache groups): KV-cache use past which no job
-# and no batch line starts beside other requests (the running ones grow into the rest).
-KV_START_LIMIT = 0.9
+# KV_START_LIMIT, the KV-cache use past which nothing starts beside other requests, is in
+# worker_vllm.engine_state: batch jobs read it too.
 
 # A take brings at most this many times the jobs the engine has shown it holds at once (jobs in
 # it and those that ended since the last take): the ramp from idle to N jobs is log2(N) + 1

@@ -41,7 +41,7 @@ from worker_vllm.jobs.output_limits import (
     too_large_for_a_result,
 )
 from worker_vllm.jobs.shapes import BatchInput
-from worker_vllm.jobs.vllm_app import app_error
+from worker_vllm.jobs.vllm_app import app_error, call, read_all
 
 
 class BatchTally:
@@ -99,10 +99,9 @@ async def run_line(app: VLLMApp, line: RequestLine, job_id: str) -> dict[str, An
     """One line's answer from vLLM's app as its output line. A server error with the engine
     dead is raised (it ends the batch); any other error is the line's."""
     request_id = f"{job_id}-{line.number}"
-    data = json.dumps(line.body, ensure_ascii=False).encode()
-    response = await app.request("POST", line.path, data, request_id)
+    response = await call(app, "POST", line.path, line.body, request_id)
     async with contextlib.aclosing(response.body) as chunks:
-        raw = b"".join([chunk async for chunk in chunks])
+        raw = await read_all(chunks)
     if response.status < 400:
         return output_line(job_id, line.number, line.custom_id, response.status, request_id,
                            json.loads(raw))

@@ -15,8 +15,7 @@ always runs.
 
 from __future__ import annotations
 
-from worker_vllm.engine_state import EngineLoad
-from worker_vllm.queue.tuning import KV_START_LIMIT
+from worker_vllm.engine_state import KV_START_LIMIT, EngineLoad
 
 
 class LineWindow:
