@@ -1,13 +1,18 @@
-"""Batch work, for scripts/benchmark.py --batch: the same chat requests as one batch job, as
-one `/run` job each (through the platform stand-in with its round trip), and through `vllm
-run-batch` on the same file with the same engine settings. One run; one table."""
+"""Batch work, for scripts/benchmark.py --batch: the same chat requests (greedy, a fixed
+length) as one batch job, streamed and not, as one `/run` job each (through the platform
+stand-in with its round trip), and through `vllm run-batch` on the same file with the same
+engine settings; at each --batch-lines size, the batch rows --repeat times (median and every
+run). --profile samples the worker's main process (py-spy) through one streamed batch job and
+says where its time goes between lines."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,10 +27,12 @@ from worker_vllm.model.demo import DEMO_MODEL_ID, ENGINE_DEFAULTS, ensure_demo_m
 
 
 def request_lines(count: int, tokens: int) -> list[dict[str, Any]]:
+    """Greedy lines of exactly `tokens` tokens: vLLM's CPU build kills `vllm run-batch`'s
+    engine after ~128 seeded lines ("CPU Generator does not use offset")."""
     return [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": DEMO_MODEL_ID, "max_tokens": tokens, "ignore_eos": True,
                       "messages": [{"role": "user", "content": f"job {i}"}],
-                      "temperature": 1.0, "seed": i}} for i in range(count)]
+                      "temperature": 0.0}} for i in range(count)]
 
 
 async def _until_final(platform: fp.Platform, job_id: str) -> Any:
@@ -44,11 +51,15 @@ async def _one_job(platform: fp.Platform, job_input: dict[str, Any]) -> Any:
         return await _until_final(platform, r.json()["id"])
 
 
-async def _one_batch_job(platform: fp.Platform, lines: list[dict[str, Any]]) -> int:
-    (output,) = (await _one_job(platform, {"batch": lines})).output
-    if output["request_counts"]["failed"]:
-        raise RuntimeError(f"batch lines failed: {output['request_counts']}")
-    return output["usage"]["completion_tokens"]
+async def _one_batch_job(platform: fp.Platform, lines: list[dict[str, Any]],
+                         stream: bool) -> int:
+    """One batch job, every line answered: its generated tokens."""
+    output = (await _one_job(platform, {"batch": lines, "stream": stream})).output
+    summary = output[-1]
+    if summary["request_counts"] != {"total": len(lines), "completed": len(lines),
+                                     "failed": 0}:
+        raise RuntimeError(f"batch lines failed: {summary['request_counts']}")
+    return summary["usage"]["completion_tokens"]
 
 
 async def _one_job_each(platform: fp.Platform, lines: list[dict[str, Any]],
@@ -134,41 +145,138 @@ def floor_row(run_dir: Path, lines: list[dict[str, Any]], rtt: float) -> dict[st
     finally:
         platform.close()
     return {"path": "floor: the same job, a handler that does nothing", "seconds": seconds,
-            "tps": None, "note": "the platform's share of one job"}
+            "tps": None, "runs": [], "note": "the platform's share of one job"}
 
 
-def rows(run_dir: Path, smoke: bool, rtt: float = 0.1) -> list[dict[str, Any]]:
-    count, tokens, concurrency = (16, 8, 4) if smoke else (512, 128, 32)
-    lines = request_lines(count, tokens)
-    out = [floor_row(run_dir, lines, rtt)]
-    platform = fp.Platform(rtt, run_dir / "batch-worker.log", concurrency=None)
-    platform.endpoint.take_delay = rtt
+# Where a streamed batch job's main process spends its time, by the innermost frame that
+# names one of these (py-spy's raw stacks: "frame;frame;... count", root first).
+PLACES = (
+    ("stream messages and result: encode, POST", ("rp_http", "aiohttp",
+                                                  "worker_vllm/queue/sdk/results.py")),
+    ("output lines weighed", ("_weight (", "_weighed (", "ResultSize")),
+    ("output lines flushed", ("worker_vllm/jobs/flush.py", "worker_vllm/jobs/batching.py")),
+    ("batch lines: start, parse, output line", ("worker_vllm/jobs/batch/",
+                                               "worker_vllm/batch/")),
+    ("the job handler (dispatch, record)", ("worker_vllm/jobs/",)),
+    ("vLLM's app: request, chat template, output", ("vllm/entrypoints", "vllm/renderers",
+                                                   "starlette", "fastapi")),
+    ("vLLM's engine client (output handler)", ("vllm/",)),
+    ("job state and intake (SDK, worker)", ("runpod/", "worker_vllm/queue/")),
+    ("idle (waiting for events)", ("select (", "epoll")),
+)
+
+
+def _place(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for place, marks in PLACES:
+            if any(mark in frame for mark in marks):
+                return place
+    return "other"
+
+
+def profile_row(platform: fp.Platform, lines: list[dict[str, Any]], out: Path) -> dict[str, float]:
+    """Shares of the worker's main-process samples (py-spy, 100 Hz) during one streamed batch
+    job, by place."""
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                            str(platform.worker.pid), "--format", "raw", "--rate", "100",
+                            "--output", str(out), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
     try:
-        for label, drive in ((f"one batch job of {count} lines",
-                              lambda: _one_batch_job(platform, lines)),
-                             (f"{count} /run jobs at c{concurrency}",
-                              lambda: _one_job_each(platform, lines, concurrency))):
-            started = time.monotonic()
-            done = asyncio.run(drive())
-            seconds = time.monotonic() - started
-            if done != count * tokens:
-                raise RuntimeError(f"{label}: {done} tokens generated")
-            out.append({"path": label, "seconds": seconds, "tps": done / seconds, "note": ""})
+        asyncio.run(_one_batch_job(platform, lines, stream=True))
     finally:
-        platform.close()
-    out.append(run_batch_row(run_dir, lines, tokens))
+        spy.send_signal(2)
+        spy.wait(timeout=60)
+    counts: collections.Counter[str] = collections.Counter()
+    for row in out.read_text().splitlines():
+        stack, _, n = row.rpartition(" ")
+        counts[_place(stack)] += int(n)
+    total = sum(counts.values()) or 1
+    return {place: n / total for place, n in counts.most_common()}
+
+
+def _timed(drive: Any) -> tuple[float, int]:
+    started = time.monotonic()
+    done = asyncio.run(drive())
+    return time.monotonic() - started, done
+
+
+def _median_row(label: str, runs: list[tuple[float, int]], expected: int,
+                note: str = "") -> dict[str, Any]:
+    if any(done != expected for _, done in runs):
+        raise RuntimeError(f"{label}: {[d for _, d in runs]} tokens generated, not {expected}")
+    seconds = statistics.median(s for s, _ in runs)
+    return {"path": label, "seconds": seconds, "tps": expected / seconds,
+            "runs": [expected / s for s, _ in runs], "note": note}
+
+
+def reference_row(run_dir: Path, count: int, tokens: int, repeat: int) -> dict[str, Any]:
+    lines, expected = request_lines(count, tokens), count * tokens
+    runs = [run_batch_row(run_dir, lines, tokens) for _ in range(repeat)]
+    seconds = statistics.median(r["seconds"] for r in runs)
+    return {"path": "vllm run-batch (its batch step)", "seconds": seconds,
+            "tps": expected / seconds, "runs": [r["tps"] for r in runs],
+            "note": runs[0]["note"]}
+
+
+def worker_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, repeat: int,
+                rtt: float, separate_jobs: bool) -> list[dict[str, Any]]:
+    lines, expected = request_lines(count, tokens), count * tokens
+    out = [floor_row(run_dir, lines, rtt)]
+    for stream in (True, False):
+        runs = [_timed(lambda s=stream: _one_batch_job(platform, lines, s))
+                for _ in range(repeat)]
+        out.append(_median_row(f"one batch job of {count} lines"
+                               + (", streamed" if stream else ""), runs, expected))
+    if separate_jobs:
+        runs = [_timed(lambda: _one_job_each(platform, lines, 32))]
+        out.append(_median_row(f"{count} /run jobs at c32", runs, expected, "one run"))
     return out
 
 
-def print_table(table: list[dict[str, Any]], rtt: float = 0.1) -> None:
-    print(f"\nBatch work: chat requests through the platform stand-in ({rtt * 1000:.0f} ms per "
-          "job-take and per stream POST) and vllm run-batch, same engine settings")
-    print("| path | seconds | tok/s | vs vllm run-batch | note |")
-    print("| --- | --- | --- | --- | --- |")
-    reference = table[-1]["tps"]
-    for row in table:
-        tps, ratio = ("-", "-") if row["tps"] is None else \
-            (f"{row['tps']:.0f}", f"{row['tps'] / reference:.2f}x")
-        print(f"| {row['path']} | {row['seconds']:.2f} | {tps} | {ratio} | {row['note']} |")
-    batch, separate = table[1], table[2]
-    print(f"one batch job / separate jobs: {batch['tps'] / separate['tps']:.2f}x")
+def rows(run_dir: Path, smoke: bool, rtt: float = 0.1, sizes: tuple[int, ...] = (512, 2000),
+         tokens: int = 64, repeat: int = 3, profile: bool = False
+         ) -> list[tuple[int, list[dict[str, Any]], dict[str, float] | None]]:
+    """Per size: its rows (`vllm run-batch` last, run before the worker starts), and (with
+    `profile`) where the streamed job's time went."""
+    if smoke:
+        sizes, tokens, repeat = (16,), 8, 1
+    references = [reference_row(run_dir, count, tokens, repeat) for count in sizes]
+    platform = fp.Platform(rtt, run_dir / "batch-worker.log", concurrency=None)
+    platform.endpoint.take_delay = rtt
+    tables = []
+    try:
+        for i, (count, reference) in enumerate(zip(sizes, references, strict=True)):
+            table = worker_rows(run_dir, platform, count, tokens, repeat, rtt,
+                                separate_jobs=i == 0)
+            places = profile_row(platform, request_lines(count, tokens),
+                                 run_dir / f"profile-{count}.txt") if profile else None
+            tables.append((count, [*table, reference], places))
+    finally:
+        platform.close()
+    return tables
+
+
+def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] | None]],
+                rtt: float = 0.1) -> None:
+    for count, table, places in tables:
+        print(f"\nBatch work, {count} lines: greedy chat requests through the platform stand-in "
+              f"({rtt * 1000:.0f} ms per job-take and per stream POST) and vllm run-batch, "
+              "same engine settings; tok/s of the median run (every run)")
+        print("| path | seconds | tok/s | vs vllm run-batch | runs, tok/s | note |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        reference = table[-1]["tps"]
+        for row in table:
+            tps, ratio = ("-", "-") if row["tps"] is None else \
+                (f"{row['tps']:.0f}", f"{row['tps'] / reference:.2f}x")
+            runs = " / ".join(f"{r:.0f}" for r in row["runs"]) or "-"
+            print(f"| {row['path']} | {row['seconds']:.2f} | {tps} | {ratio} | {runs} | "
+                  f"{row['note']} |")
+        if places:
+            print(f"\nWhere the worker's main process spent one streamed {count}-line job "
+                  "(py-spy samples, 100 Hz):")
+            print("| place | share |")
+            print("| --- | --- |")
+            for place, share in places.items():
+                print(f"| {place} | {share:.1%} |")

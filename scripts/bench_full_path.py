@@ -47,6 +47,9 @@ class Load:
     # Jobs of different lengths: job i generates `tokens` +- up to `spread` tokens (a fixed
     # pattern, the same in every run).
     spread: int = 0
+    # Greedy sampling (temperature 0, no seed): vLLM's CPU build kills its engine under seeded
+    # sampling at c128 ("CPU Generator does not use offset").
+    greedy: bool = False
 
     def max_tokens(self, i: int) -> int:
         return self.tokens + self.spread * ((i * 7919) % 201 - 100) // 100
@@ -171,27 +174,30 @@ def _prompt(load: Load, i: int) -> str:
     return load.prompt.format(i=i) if load.prompt else f"def job_{i}():"
 
 
-def _seed(load: Load, i: int) -> dict[str, int]:
-    return {"seed": i} if load.seeded else {}
+def _seed(load: Load, i: int) -> dict[str, Any]:
+    """The sampling of job i: seeded (reproducible), unseeded, or greedy."""
+    if load.greedy:
+        return {"temperature": 0.0}
+    return {"temperature": 1.0, **({"seed": i} if load.seeded else {})}
 
 
 def _native_body(load: Load, i: int) -> dict[str, Any]:
     return {"input": {"prompt": _prompt(load, i), "stream": True,
                       "sampling_params": {"max_tokens": load.max_tokens(i), "ignore_eos": True,
-                                          "temperature": 1.0, **_seed(load, i)}}}
+                                          **_seed(load, i)}}}
 
 
 def _completion_body(load: Load, i: int) -> dict[str, Any]:
     """The native job's request as `vllm serve`'s /v1/completions takes it."""
     return {"model": DEMO_MODEL_ID, "prompt": _prompt(load, i),
             "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": True,
-            "temperature": 1.0, **_seed(load, i)}
+            **_seed(load, i)}
 
 
 def _chat_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
     return {"model": DEMO_MODEL_ID, "messages": [{"role": "user", "content": f"job {i}"}],
-            "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": stream, "seed": i,
-            "temperature": 1.0}
+            "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": stream,
+            **_seed(load, i)}
 
 
 async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le.Job]:
@@ -280,8 +286,9 @@ def vllm_serve(log_path: Path, **engine: Any) -> Iterator[tuple[str, int]]:
             "--dtype", "float32", "--enforce-eager", "--max-model-len",
             str(settings["max_model_len"]), "--kv-cache-memory-bytes",
             str(settings["kv_cache_memory_bytes"]), "--disable-uvicorn-access-log"]
-    if "block_size" in settings:
-        args += ["--block-size", str(settings["block_size"])]
+    for name in ("block_size", "max_num_seqs"):
+        if name in settings:
+            args += ["--" + name.replace("_", "-"), str(settings[name])]
     env = dict(os.environ, VLLM_RPC_BASE_PATH=tempfile.mkdtemp(prefix="bench-rpc-"))
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -329,7 +336,7 @@ async def _drive_vllm_serve(url: str, load: Load, route: str = "chat"
 
 
 @contextlib.contextmanager
-def lb_worker(log_path: Path) -> Iterator[tuple[str, int, dict[str, float]]]:
+def lb_worker(log_path: Path, **extra_env: str) -> Iterator[tuple[str, int, dict[str, float]]]:
     """The worker serving a load-balancing endpoint (ENDPOINT_TYPE=lb), reached directly (no
     gateway), with the same engine settings and access log setting as `vllm serve` here.
     Yields its URL, pid and cold start: seconds from the process start to the first /ping
@@ -339,6 +346,7 @@ def lb_worker(log_path: Path) -> Iterator[tuple[str, int, dict[str, float]]]:
                ENDPOINT_TYPE="lb", PORT=str(port), DISABLE_UVICORN_ACCESS_LOG="true")
     env.pop("MODEL_NAME", None)
     env.update(_demo_env())
+    env.update(extra_env)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with open(log_path, "w") as log_file:

@@ -4,7 +4,9 @@
         [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
     .venv/bin/python scripts/benchmark.py --admission [--repeat 3] [--loads short,mixed,long]
         [--no-first-message] [--smoke]
-    .venv/bin/python scripts/benchmark.py --batch [--rtt-ms 100] [--smoke]
+    .venv/bin/python scripts/benchmark.py --ceiling [--smoke]
+    .venv/bin/python scripts/benchmark.py --batch [--batch-lines 512,2000] [--batch-tokens 64]
+        [--repeat 3] [--rtt-ms 100] [--profile] [--smoke]
 
 Table 1, in-process: wall time, output tokens/s, time to first output and yields per job for
   engine     vLLM's AsyncLLM.generate consumed on the engine's own loop (the baseline)
@@ -34,10 +36,21 @@ platform stand-in's CPU as a share of the worker's.
 fixed counts and `vllm serve` on a KV-limited engine, and the first stream message with
 MAX_CONCURRENCY equal to the load and unset.
 
---batch: batch work instead (scripts/bench_batch.py): 512 chat requests x 128 tokens as one
-batch job, as 512 `/run` jobs at concurrency 32 (both through the platform stand-in, --rtt-ms
-per job-take and per stream POST) and through `vllm run-batch` on the same file with the same
-engine settings (its start-up taken out: its time on one line).
+--batch: batch work instead (scripts/bench_batch.py): for each of --batch-lines, greedy chat
+requests of --batch-tokens tokens as one batch job, streamed and not (--repeat runs each, the
+median), as `/run` jobs at concurrency 32 (the first size, one run; all through the platform
+stand-in, --rtt-ms per job-take and per stream POST) and through `vllm run-batch` on the same
+file with the same engine settings (--repeat runs, before the worker starts; its start-up taken
+out: its time on one line). --profile: py-spy on the worker's main process through one more
+streamed batch job, its samples by place (line start, weighing, stream POSTs, vLLM's app, ...;
+py-spy must be installed: pip install py-spy).
+
+--ceiling: the one process that serves requests, at its limit (scripts/bench_ceiling.py): 256
+streamed jobs x 128 tokens at c64 and c128 (MAX_NUM_SEQS 256, greedy, the stand-in answering
+at once), each path alone: `vllm serve` (started first, stopped before the worker's rows),
+native and OpenAI chat jobs with a fixed MAX_CONCURRENCY, OpenAI chat jobs with the engine
+deciding, the worker on a load-balancing endpoint; tok/s, the front process's CPU per 1,000
+tokens (the worker's main process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95.
 
 Compare ratios within one run only: these machines are noisy, absolute figures are not
 comparable between runs. --smoke runs every path at tiny sizes, the queue worker with its own
@@ -310,15 +323,33 @@ def main() -> None:
                         help="--admission: table A only")
     parser.add_argument("--batch", action="store_true",
                         help="only the batch-work table (scripts/bench_batch.py)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="only the one-process ceiling table (scripts/bench_ceiling.py)")
+    parser.add_argument("--batch-lines", default="512,2000",
+                        help="--batch: the batch sizes, comma-separated")
+    parser.add_argument("--batch-tokens", type=int, default=64,
+                        help="--batch: tokens per line")
+    parser.add_argument("--profile", action="store_true",
+                        help="--batch: where a streamed batch job's time goes (py-spy)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
+    if args.ceiling:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_ceiling
+
+        run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
+        bench_ceiling.print_table(bench_ceiling.rows(run_dir, args.smoke))
+        return
     if args.batch:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_batch
 
         rtt = args.rtt_ms / 1000
         run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
-        bench_batch.print_table(bench_batch.rows(run_dir, args.smoke, rtt), rtt)
+        sizes = tuple(int(n) for n in args.batch_lines.split(","))
+        bench_batch.print_table(bench_batch.rows(run_dir, args.smoke, rtt, sizes,
+                                                 args.batch_tokens, args.repeat,
+                                                 args.profile), rtt)
         return
     if args.admission:
         sys.path.insert(0, str(ROOT / "scripts"))

@@ -49,6 +49,6 @@ def test_benchmark_smoke_runs_the_jobs_per_worker_tables():
 
 def test_benchmark_smoke_runs_the_batch_table():
     out = _smoke("--batch")
-    for path in ("one batch job of 16 lines", "16 /run jobs at c4",
-                 "vllm run-batch (its batch step)"):
+    for path in ("one batch job of 16 lines", "one batch job of 16 lines, streamed",
+                 "16 /run jobs at c32", "vllm run-batch (its batch step)"):
         assert f"| {path} |" in out, out
