@@ -3,22 +3,61 @@
 The runpod SDK runs each phase (fitness checks, the job loop, local test mode) under a fresh
 ``asyncio.run``; vLLM's ``AsyncLLM`` binds its output-handler task to the loop of its first
 request, so an engine shared between loops would break after the warm-up. The engine lives on
-this loop; callers in any loop reach it through ``call`` / ``stream``, which cost one
-thread-safe hand-off per engine output.
+this loop; callers in any loop reach it through ``call`` / ``stream``. Streamed items cross
+to the caller's loop through one relay per caller loop, which wakes that loop once per
+iteration of this one (one engine step's outputs for every request in flight), not once per
+item: each wake-up is a write to the loop's socket and a hand-over of the GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
+
+
+class _Relay:
+    """Items for queues of one caller loop, put on the loop thread: they leave together at the
+    end of the loop thread's iteration (one engine step's outputs reach their requests in one
+    iteration), with one wake-up of the caller's loop for them all.
+
+    ``_waking`` is only touched on the loop thread. ``_scheduled`` is set there and cleared by
+    ``_deliver`` on the caller's loop before it empties the deque, so an item added after a
+    wake-up was seen as pending is delivered by that wake-up."""
+
+    def __init__(self, home: asyncio.AbstractEventLoop, caller: asyncio.AbstractEventLoop
+                 ) -> None:
+        self._home, self._caller = home, caller
+        self._items: collections.deque[tuple[asyncio.Queue, Any]] = collections.deque()
+        self._waking = False
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        self._items.append((queue, item))
+        if not self._waking:
+            self._waking = True
+            self._home.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._waking = False
+        if not self._scheduled:
+            self._scheduled = True
+            self._caller.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self._scheduled = False
+        while self._items:
+            queue, item = self._items.popleft()
+            queue.put_nowait(item)
 
 
 class LoopThread:
@@ -29,6 +68,8 @@ class LoopThread:
         self.loop = _uvloop() if uvloop else asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
+        self._relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Relay] = (
+            weakref.WeakKeyDictionary())
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         """Schedule `coro` on this loop, from any thread."""
@@ -49,10 +90,13 @@ class LoopThread:
         request) and waits until that has happened before returning.
         """
         caller = asyncio.get_running_loop()
+        relay = self._relays.get(caller)
+        if relay is None:
+            relay = self._relays[caller] = _Relay(self.loop, caller)
         queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
 
         def put(item: Any, exc: BaseException | None = None) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, (item, exc))
+            relay.put(queue, (item, exc))
 
         async def pump() -> None:
             try:

@@ -1,0 +1,112 @@
+"""LoopThread.stream: items cross from the engine's loop to the caller's in order, with one
+wake-up of the caller's loop per run of items (not one per item), and a consumer that leaves
+cancels its producer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from worker_vllm.loop_thread import LoopThread
+
+
+@pytest.fixture
+def loop_thread():
+    thread = LoopThread("test-loop")
+    yield thread
+    thread.stop()
+
+
+def test_items_of_many_streams_arrive_in_order_with_few_wakeups(loop_thread) -> None:
+    streams, items = 16, 50
+    # Every producer waits for this, then yields all its items in one iteration of the
+    # engine's loop: 800 items that a relay can hand over together.
+    go = asyncio.Event()
+
+    async def produce(n: int) -> AsyncIterator[tuple[int, int]]:
+        await go.wait()
+        for i in range(items):
+            yield n, i
+
+    async def main() -> tuple[list[list[tuple[int, int]]], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        async def consume(n: int) -> list[tuple[int, int]]:
+            return [item async for item in loop_thread.stream(lambda: produce(n))]
+
+        tasks = [asyncio.ensure_future(consume(n)) for n in range(streams)]
+        await asyncio.sleep(0)  # every consumer submitted its producer
+        await loop_thread.call(lambda: _wait_then_set(go))
+        results = await asyncio.gather(*tasks)
+        return results, wakeups
+
+    results, wakeups = asyncio.run(main())
+    for n, got in enumerate(results):
+        assert got == [(n, i) for i in range(items)]
+    # One wake-up per item (and end marker) would be 816; the producers ran in a handful of
+    # iterations of the engine's loop.
+    assert wakeups < streams * (items + 1) / 10, wakeups
+
+
+async def _wait_then_set(event: asyncio.Event) -> None:
+    await asyncio.sleep(0.05)  # the producers are waiting on it
+    event.set()
+
+
+def test_a_consumer_that_leaves_cancels_its_producer(loop_thread) -> None:
+    cancelled = asyncio.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main() -> list[int]:
+        got = []
+        stream = loop_thread.stream(produce)
+        async for item in stream:
+            got.append(item)
+            if len(got) == 5:
+                break
+        await stream.aclose()
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+    assert loop_thread.submit(_is_set(cancelled)).result(timeout=10)
+
+
+async def _is_set(event: asyncio.Event) -> bool:
+    return event.is_set()
+
+
+def test_a_producer_error_reaches_the_consumer_after_its_items(loop_thread) -> None:
+    async def produce() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("boom")
+
+    async def main() -> list[int]:
+        got = []
+        with pytest.raises(ValueError, match="boom"):
+            async for item in loop_thread.stream(produce):
+                got.append(item)
+        return got
+
+    assert asyncio.run(main()) == [1, 2]
