@@ -64,19 +64,23 @@ async def _wait_then_set(event: asyncio.Event) -> None:
     event.set()
 
 
+async def _endless(stopped: asyncio.Event) -> AsyncIterator[int]:
+    """0, 1, 2, ... until cancelled; sets `stopped` when it ends."""
+    try:
+        i = 0
+        while True:
+            yield i
+            i += 1
+            await asyncio.sleep(0)
+    finally:
+        stopped.set()
+
+
 def test_a_consumer_that_leaves_cancels_its_producer(loop_thread) -> None:
     cancelled = asyncio.Event()
 
-    async def produce() -> AsyncIterator[int]:
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    def produce() -> AsyncIterator[int]:
+        return _endless(cancelled)
 
     async def main() -> list[int]:
         got = []
@@ -110,3 +114,61 @@ def test_a_producer_error_reaches_the_consumer_after_its_items(loop_thread) -> N
         return got
 
     assert asyncio.run(main()) == [1, 2]
+
+
+def test_pushed_items_follow_those_already_queued_and_end_once(loop_thread) -> None:
+    async def produce() -> AsyncIterator[int]:
+        for i in range(100):
+            yield i
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+
+    async def main() -> tuple[int, list[int], list[BaseException | None]]:
+        items = loop_thread.relayed(produce)
+        first = await anext(items)
+        await asyncio.sleep(0.05)  # more items reach this loop's queue before the switch
+        got: list[int] = []
+        ends: list[BaseException | None] = []
+        done = asyncio.Event()
+
+        def end(error: BaseException | None) -> None:
+            ends.append(error)
+            done.set()
+
+        items.push_to(got.append, end)
+        await done.wait()
+        await items.aclose()
+        return first, got, ends
+
+    first, got, ends = asyncio.run(main())
+    assert [first, *got] == list(range(100))
+    assert ends == [None]
+
+
+def test_a_push_callback_that_fails_ends_the_stream_and_stops_the_producer(loop_thread) -> None:
+    stopped = asyncio.Event()
+
+    def produce() -> AsyncIterator[int]:
+        return _endless(stopped)
+
+    async def main() -> list[BaseException | None]:
+        items = loop_thread.relayed(produce)
+        ends: list[BaseException | None] = []
+        done = asyncio.Event()
+
+        def put(item: int) -> None:
+            if item == 3:
+                raise ValueError("bad item")
+
+        def end(error: BaseException | None) -> None:
+            ends.append(error)
+            done.set()
+
+        items.push_to(put, end)
+        await done.wait()
+        await items.aclose()
+        return ends
+
+    ends = asyncio.run(main())
+    assert len(ends) == 1 and isinstance(ends[0], ValueError)
+    assert loop_thread.submit(_is_set(stopped)).result(timeout=10)

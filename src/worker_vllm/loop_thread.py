@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,23 +27,24 @@ _DONE = object()
 
 
 class _Relay:
-    """Items for queues of one caller loop, put on the loop thread: they leave together at the
-    end of the loop thread's iteration (one engine step's outputs reach their requests in one
+    """Calls on one caller loop, made from the loop thread: they run together at the end of
+    the loop thread's iteration (one engine step's outputs reach their requests in one
     iteration), with one wake-up of the caller's loop for them all.
 
     ``_waking`` is only touched on the loop thread. ``_scheduled`` is set there and cleared by
-    ``_deliver`` on the caller's loop before it empties the deque, so an item added after a
-    wake-up was seen as pending is delivered by that wake-up."""
+    ``_deliver`` on the caller's loop before it empties the deque, so a call added after a
+    wake-up was seen as pending is made by that wake-up."""
 
     def __init__(self, home: asyncio.AbstractEventLoop, caller: asyncio.AbstractEventLoop
                  ) -> None:
         self._home, self._caller = home, caller
-        self._items: collections.deque[tuple[asyncio.Queue, Any]] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[Any], None], Any]] = (
+            collections.deque())
         self._waking = False
         self._scheduled = False
 
-    def put(self, queue: asyncio.Queue, item: Any) -> None:
-        self._items.append((queue, item))
+    def put(self, call: Callable[[Any], None], arg: Any) -> None:
+        self._calls.append((call, arg))
         if not self._waking:
             self._waking = True
             self._home.call_soon(self._wake)
@@ -51,13 +53,99 @@ class _Relay:
         self._waking = False
         if not self._scheduled:
             self._scheduled = True
-            self._caller.call_soon_threadsafe(self._deliver)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                self._caller.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         self._scheduled = False
-        while self._items:
-            queue, item = self._items.popleft()
-            queue.put_nowait(item)
+        while self._calls:
+            call, arg = self._calls.popleft()
+            call(arg)
+
+
+class Relayed(Generic[T]):
+    """The items of a producer running on the loop thread, in the caller's loop: iterated
+    (``async for``), or from some point on pushed to callbacks (``push_to``: no task wakes up
+    per item). ``aclose()`` cancels the producer (vLLM then aborts the request) and waits
+    until it has ended."""
+
+    def __init__(self, thread: LoopThread, make: Callable[[], AsyncIterator[T]]) -> None:
+        caller = asyncio.get_running_loop()
+        self._relay = thread.relay_for(caller)
+        self._queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+        self._sink: Callable[[tuple[Any, BaseException | None]], None] = (
+            self._queue.put_nowait)
+        self._handed_end = False  # the consumer has had the end
+        self._ended = asyncio.Event()  # the producer has ended
+        self._future = thread.submit(self._pump(make))
+
+        def ended(_: concurrent.futures.Future) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                caller.call_soon_threadsafe(self._ended.set)
+
+        self._future.add_done_callback(ended)
+
+    async def _pump(self, make: Callable[[], AsyncIterator[T]]) -> None:
+        try:
+            async for item in make():
+                self._relay.put(self._deliver, (item, None))
+        except BaseException as exc:  # CancelledError too: the consumer must hear of it
+            self._relay.put(self._deliver, (_DONE, exc))
+            raise
+        self._relay.put(self._deliver, (_DONE, None))
+
+    def _deliver(self, entry: tuple[Any, BaseException | None]) -> None:
+        self._sink(entry)
+
+    def __aiter__(self) -> Relayed[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._handed_end:
+            raise StopAsyncIteration
+        item, exc = await self._queue.get()
+        if item is _DONE:
+            self._handed_end = True
+            if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                raise exc
+            raise StopAsyncIteration
+        return item
+
+    def push_to(self, put: Callable[[T], None],
+                end: Callable[[BaseException | None], None]) -> None:
+        """From now on hand each item to `put` and then the end to `end` (the producer's
+        error, or None), on the caller's loop as they arrive; items already here first. An
+        error raised by `put` ends the stream with that error and stops the producer."""
+
+        def sink(entry: tuple[Any, BaseException | None]) -> None:
+            if self._handed_end:
+                return
+            item, exc = entry
+            if item is _DONE:
+                self._handed_end = True
+                end(None if isinstance(exc, asyncio.CancelledError) else exc)
+                return
+            try:
+                put(item)
+            except Exception as error:  # noqa: BLE001 - the consumer hears of it
+                self._handed_end = True
+                self._future.cancel()
+                end(error)
+
+        self._sink = sink
+        while not self._queue.empty():
+            sink(self._queue.get_nowait())
+
+    async def aclose(self, limit: float = 10.0) -> None:
+        self._handed_end = True
+        if self._ended.is_set():
+            return
+        self._future.cancel()
+        try:
+            async with asyncio.timeout(limit):
+                await self._ended.wait()
+        except TimeoutError:
+            log.warning("Engine request did not confirm its abort within %.0f s", limit)
 
 
 class LoopThread:
@@ -75,6 +163,12 @@ class LoopThread:
         """Schedule `coro` on this loop, from any thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
 
+    def relay_for(self, caller: asyncio.AbstractEventLoop) -> _Relay:
+        relay = self._relays.get(caller)
+        if relay is None:
+            relay = self._relays[caller] = _Relay(self.loop, caller)
+        return relay
+
     async def call(self, make: Callable[[], Awaitable[T]]) -> T:
         """Await `make()` on this loop; cancelling the caller cancels it there."""
 
@@ -83,59 +177,26 @@ class LoopThread:
 
         return await asyncio.wrap_future(self.submit(run()))
 
+    def relayed(self, make: Callable[[], AsyncIterator[T]]) -> Relayed[T]:
+        """Run `make()` on this loop; its items reach the caller's loop (see `Relayed`)."""
+        return Relayed(self, make)
+
     async def stream(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
         """Iterate `make()` on this loop and relay its items to the caller's loop.
 
         Closing or cancelling the consumer cancels the producer here (vLLM then aborts the
         request) and waits until that has happened before returning.
         """
-        caller = asyncio.get_running_loop()
-        relay = self._relays.get(caller)
-        if relay is None:
-            relay = self._relays[caller] = _Relay(self.loop, caller)
-        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
-
-        def put(item: Any, exc: BaseException | None = None) -> None:
-            relay.put(queue, (item, exc))
-
-        async def pump() -> None:
-            try:
-                async for item in make():
-                    put(item)
-            except BaseException as exc:  # CancelledError too: the consumer must hear of it
-                put(_DONE, exc)
-                raise
-            put(_DONE)
-
-        future = self.submit(pump())
-        finished = False
+        items = Relayed(self, make)
         try:
-            while True:
-                item, exc = await queue.get()
-                if item is _DONE:
-                    finished = True
-                    if exc is not None and not isinstance(exc, asyncio.CancelledError):
-                        raise exc
-                    return
+            async for item in items:
                 yield item
         finally:
-            if not finished:
-                future.cancel()
-                await _drain_until_done(queue)
+            await items.aclose()
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
-
-
-async def _drain_until_done(queue: asyncio.Queue, limit: float = 10.0) -> None:
-    """Wait for the producer's end marker, i.e. until vLLM has aborted the request."""
-    try:
-        async with asyncio.timeout(limit):
-            while (await queue.get())[0] is not _DONE:
-                pass
-    except TimeoutError:
-        log.warning("Engine request did not confirm its abort within %.0f s", limit)
 
 
 def _uvloop() -> asyncio.AbstractEventLoop:

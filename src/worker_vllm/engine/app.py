@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker_vllm.engine.runner import EngineRunner
+from worker_vllm.loop_thread import Relayed
 
 # Inference routes of `vllm serve` that jobs may call (those the model's tasks registered).
 INFERENCE_ROUTES: dict[str, frozenset[str]] = {
@@ -56,7 +57,9 @@ DISCONNECT_GRACE_S = 5.0
 class AppResponse:
     status: int
     content_type: str
-    body: AsyncIterator[bytes]  # streamed from the engine loop as the app sends it
+    # The body's chunks, relayed from the engine's loop as the app sends them (iterate it, or
+    # have them pushed: `Relayed.push_to`); closing it disconnects.
+    body: Relayed[bytes]
 
 
 def _template(path: str) -> re.Pattern[str]:
@@ -159,26 +162,22 @@ class VLLMApp:
                       request_id: str) -> AppResponse:
         """Call the app; returns once the response has started. Closing its body (or
         cancelling the caller) disconnects, which makes vLLM abort the request."""
-        events = self.runner.loop.stream(lambda: _asgi_call(self.app, method, path, body,
-                                                       request_id))
-        kind, status, content_type = await anext(events)
+        events: Relayed[Any] = self.runner.loop.relayed(
+            lambda: _asgi_call(self.app, method, path, body, request_id))
+        try:
+            kind, status, content_type = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
         assert kind == "start"
-
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                async for _, chunk, _ in events:
-                    yield chunk
-            finally:
-                await events.aclose()
-
-        return AppResponse(status, content_type, chunks())
+        return AppResponse(status, content_type, events)
 
 
 async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
-                     request_id: str) -> AsyncIterator[tuple[str, Any, Any]]:
+                     request_id: str) -> AsyncIterator[tuple[str, Any, Any] | bytes]:
     """Run one request through the ASGI app on this (the engine's) loop: ("start", status,
-    content type), then ("body", bytes, None) per chunk."""
-    queue: asyncio.Queue[tuple[str, Any, Any] | None] = asyncio.Queue()
+    content type), then the bytes of each body chunk."""
+    queue: asyncio.Queue[tuple[str, Any, Any] | bytes | None] = asyncio.Queue()
     disconnected = asyncio.Event()
     sent_body = False
 
@@ -196,7 +195,7 @@ async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
             queue.put_nowait(("start", message["status"], headers.get("content-type", "")))
         elif message["type"] == "http.response.body":
             if message.get("body"):
-                queue.put_nowait(("body", message["body"], None))
+                queue.put_nowait(message["body"])
             if not message.get("more_body", False):
                 queue.put_nowait(None)
 

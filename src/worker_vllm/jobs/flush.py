@@ -17,9 +17,9 @@ import asyncio
 import contextvars
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from worker_vllm.jobs.output_limits import STREAM_MESSAGE_BUDGET
 
@@ -153,6 +153,17 @@ class _Pending(Generic[T]):
         return chunk
 
 
+class Pushed(Protocol[T]):
+    """A source that hands its items to callbacks as they arrive, on the consumer's loop
+    (vLLM's app's response body, relayed from the engine's loop): chunked then needs no task
+    of its own to read it, and no task wakes up per item but its own."""
+
+    def push_to(self, put: Callable[[T], None],
+                end: Callable[[BaseException | None], None]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 async def _feed(source: AsyncIterator[T], queue: asyncio.Queue, clock: Callable[[], float]
                 ) -> None:
     """Move `source`'s items (with their arrival time) into `queue`, then its end."""
@@ -166,7 +177,7 @@ async def _feed(source: AsyncIterator[T], queue: asyncio.Queue, clock: Callable[
 
 
 async def chunked(
-    source: AsyncIterator[T],
+    source: AsyncIterator[T] | Pushed[T],
     policy: FlushPolicy,
     clock: Callable[[], float] = time.monotonic,
     weigh: Callable[[T], int] = _one,
@@ -174,12 +185,13 @@ async def chunked(
     """Group the items of `source` into chunks under `policy`; `weigh` gives an item's size
     in a stream message (bytes), which bounds every chunk.
 
-    The source is consumed by its own task, so a flush timeout never cancels the source's
-    pending step (which for vLLM would abort the request). Closing or cancelling this
-    generator cancels that task and waits for it.
+    An iterated source is consumed by its own task, so a flush timeout never cancels the
+    source's pending step (which for vLLM would abort the request); a pushed one puts its
+    items in the queue itself. Closing or cancelling this generator stops the source (cancels
+    that task, or closes the pushed source) and waits for it.
     """
     queue: asyncio.Queue[tuple[T, float] | _End] = asyncio.Queue()
-    task = asyncio.ensure_future(_feed(source, queue, clock))
+    stop = _start(source, queue, clock)
     pending: _Pending[T] = _Pending(queue, policy, clock, weigh)
     size, first, behind = policy.first_size, True, False
     try:
@@ -208,6 +220,21 @@ async def chunked(
             elif full:
                 size = policy.next_size(size)
     finally:
+        await stop()
+
+
+def _start(source: AsyncIterator[T] | Pushed[T], queue: asyncio.Queue,
+           clock: Callable[[], float]) -> Callable[[], Awaitable[None]]:
+    """Start moving `source`'s items into `queue`; returns how to stop it."""
+    if hasattr(source, "push_to"):
+        source.push_to(lambda item: queue.put_nowait((item, clock())),
+                       lambda error: queue.put_nowait(_End(error)))
+        return source.aclose
+    task = asyncio.ensure_future(_feed(source, queue, clock))  # type: ignore[arg-type]
+
+    async def stop() -> None:
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+    return stop

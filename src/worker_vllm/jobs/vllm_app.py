@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from worker_vllm.engine import AppResponse, VLLMApp
 from worker_vllm.errors import ErrorObject, WorkerError
 from worker_vllm.jobs.flush import FlushPolicy, chunked
 from worker_vllm.jobs.shapes import OpenAIInput, RouteInput
+from worker_vllm.loop_thread import Relayed
 
 
 class RouteError(WorkerError):
@@ -88,22 +89,48 @@ def app_error(app: VLLMApp, method: str, path: str, body: Any, status: int,
     return error
 
 
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """Whole SSE events (ending in a blank line) from body chunks cut anywhere."""
-    pending = ""
-    async for chunk in chunks:
-        pending += chunk.decode("utf-8")
-        *events, pending = pending.split("\n\n")
-        for event in events:
-            yield event + "\n\n"
-    if pending.strip():
-        yield pending if pending.endswith("\n\n") else pending + "\n\n"
+class SSEEvents:
+    """Whole SSE events (each ending in a blank line) of a response body cut anywhere, pushed
+    as they arrive (``flush.Pushed``). A chunk of whole events after a whole one (vLLM sends
+    each event as one chunk) goes on as it is, so an item may hold several whole events."""
+
+    def __init__(self, body: Relayed[bytes]) -> None:
+        self._body = body
+        self._pending = ""
+
+    def _events(self, chunk: bytes) -> str | None:
+        text = chunk.decode("utf-8")
+        if not self._pending and text.endswith("\n\n"):
+            return text
+        head, sep, self._pending = (self._pending + text).rpartition("\n\n")
+        return head + sep if sep else None
+
+    def push_to(self, put: Callable[[str], None],
+                end: Callable[[BaseException | None], None]) -> None:
+        def put_events(chunk: bytes) -> None:
+            if (events := self._events(chunk)) is not None:
+                put(events)
+
+        def end_events(error: BaseException | None) -> None:
+            if error is None and self._pending.strip():
+                put(self._pending + "\n\n")
+            end(error)
+
+        self._body.push_to(put_events, end_events)
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
 
 
-def parse_sse(event: str) -> Any:
-    """The JSON payload of one SSE event (None for the closing [DONE])."""
-    data = "".join(line[5:].strip() for line in event.splitlines() if line.startswith("data:"))
-    return None if data in ("", "[DONE]") else json.loads(data)
+def parse_sse(events: str) -> list[Any]:
+    """The JSON payloads of whole SSE events (none for the closing [DONE])."""
+    payloads = []
+    for event in events.split("\n\n"):
+        data = "".join(line[5:].strip() for line in event.splitlines()
+                       if line.startswith("data:"))
+        if data not in ("", "[DONE]"):
+            payloads.append(json.loads(data))
+    return payloads
 
 
 def _event_weight(event: str) -> int:
@@ -129,11 +156,10 @@ async def run_route(app: VLLMApp, inp: OpenAIInput | RouteInput, policy: FlushPo
             except ValueError:
                 yield {"text": raw.decode("utf-8", "replace")}
             return
-        async with contextlib.aclosing(chunked(sse_events(chunks), policy,
+        async with contextlib.aclosing(chunked(SSEEvents(chunks), policy,
                                                weigh=_event_weight)) as batches:
             async for batch in batches:
                 if raw_output:
                     yield "".join(batch.items)
                 else:
-                    yield [chunk for event in batch.items
-                           if (chunk := parse_sse(event)) is not None]
+                    yield [payload for events in batch.items for payload in parse_sse(events)]
