@@ -1,15 +1,25 @@
 """The one-process ceiling, for scripts/benchmark.py --ceiling: streamed chat (and native)
 jobs at high concurrency on the demo model, each path alone, with the CPU time of the process
 that serves requests ("front": the worker's main process; `vllm serve`'s API server) per
-1,000 tokens beside its tokens/s. `vllm serve` runs first with the same engine settings and is
-stopped before the worker's rows; the platform stand-in answers at once; greedy sampling."""
+1,000 tokens beside its tokens/s. `vllm serve` runs first and last with the same engine
+settings, stopped while the worker's rows run; the platform stand-in answers at once; greedy
+sampling. Then the relay from vLLM's app to route jobs alone, without an engine."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import statistics
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import bench_full_path as fp
+
+from worker_vllm.jobs.flush import FlushPolicy, chunked
+from worker_vllm.jobs.vllm_app import SSEEvents, _event_weight
+from worker_vllm.loop_thread import LoopThread
 
 ENGINE = {"MAX_NUM_SEQS": "256"}
 
@@ -31,15 +41,22 @@ def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[
     return rows
 
 
+def _vllm_serve_rows(run_dir: Path, loads: list[fp.Load], when: str) -> list[dict[str, Any]]:
+    with fp.vllm_serve(run_dir / f"ceiling-vllm-serve-{when}.log", max_num_seqs=256) as (url,
+                                                                                     pid):
+        fp.warm_up(loads[0].concurrency, url=url, route="openai")
+        return [fp.measure_vllm_serve(url, pid, load, f"vllm serve (chat), {when}")
+                for load in loads]
+
+
 def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
          concurrencies: tuple[int, ...] = (64, 128)) -> list[dict[str, Any]]:
+    """`vllm serve` before and after the worker's rows (the machine's speed drifts over the
+    minutes between them: the ratios are against the mean of the two), each path alone."""
     if smoke:
         jobs, tokens, concurrencies = 8, 8, (2,)
     loads = [fp.Load(jobs, tokens, c, greedy=True) for c in concurrencies]
-    out = []
-    with fp.vllm_serve(run_dir / "ceiling-vllm-serve.log", max_num_seqs=256) as (url, pid):
-        fp.warm_up(concurrencies[0], url=url, route="openai")
-        out += [fp.measure_vllm_serve(url, pid, load, "vllm serve (chat)") for load in loads]
+    out = _vllm_serve_rows(run_dir, loads, "first")
     top = max(concurrencies)
     out += _worker_rows(run_dir, f"worker, MAX_CONCURRENCY={top} fixed", ("native", "openai"),
                         loads, top, JOB_ADMISSION="fixed")
@@ -48,20 +65,69 @@ def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
         fp.warm_up(concurrencies[0], url=lb_url, route="openai")
         out += [fp.measure_vllm_serve(lb_url, lb_pid, load, "worker, load-balancing (chat)")
                 for load in loads]
-    return out
+    return out + _vllm_serve_rows(run_dir, loads, "last")
 
 
 def print_table(table: list[dict[str, Any]]) -> None:
     print("\nThe one-process ceiling: streamed jobs x tokens on the demo model, MAX_NUM_SEQS "
-          "256, greedy; front = the process serving requests (CPU ms per 1,000 tokens)")
+          "256, greedy; front = the process serving requests (CPU ms per 1,000 tokens); "
+          "x vllm serve: against the mean of its first and last rows")
     print("| path | c | tok/s | x vllm serve | front CPU ms/1k | x vllm serve | "
           "whole-tree CPU ms/1k | TTFT p50/p95 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
-        serve = next(r for r in table if r["path"].startswith("vllm serve")
-                     and r["c"] == row["c"])
+        serve = [r for r in table if r["path"].startswith("vllm serve") and r["c"] == row["c"]]
+        tps = statistics.mean(r["tps"] for r in serve)
+        front_ref = statistics.mean(r["front_ms_per_1k"] for r in serve)
         front = row["front_ms_per_1k"]
-        print(f"| {row['path']} | {row['c']} | {row['tps']:.0f} | "
-              f"{row['tps'] / serve['tps']:.2f} | {front:.0f} | "
-              f"{front / serve['front_ms_per_1k']:.2f} | {row['cpu_per_1k'] * 1000:.0f} | "
+        print(f"| {row['path']} | {row['c']} | {row['tps']:.0f} | {row['tps'] / tps:.2f} | "
+              f"{front:.0f} | {front / front_ref:.2f} | {row['cpu_per_1k'] * 1000:.0f} | "
               f"{row['ttft_p50'] * 1000:.0f}/{row['ttft_p95'] * 1000:.0f} |")
+
+
+# One chat-completion chunk as vLLM's app sends it (one SSE event per body chunk).
+_EVENT = (b'data: {"id":"chatcmpl-0123456789abcdef","object":"chat.completion.chunk",'
+          b'"created":1765000000,"model":"demo","choices":[{"index":0,"delta":{"content":'
+          b'" tok"},"logprobs":null,"finish_reason":null}]}\n\n')
+
+
+async def _relay_round(streams: int, events: int) -> float:
+    """CPU seconds of this thread (the job loop's) per event, for `streams` bodies of
+    `events` SSE events produced on a loop thread (2 ms apart) and flushed as route jobs do."""
+    engine = LoopThread("bench-relay")
+
+    async def produce() -> AsyncIterator[bytes]:
+        for _ in range(events):
+            yield _EVENT
+            await asyncio.sleep(0.002)
+
+    async def job() -> int:
+        body = SSEEvents(engine.relayed(produce))
+        async with contextlib.aclosing(chunked(body, FlushPolicy(), weigh=_event_weight)) as out:
+            return sum([len(chunk.items) async for chunk in out])
+
+    try:
+        started = time.thread_time()
+        done = sum(await asyncio.gather(*[job() for _ in range(streams)]))
+        if done != streams * events:
+            raise RuntimeError(f"{done} SSE events reached the jobs, not {streams * events}")
+        return (time.thread_time() - started) / done
+    finally:
+        engine.stop()
+
+
+def relay_row(smoke: bool) -> dict[str, Any]:
+    """The relay from vLLM's app (on the engine's loop) to a route job's stream flush (on the
+    job loop), without an engine: the job loop's CPU per SSE event, median of 5 rounds after
+    one unmeasured."""
+    streams, events = (4, 20) if smoke else (64, 200)
+    runs = [asyncio.run(_relay_round(streams, events)) for _ in range(6)][1:]
+    return {"streams": streams, "events": events, "us_per_event": statistics.median(runs) * 1e6,
+            "runs": [r * 1e6 for r in runs]}
+
+
+def print_relay(row: dict[str, Any]) -> None:
+    print(f"\nThe relay alone (no engine): {row['streams']} streams x {row['events']} SSE events "
+          f"from the engine's loop to route jobs' stream flush: {row['us_per_event']:.1f} us of "
+          "the job loop's CPU per event (median of 5: "
+          + " / ".join(f"{r:.1f}" for r in row["runs"]) + ")")

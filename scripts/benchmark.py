@@ -47,10 +47,12 @@ py-spy must be installed: pip install py-spy).
 
 --ceiling: the one process that serves requests, at its limit (scripts/bench_ceiling.py): 256
 streamed jobs x 128 tokens at c64 and c128 (MAX_NUM_SEQS 256, greedy, the stand-in answering
-at once), each path alone: `vllm serve` (started first, stopped before the worker's rows),
-native and OpenAI chat jobs with a fixed MAX_CONCURRENCY, OpenAI chat jobs with the engine
-deciding, the worker on a load-balancing endpoint; tok/s, the front process's CPU per 1,000
-tokens (the worker's main process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95.
+at once), each path alone: `vllm serve` (first and last, stopped while the worker's rows run;
+ratios against the mean of the two), native and OpenAI chat jobs with a fixed
+MAX_CONCURRENCY, OpenAI chat jobs with the engine deciding, the worker on a load-balancing
+endpoint; tok/s, the front process's CPU per 1,000 tokens (the worker's main process; `vllm
+serve`'s API server), the whole tree's, TTFT p50/p95. Then the relay from vLLM's app to route
+jobs alone (no engine): the job loop's CPU per SSE event.
 
 Compare ratios within one run only: these machines are noisy, absolute figures are not
 comparable between runs. --smoke runs every path at tiny sizes, the queue worker with its own
@@ -339,6 +341,7 @@ def main() -> None:
 
         run_dir = Path(tempfile.mkdtemp(prefix="worker-vllm-bench-"))
         bench_ceiling.print_table(bench_ceiling.rows(run_dir, args.smoke))
+        bench_ceiling.print_relay(bench_ceiling.relay_row(args.smoke))
         return
     if args.batch:
         sys.path.insert(0, str(ROOT / "scripts"))

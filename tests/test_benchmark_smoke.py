@@ -52,3 +52,13 @@ def test_benchmark_smoke_runs_the_batch_table():
     for path in ("one batch job of 16 lines", "one batch job of 16 lines, streamed",
                  "16 /run jobs at c32", "vllm run-batch (its batch step)"):
         assert f"| {path} |" in out, out
+
+
+def test_the_ceiling_benchmarks_relay_row_measures_every_event() -> None:
+    """`benchmark.py --ceiling`'s relay row (no engine: fast), at its smoke size."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_ceiling
+
+    row = bench_ceiling.relay_row(smoke=True)
+    assert row["streams"] == 4 and row["events"] == 20
+    assert len(row["runs"]) == 5 and all(r > 0 for r in row["runs"])
