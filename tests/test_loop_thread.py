@@ -172,3 +172,38 @@ def test_a_push_callback_that_fails_ends_the_stream_and_stops_the_producer(loop_
     ends = asyncio.run(main())
     assert len(ends) == 1 and isinstance(ends[0], ValueError)
     assert loop_thread.submit(_is_set(stopped)).result(timeout=10)
+
+
+@pytest.mark.parametrize("how", ["stream", "relayed, pushed"])
+def test_closing_returns_once_the_producer_has_ended(loop_thread, how) -> None:
+    """vLLM's app ends a request a while after its client left (the disconnect, the abort):
+    closing must wait for that, or the job's record would show the engine still running it."""
+    import threading
+
+    ended = threading.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0.001)
+        finally:
+            await asyncio.sleep(0.2)  # the abort takes its time
+            ended.set()
+
+    async def main() -> bool:
+        if how == "stream":
+            items = loop_thread.stream(produce)
+            await anext(items)
+        else:
+            items = loop_thread.relayed(produce)
+            await anext(items)
+            got = asyncio.Event()
+            items.push_to(lambda item: got.set(), lambda error: None)
+            await got.wait()
+        await items.aclose()
+        return ended.is_set()
+
+    assert asyncio.run(main())

@@ -70,31 +70,49 @@ class Relayed(Generic[T]):
     until it has ended."""
 
     def __init__(self, thread: LoopThread, make: Callable[[], AsyncIterator[T]]) -> None:
-        caller = asyncio.get_running_loop()
-        self._relay = thread.relay_for(caller)
+        self._home = thread.loop
+        self._relay = thread.relay_for(asyncio.get_running_loop())
         self._queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
         self._sink: Callable[[tuple[Any, BaseException | None]], None] = (
             self._queue.put_nowait)
         self._handed_end = False  # the consumer has had the end
-        self._ended = asyncio.Event()  # the producer has ended
-        self._future = thread.submit(self._pump(make))
+        self._ended = asyncio.Event()  # the producer's end reached the caller's loop
+        # On the loop thread only: the producer's task, a stop asked for, its end relayed.
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._end_sent = False
+        self._home.call_soon_threadsafe(self._start, make)
 
-        def ended(_: concurrent.futures.Future) -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                caller.call_soon_threadsafe(self._ended.set)
+    def _start(self, make: Callable[[], AsyncIterator[T]]) -> None:
+        if self._stopping:
+            self._send_end(asyncio.CancelledError())
+            return
+        self._task = self._home.create_task(self._pump(make))
+        # A task cancelled before its first step never runs `_pump`: its end is sent here.
+        self._task.add_done_callback(lambda _: self._send_end(asyncio.CancelledError()))
 
-        self._future.add_done_callback(ended)
+    def _stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def _send_end(self, exc: BaseException | None) -> None:
+        if not self._end_sent:
+            self._end_sent = True
+            self._relay.put(self._deliver, (_DONE, exc))
 
     async def _pump(self, make: Callable[[], AsyncIterator[T]]) -> None:
         try:
             async for item in make():
                 self._relay.put(self._deliver, (item, None))
         except BaseException as exc:  # CancelledError too: the consumer must hear of it
-            self._relay.put(self._deliver, (_DONE, exc))
+            self._send_end(exc)
             raise
-        self._relay.put(self._deliver, (_DONE, None))
+        self._send_end(None)
 
     def _deliver(self, entry: tuple[Any, BaseException | None]) -> None:
+        if entry[0] is _DONE:
+            self._ended.set()
         self._sink(entry)
 
     def __aiter__(self) -> Relayed[T]:
@@ -129,7 +147,7 @@ class Relayed(Generic[T]):
                 put(item)
             except Exception as error:  # noqa: BLE001 - the consumer hears of it
                 self._handed_end = True
-                self._future.cancel()
+                self._home.call_soon_threadsafe(self._stop)
                 end(error)
 
         self._sink = sink
@@ -140,7 +158,7 @@ class Relayed(Generic[T]):
         self._handed_end = True
         if self._ended.is_set():
             return
-        self._future.cancel()
+        self._home.call_soon_threadsafe(self._stop)
         try:
             async with asyncio.timeout(limit):
                 await self._ended.wait()
