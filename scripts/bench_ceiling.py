@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,8 @@ ENGINE = {"MAX_NUM_SEQS": "256"}
 def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[fp.Load],
                  concurrency: int | None, **env: str) -> list[dict[str, Any]]:
     """The queue worker behind the platform stand-in: each route at each load."""
-    platform = fp.Platform(0.0, run_dir / f"ceiling-{len(name)}-{routes[0]}.log",
+    slug = "-".join(re.findall(r"[a-z0-9]+", name.lower()))
+    platform = fp.Platform(0.0, run_dir / f"ceiling-{slug}.log",
                            concurrency=concurrency, **ENGINE, **env)
     rows = []
     try:
@@ -42,8 +44,8 @@ def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[
 
 
 def _vllm_serve_rows(run_dir: Path, loads: list[fp.Load], when: str) -> list[dict[str, Any]]:
-    with fp.vllm_serve(run_dir / f"ceiling-vllm-serve-{when}.log", max_num_seqs=256) as (url,
-                                                                                     pid):
+    with fp.vllm_serve(run_dir / f"ceiling-vllm-serve-{when}.log",
+                       max_num_seqs=int(ENGINE["MAX_NUM_SEQS"])) as (url, pid):
         fp.warm_up(loads[0].concurrency, url=url, route="openai")
         return [fp.measure_vllm_serve(url, pid, load, f"vllm serve (chat), {when}")
                 for load in loads]

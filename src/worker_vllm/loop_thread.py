@@ -205,7 +205,7 @@ class LoopThread:
         Closing or cancelling the consumer cancels the producer here (vLLM then aborts the
         request) and waits until that has happened before returning.
         """
-        items = Relayed(self, make)
+        items = self.relayed(make)
         try:
             async for item in items:
                 yield item

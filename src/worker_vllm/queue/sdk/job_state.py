@@ -10,9 +10,9 @@ The file is how the SDK's heartbeat process learns the ids, and each job-take re
 The SDK rewrites it on every added or removed job (a file lock, a pickle of every job in flight
 with its whole input, a temporary file and a rename: 0.5 ms each with short inputs; 256 jobs
 with 32,000-character prompts cost the job loop 1.87 s of CPU, measured with runpod 1.10.0 on
-a 2-core x86-64 CPU), so ``JobIds`` keeps the ids in
-memory at once and writes the file, ids only, at most once per event-loop iteration and in the
-step of each job-take that reads it back (the SDK's take replaces its tracker with the file).
+a 2-core x86-64 CPU), so ``JobIds`` keeps the ids in memory at once and writes the file, ids
+only, at most once per event-loop iteration and in the step of each job-take that reads it
+back (the SDK's take replaces its tracker with the file).
 """
 
 from __future__ import annotations
