@@ -82,6 +82,7 @@ LABELS = {
     "DEFAULT_MIN_BATCH_SIZE": "Stream batch size (first)",
     "DEFAULT_BATCH_SIZE_GROWTH_FACTOR": "Stream batch growth factor",
     "STREAM_FLUSH_INTERVAL_MS": "Stream flush interval (ms)",
+    "STREAM_MESSAGES_PER_S": "Stream messages per second (all jobs)",
     "API_KEY": "API key (vLLM's own check)", "ALLOWED_ORIGINS": "CORS allowed origins",
     "ALLOWED_METHODS": "CORS allowed methods", "ALLOWED_HEADERS": "CORS allowed headers",
     "ALLOW_CREDENTIALS": "CORS allow credentials", "ROOT_PATH": "Root path (behind a proxy)",

@@ -39,9 +39,11 @@ def client(lb) -> openai.OpenAI:
 
 
 def test_the_health_path_answers_204_while_starting_then_200_and_ping_too(lb):
-    # lb.pings: HEALTH_CHECK_PATH=/health, polled from the process start.
-    statuses = [status for _, status in lb.pings if status is not None]
-    assert statuses[:2] == [204, 200], lb.pings
+    # lb.pings: HEALTH_CHECK_PATH=/health, polled from the process start. A poll that got no
+    # answer in its 5 s (a busy machine) is left out: 204 before and after it is one phase.
+    answered = [status for _, status in lb.pings if status is not None]
+    phases = [status for i, status in enumerate(answered) if i == 0 or answered[i - 1] != status]
+    assert phases == [204, 200], lb.pings
     assert lb.ping().json() == {"status": "healthy", "engine_requests": 0}
     health = httpx.get(f"{lb.base}/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "healthy"

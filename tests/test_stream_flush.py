@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker_vllm.jobs.flush import FlushPolicy, chunked
+from worker_vllm.jobs.flush import FlushPolicy, chunked, open_streams
 
 
 async def timed_source(gaps: list[float]):
@@ -256,3 +256,38 @@ def test_every_message_is_within_its_weight_and_nothing_is_lost(weights, gaps, m
     assert [i for m in messages for i in m] == items
     assert all(sum(w + 2 for _, w in m) <= 500 for m in messages)
     assert all(len(m) <= max(policy.max_size, 500) for m in messages)
+
+
+def test_the_interval_stretches_with_the_streams_open():
+    policy = FlushPolicy(flush_interval=0.05, messages_per_s=400)
+    assert [policy.interval(n) for n in (1, 20, 64, 128)] == [0.05, 0.05, 0.16, 0.32]
+    assert FlushPolicy(flush_interval=0.05).interval(1_000) == 0.05  # no bound
+    with pytest.raises(ValueError):
+        FlushPolicy(messages_per_s=-1)
+
+
+async def test_many_open_streams_send_fewer_messages_each():
+    # 19 streams held open and one that yields every 10 ms for 0.5 s: 20 streams at 100
+    # messages/s together is 0.2 s each, so every chunk but the first (at once) and the last
+    # (at the end) waited at least that long, and all of them together number a handful.
+    policy = FlushPolicy(max_size=1_000, min_size=1_000, growth=1.0, flush_interval=0.01,
+                         messages_per_s=100)
+    release = asyncio.Event()
+
+    async def idle():
+        await release.wait()
+        yield 0
+
+    async def drain(source):
+        return [chunk async for chunk in chunked(source, policy)]
+
+    held = [asyncio.create_task(drain(idle())) for _ in range(19)]
+    while open_streams() < 19:
+        await asyncio.sleep(0)
+    chunks = await drain(timed_source([0.0] + [0.01] * 49))
+    release.set()
+    await asyncio.gather(*held)
+    assert open_streams() == 0
+    assert [i for chunk in chunks for i in chunk.items] == list(range(50))
+    assert all(chunk.oldest_wait >= 0.2 for chunk in chunks[1:-1]), chunks
+    assert len(chunks) <= 5, [len(chunk.items) for chunk in chunks]

@@ -191,8 +191,15 @@ class WorkerSettings(BaseModel):
     )
     stream_flush_interval_ms: int = _field(
         50, "Streaming",
-        "A chunk is sent when its oldest delta has waited this long, even if not full.", ge=0,
-        front_end="queue",
+        "A chunk is sent when its oldest delta has waited this long, even if not full (longer "
+        "with many jobs streaming: STREAM_MESSAGES_PER_S).", ge=0, front_end="queue",
+    )
+    stream_messages_per_s: int = _field(
+        400, "Streaming",
+        "Stream messages a second of all the jobs streaming at once: with more jobs than this "
+        "x STREAM_FLUSH_INTERVAL_MS / 1000, each job's flush interval stretches to (jobs "
+        "streaming / this) seconds. Each message is one POST to the platform, paid by the "
+        "worker's one process; 0: no bound.", ge=0, advanced=True, front_end="queue",
     )
 
 

@@ -42,6 +42,7 @@ def flush_policy(settings: WorkerSettings, overrides: FlushOverrides) -> FlushPo
         min_size=overrides.min_batch_size or settings.default_min_batch_size,
         growth=overrides.batch_size_growth_factor or settings.default_batch_size_growth_factor,
         flush_interval=settings.stream_flush_interval_ms / 1000,
+        messages_per_s=settings.stream_messages_per_s,
     )
 
 
