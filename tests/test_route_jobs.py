@@ -135,3 +135,16 @@ async def test_every_hub_test_input_completes_on_the_demo_model(worker):
             test["name"]
         if test["name"] == "batch":
             assert outputs[-1]["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+
+
+def test_jobs_skip_the_middlewares_that_add_nothing_to_a_job_and_keep_the_rest(worker):
+    from worker_vllm.engine.app import JOB_SKIPPED_MIDDLEWARE
+
+    app = worker.app.app
+    full = {f"{m.cls.__module__}.{m.cls.__qualname__}" for m in app.user_middleware}
+    assert JOB_SKIPPED_MIDDLEWARE <= full  # each name still names a middleware of vLLM's app
+    layers = worker.app.job_stack.layers()
+    assert not JOB_SKIPPED_MIDDLEWARE & set(layers), layers
+    # vLLM's error bodies come from the exception handlers; those stay.
+    assert layers[0].endswith("ServerErrorMiddleware") and any(
+        name.endswith(".ExceptionMiddleware") for name in layers), layers
