@@ -8,6 +8,8 @@ cancelled jobs, a shared prefix) is tests/test_admission_worker.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import _RUN_DIR
 from processes import Endpoint, embedding_endpoint
@@ -84,13 +86,14 @@ def test_a_sliding_window_models_jobs_complete_and_are_not_preempted(sliding):
 
 @pytest.fixture(scope="module")
 def with_lora(tmp_path_factory, demo_model_dir, lora_dir):
-    import json
-
+    """Two adapters; MAX_LORAS is vLLM's default, 1: one adapter per engine step."""
     from conftest import LORA_NAME
+    from lora_adapter import build_lora_adapter
 
+    other = build_lora_adapter(_RUN_DIR / "lora-other", demo_model_dir, seed=2)
     ep = Endpoint(tmp_path_factory.mktemp("lora"), LORA_MODULES=json.dumps(
-        [{"name": LORA_NAME, "path": str(lora_dir)}]), MAX_MODEL_LEN="1024",
-        KV_CACHE_MEMORY_BYTES=str(4 * 1024 * 1024))
+        [{"name": LORA_NAME, "path": str(lora_dir)}, {"name": "other", "path": str(other)}]),
+        MAX_MODEL_LEN="1024", KV_CACHE_MEMORY_BYTES=str(4 * 1024 * 1024))
     yield ep, LORA_NAME
     ep.close()
 
@@ -111,3 +114,26 @@ def test_lora_and_base_model_jobs_complete_side_by_side(with_lora):
     assert all(s["output"][0]["usage"]["output"] == 64 for s in statuses[:8]), statuses
     assert all(s["output"][0]["model"] == lora for s in statuses[8:]), statuses
     assert ep.preempted_so_far() == before
+
+
+def test_jobs_on_an_adapter_beyond_max_loras_do_not_hold_back_the_others(with_lora):
+    """MAX_LORAS=1: while two long jobs run on one adapter, jobs on a second adapter wait in
+    vLLM's scheduler for their turn. The intake must not stop for them (vLLM 0.32 counts them
+    apart from the waiting requests): the short base-model jobs queued behind them are taken
+    and end while the long ones still run; every job completes."""
+    ep, lora = with_lora
+    long = [{"prompt": f"def long_{i}():", "model": lora, "sampling_params": {
+        "max_tokens": 400, "ignore_eos": True, "temperature": 1.0}} for i in range(2)]
+    other = [{"prompt": f"def other_{i}():", "model": "other", "sampling_params": {
+        "max_tokens": 16, "ignore_eos": True, "temperature": 1.0}} for i in range(2)]
+    base = [{"prompt": f"def base_{i}():", "sampling_params": {
+        "max_tokens": 16, "ignore_eos": True, "temperature": 1.0}} for i in range(12)]
+    ids, statuses, _ = ep.run_all(long + other + base, timeout=300)
+    assert all(s["output"][0]["usage"]["output"] == 400 for s in statuses[:2]), statuses[:2]
+    records = [json.loads(line)["id"] for line in ep.records.read_text().splitlines()]
+    ended = {job_id: records.index(job_id) for job_id in ids}  # the order jobs ended in
+    first_long = min(ended[job_id] for job_id in ids[:2])
+    # The case arose: the second adapter's jobs waited for the first adapter's to end.
+    assert all(ended[job_id] > first_long for job_id in ids[2:4]), ended
+    assert all(ended[job_id] < first_long for job_id in ids[4:]), (
+        ended, ep.log.read_text()[-3000:])
