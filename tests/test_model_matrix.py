@@ -137,3 +137,88 @@ def test_jobs_on_an_adapter_beyond_max_loras_do_not_hold_back_the_others(with_lo
     assert all(ended[job_id] > first_long for job_id in ids[2:4]), ended
     assert all(ended[job_id] < first_long for job_id in ids[4:]), (
         ended, ep.log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory, demo_model_dir):
+    from multimodal_model import build_multimodal_model
+
+    model = build_multimodal_model(_RUN_DIR / "tiny-blip2", demo_model_dir)
+    ep = Endpoint(tmp_path_factory.mktemp("multimodal"), MODEL_NAME=str(model),
+                  SERVED_MODEL_NAME="blip", ENFORCE_EAGER="true", MAX_MODEL_LEN="512",
+                  KV_CACHE_MEMORY_BYTES=str(4 * 1024 * 1024),
+                  # An image fetch held by the test lasts until the test lets it go.
+                  VLLM_IMAGE_FETCH_TIMEOUT="600")
+    yield ep
+    ep.close()
+
+
+def _image_chat(url: str, i: int, max_tokens: int = 32) -> dict:
+    return {"openai_route": "/v1/chat/completions", "openai_input": {
+        "model": "blip", "max_tokens": max_tokens, "ignore_eos": True, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": f"image {i}"}]}]}}
+
+
+def _text_job(i: int) -> dict:
+    return {"prompt": f"def job_{i}():", "sampling_params": {
+        "max_tokens": 32, "ignore_eos": True, "temperature": 1.0}}
+
+
+def test_jobs_with_images_complete_beside_text_jobs(multimodal):
+    """A multimodal model (each image a run of prompt tokens), MAX_CONCURRENCY unset: chat
+    jobs with an image beside text jobs, all at once: every job completes, the KV projection
+    decides (one KV-cache group), several jobs run at once, nothing is preempted."""
+    from multimodal_model import IMAGE_TOKENS, data_url
+
+    before = multimodal.preempted_so_far()
+    images = [_image_chat(data_url((i * 40 % 256, 80, 160)), i) for i in range(8)]
+    text = [_text_job(i) for i in range(8)]
+    _, statuses, samples = multimodal.run_all(images + text, timeout=300)
+    usage = statuses[0]["output"][0]["usage"]
+    assert usage["prompt_tokens"] > IMAGE_TOKENS and usage["completion_tokens"] == 32, usage
+    log = multimodal.log.read_text()
+    assert "The worker process exited" not in log, log[-3000:]
+    assert "room in its KV cache" in log, log[-3000:]
+    assert max(p for p, _ in samples) >= 2, samples
+    assert multimodal.preempted_so_far() == before
+
+
+def test_a_job_whose_image_is_still_on_its_way_does_not_stop_the_intake(multimodal):
+    """A job's request reaches the engine only once vLLM has its image: while a slow image
+    server holds the fetch, text jobs queued after it are taken and complete (an intake that
+    waited for every taken job to reach the engine would take none of them)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from multimodal_model import png_bytes
+
+    asked, release = threading.Event(), threading.Event()
+    png = png_bytes((10, 200, 10))
+
+    class SlowImage(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            asked.set()
+            release.wait(timeout=600)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        slow = multimodal.run(_image_chat(f"http://127.0.0.1:{server.server_port}/a.png", 0))
+        assert asked.wait(timeout=120), "vLLM never asked for the image"
+        text = [multimodal.run(_text_job(i)) for i in range(8)]
+        statuses = [multimodal.wait(job_id, timeout=120) for job_id in text]
+        assert [s["status"] for s in statuses] == ["COMPLETED"] * 8, statuses
+    finally:
+        release.set()
+        final = multimodal.wait(slow, timeout=120)
+        server.shutdown()
+    assert final["status"] == "COMPLETED", final
