@@ -7,7 +7,7 @@ import logging
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
@@ -66,15 +66,22 @@ def in_blocks(tokens: int) -> int:
     return -(-tokens // BLOCK) * BLOCK
 
 
+def peak(old: list[RequestSize], free: int, job: RequestSize) -> int:
+    """The most the cache holds at any later step (until the longest ends) with `free` new
+    jobs shaped like `job`, started now beside `old`."""
+    most = 0
+    for k in range(max(r.max_tokens - r.generated for r in old) + job.max_tokens):
+        held = sum(in_blocks(r.prompt + r.generated + k) for r in old
+                   if r.generated + k < r.max_tokens)
+        most = max(most, held + free * in_blocks(job.prompt + min(job.max_tokens, k)))
+    return most
+
+
 def assert_never_over_target(old: list[RequestSize], free: int, job: RequestSize,
                              target: float = TARGET) -> None:
     """`free` new jobs shaped like `job`, started now beside `old`: at no later step (until
     the longest ends) does the cache hold more than `target`."""
-    for k in range(max(r.max_tokens - r.generated for r in old) + job.max_tokens):
-        held = sum(in_blocks(r.prompt + r.generated + k) for r in old
-                   if r.generated + k < r.max_tokens)
-        new = in_blocks(job.prompt + min(job.max_tokens, k))
-        assert held + free * new <= target, k
+    assert peak(old, free, job) <= target, (free, peak(old, free, job))
 
 
 def test_an_idle_worker_takes_one_job_then_doubles_what_reaches_the_engine():
@@ -493,15 +500,24 @@ def test_the_intake_state_is_logged_at_each_change(caplog):
                and "1 running, 3 waiting, KV cache 2%" in line for line in lines), lines
 
 
-def test_a_take_waits_for_an_engine_step_after_the_one_before():
-    """Jobs just taken may not have reached the engine: the load seen before them would size
-    them by the past (a change to longer jobs would over-fill the cache)."""
+@settings(max_examples=150, deadline=None)
+@given(prompt=st.integers(1, 400), max_tokens=st.integers(1, 600), data=st.data())
+def test_jobs_taken_but_not_yet_in_the_engine_are_never_booked_twice(prompt, max_tokens, data):
+    """A take's jobs reach the engine a round trip later: asked again before then, the intake
+    must count them, or it books their room a second time. Whatever the requests in flight,
+    all the jobs the takes bring before the next engine step, shaped like the jobs seen, fit
+    beside them at every later step."""
+    job = RequestSize(prompt, 0, max_tokens)
+    old = [job._replace(generated=g) for g in data.draw(
+        st.lists(st.integers(0, max_tokens - 1), min_size=1, max_size=40), label="generated")]
+    assume(peak(old, 0, job) <= TARGET)  # what the engine holds already fits
     a = admission()
-    step(a, [SHORT] * 2, finished=[SHORT] * 4)
-    assert room(a, 2) > 0
-    assert room(a, 3) == 0
-    step(a, [SHORT] * 3)
-    assert room(a, 3) > 0
+    step(a, old, finished=[job._replace(generated=max_tokens)] * data.draw(
+        st.integers(1, 20), label="finished"))
+    taken = len(old)
+    for _ in range(3):  # takes, and no engine step between them
+        taken += room(a, taken)
+    assert_never_over_target(old, taken - len(old), job, TARGET_SHORT)
 
 
 @pytest.mark.parametrize("env,fixed,limit", [
