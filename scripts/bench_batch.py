@@ -1,9 +1,10 @@
 """Batch work, for scripts/benchmark.py --batch: the same chat requests (greedy, a fixed
 length) as one batch job, streamed and not, as one `/run` job each (through the platform
 stand-in with its round trip), and through `vllm run-batch` on the same file with the same
-engine settings; at each --batch-lines size, the batch rows --repeat times (median and every
-run). --profile samples the worker's main process (py-spy) through one streamed batch job and
-says where its time goes between lines."""
+engine settings, before the worker starts and again after it stopped; at each --batch-lines
+size, the batch rows --repeat times (median and every run). --profile samples the worker's
+main process (py-spy) through one streamed batch job and says where its time goes between
+lines."""
 
 from __future__ import annotations
 
@@ -211,12 +212,18 @@ def _median_row(label: str, runs: list[tuple[float, int]], expected: int,
             "runs": [expected / s for s, _ in runs], "note": note}
 
 
-def reference_row(run_dir: Path, count: int, tokens: int, repeat: int) -> dict[str, Any]:
-    lines, expected = request_lines(count, tokens), count * tokens
-    runs = [run_batch_row(run_dir, lines, tokens) for _ in range(repeat)]
+def reference_runs(run_dir: Path, count: int, tokens: int, repeat: int
+                   ) -> list[dict[str, Any]]:
+    lines = request_lines(count, tokens)
+    return [run_batch_row(run_dir, lines, tokens) for _ in range(repeat)]
+
+
+def reference_row(count: int, tokens: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`vllm run-batch`'s row: the median of its runs before and after the worker's (the
+    machine's speed drifts over the minutes between them)."""
     seconds = statistics.median(r["seconds"] for r in runs)
-    return {"path": "vllm run-batch (its batch step)", "seconds": seconds,
-            "tps": expected / seconds, "runs": [r["tps"] for r in runs],
+    return {"path": "vllm run-batch (its batch step), before and after", "seconds": seconds,
+            "tps": count * tokens / seconds, "runs": [r["tps"] for r in runs],
             "note": runs[0]["note"]}
 
 
@@ -238,24 +245,28 @@ def worker_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, r
 def rows(run_dir: Path, smoke: bool, rtt: float = 0.1, sizes: tuple[int, ...] = (512, 2000),
          tokens: int = 64, repeat: int = 3, profile: bool = False
          ) -> list[tuple[int, list[dict[str, Any]], dict[str, float] | None]]:
-    """Per size: its rows (`vllm run-batch` last, run before the worker starts), and (with
-    `profile`) where the streamed job's time went."""
+    """Per size: its rows (`vllm run-batch` last, run before the worker starts and again after
+    it stopped), and (with `profile`) where the streamed job's time went."""
     if smoke:
         sizes, tokens, repeat = (16,), 8, 1
-    references = [reference_row(run_dir, count, tokens, repeat) for count in sizes]
+    references = [reference_runs(run_dir, count, tokens, repeat) for count in sizes]
     platform = fp.Platform(rtt, run_dir / "batch-worker.log", concurrency=None)
     platform.endpoint.take_delay = rtt
     tables = []
     try:
-        for i, (count, reference) in enumerate(zip(sizes, references, strict=True)):
+        for i, count in enumerate(sizes):
             table = worker_rows(run_dir, platform, count, tokens, repeat, rtt,
                                 separate_jobs=i == 0)
             places = profile_row(platform, request_lines(count, tokens),
                                  run_dir / f"profile-{count}.txt") if profile else None
-            tables.append((count, [*table, reference], places))
+            tables.append((count, table, places))
     finally:
         platform.close()
-    return tables
+    if not smoke:  # the smoke run checks the plumbing: once is enough
+        for runs, count in zip(references, sizes, strict=True):
+            runs += reference_runs(run_dir, count, tokens, repeat)
+    return [(count, [*table, reference_row(count, tokens, runs)], places)
+            for (count, table, places), runs in zip(tables, references, strict=True)]
 
 
 def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] | None]],

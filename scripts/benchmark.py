@@ -40,8 +40,9 @@ MAX_CONCURRENCY equal to the load and unset.
 requests of --batch-tokens tokens as one batch job, streamed and not (--repeat runs each, the
 median), as `/run` jobs at concurrency 32 (the first size, one run; all through the platform
 stand-in, --rtt-ms per job-take and per stream POST) and through `vllm run-batch` on the same
-file with the same engine settings (--repeat runs, before the worker starts; its start-up taken
-out: its time on one line). --profile: py-spy on the worker's main process through one more
+file with the same engine settings (--repeat runs before the worker starts and --repeat after
+it stopped, the median of all: the machine drifts between them; its start-up taken out: its
+time on one line). --profile: py-spy on the worker's main process through one more
 streamed batch job, its samples by place (line start, weighing, stream POSTs, vLLM's app, ...;
 py-spy must be installed: pip install py-spy).
 
