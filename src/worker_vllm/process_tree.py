@@ -14,6 +14,9 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+# How long to wait for killed processes to be gone.
+KILLED_TEARDOWN_S = 30.0
+
 # Descendants seen so far (``note_descendants``), by pid.
 _seen: dict[int, psutil.Process] = {}
 
@@ -71,7 +74,14 @@ def _end(procs: list[psutil.Process], timeout: float) -> None:
             log.warning("Process %d (%s) did not end within %.0f s: killing it", proc.pid,
                         proc.name(), timeout)
             proc.kill()
-    psutil.wait_procs(alive, timeout=5.0)
+    # A killed process cannot refuse, but the kernel may take seconds to tear down one that
+    # holds a model's memory on a busy machine (one was still there 5 s after SIGKILL, on a
+    # 2-core CPU running the test suite).
+    _, left = psutil.wait_procs(alive, timeout=KILLED_TEARDOWN_S)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            log.warning("Process %d (%s) was killed and is still there after %.0f s",
+                        proc.pid, proc.name(), KILLED_TEARDOWN_S)
 
 
 def end_children(timeout: float = 5.0) -> None:
