@@ -13,7 +13,7 @@ if [[ "${1:-}" == "--stress" ]]; then
   shift
 fi
 scripts/setup.sh --test
-.venv/bin/ruff check src tests builder scripts
+.venv/bin/ruff check src tests builder scripts benchmarks
 .venv/bin/hadolint Dockerfile
 if (( stress )); then
   pids=()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def _smoke(*options: str) -> str:
     env = worker_env()
     env.pop("MODEL_NAME", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--smoke",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke",
                            *options], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -55,10 +55,10 @@ def test_benchmark_smoke_runs_the_batch_table():
 
 
 def test_the_ceiling_benchmarks_relay_row_measures_every_event() -> None:
-    """`benchmark.py --ceiling`'s relay row (no engine: fast), at its smoke size."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_ceiling
+    """`benchmarks/run.py --ceiling`'s relay row (no engine: fast), at its smoke size."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ceiling
 
-    row = bench_ceiling.relay_row(smoke=True)
+    row = ceiling.relay_row(smoke=True)
     assert row["streams"] == 4 and row["events"] == 20
     assert len(row["runs"]) == 5 and all(r > 0 for r in row["runs"])

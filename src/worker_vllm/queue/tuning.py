@@ -9,12 +9,12 @@ HISTORY = 64
 RECENT_WEIGHT = 0.25
 
 # Share of the KV cache the projection may fill: the rest absorbs requests that grow past
-# their expected size. Long loads (600 + 300 tokens), `benchmark.py --admission` on a 2-core
+# their expected size. Long loads (600 + 300 tokens), `benchmarks/run.py --admission` on a 2-core
 # x86-64 CPU: 0 preempted at 0.95.
 KV_TARGET = 0.95
 # Short jobs may fill more than the cache: requests taken together grow together, and when
 # they outgrow it vLLM preempts the newest and recomputes it from its tokens later. Measured on
-# a 2-core x86-64 CPU (`benchmark.py --admission`), 136-token jobs: 0.92-0.98x a fixed 32 at
+# a 2-core x86-64 CPU (`benchmarks/run.py --admission`), 136-token jobs: 0.92-0.98x a fixed 32 at
 # 1.3 where 0.95 gave 0.80-1.01x.
 KV_TARGET_SHORT = 1.3
 # Short: a job whose whole life (prompt and expected output) is within SHORT_JOB_SHARE of the

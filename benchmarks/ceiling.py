@@ -1,9 +1,11 @@
-"""The one-process ceiling, for scripts/benchmark.py --ceiling: streamed chat (and native)
-jobs at high concurrency on the demo model, each path alone, with the CPU time of the process
-that serves requests ("front": the worker's main process; `vllm serve`'s API server) per
-1,000 tokens beside its tokens/s. `vllm serve` runs first and last with the same engine
+"""The one-process ceiling, for benchmarks/run.py --ceiling: jobs at high concurrency on the demo
+model, each path alone, with the CPU time of the process that serves requests ("front": the
+worker's main process; `vllm serve`'s API server) per 1,000 tokens beside its tokens/s. OpenAI
+chat and completions, streamed and not, against `vllm serve` answering the same requests;
+native jobs against its streamed chat. `vllm serve` runs first and last with the same engine
 settings, stopped while the worker's rows run; the platform stand-in answers at once; greedy
-sampling. Then the relay from vLLM's app to route jobs alone, without an engine."""
+sampling. Then the floor (the SDK's job loop with a handler that yields one constant) and the
+relay from vLLM's app to route jobs alone, without an engine."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import bench_full_path as fp
+import harness as fp
 
 from worker_vllm.jobs.flush import FlushPolicy, chunked
 from worker_vllm.jobs.vllm_app import SSEEvents, _event_weight
@@ -25,19 +27,31 @@ from worker_vllm.loop_thread import LoopThread
 ENGINE = {"MAX_NUM_SEQS": "256"}
 
 
+KIND_LABELS = {"chat": "chat", "chat-ns": "chat, not streamed", "completions": "completions",
+               "completions-ns": "completions, not streamed"}
+
+
+def _label(route: str) -> str:
+    return "native jobs" if route == "native" else \
+        f"OpenAI {KIND_LABELS[fp.openai_kind(route)]} jobs"
+
+
 def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[fp.Load],
-                 concurrency: int | None, **env: str) -> list[dict[str, Any]]:
-    """The queue worker behind the platform stand-in: each route at each load."""
+                 concurrency: int | None, script: Path = fp.HANDLER,
+                 **env: str) -> list[dict[str, Any]]:
+    """The queue worker (or the floor) behind the platform stand-in: each route at each load.
+    Each row's `kind` names the `vllm serve` rows it is compared with."""
     slug = "-".join(re.findall(r"[a-z0-9]+", name.lower()))
-    platform = fp.Platform(0.0, run_dir / f"ceiling-{slug}.log",
+    platform = fp.Platform(0.0, run_dir / f"ceiling-{slug}.log", script,
                            concurrency=concurrency, **ENGINE, **env)
     rows = []
     try:
         for route in routes:
             fp.warm_up(loads[0].concurrency, platform=platform, route=route)
+            kind = "chat" if route == "native" else fp.openai_kind(route)
             for load in loads:
-                label = f"{name}, {'OpenAI chat' if route == 'openai' else 'native'} jobs"
-                rows.append(fp.measure_platform(platform, load, route, label))
+                row = fp.measure_platform(platform, load, route, f"{name}, {_label(route)}")
+                rows.append({**row, "kind": kind})
     finally:
         platform.close()
     return rows
@@ -47,8 +61,9 @@ def _vllm_serve_rows(run_dir: Path, loads: list[fp.Load], when: str) -> list[dic
     with fp.vllm_serve(run_dir / f"ceiling-vllm-serve-{when}.log",
                        max_num_seqs=int(ENGINE["MAX_NUM_SEQS"])) as (url, pid):
         fp.warm_up(loads[0].concurrency, url=url, route="openai")
-        return [fp.measure_vllm_serve(url, pid, load, f"vllm serve (chat), {when}")
-                for load in loads]
+        return [{**fp.measure_vllm_serve(url, pid, load, f"vllm serve ({KIND_LABELS[kind]}), "
+                                         f"{when}", route=kind), "kind": kind}
+                for kind in fp.OPENAI_KINDS for load in loads]
 
 
 def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
@@ -60,30 +75,40 @@ def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
     loads = [fp.Load(jobs, tokens, c, greedy=True) for c in concurrencies]
     out = _vllm_serve_rows(run_dir, loads, "first")
     top = max(concurrencies)
-    out += _worker_rows(run_dir, f"worker, MAX_CONCURRENCY={top} fixed", ("native", "openai"),
-                        loads, top, JOB_ADMISSION="fixed")
+    routes = ("native", "openai", "openai-chat-ns", "openai-completions",
+              "openai-completions-ns")
+    out += _worker_rows(run_dir, f"worker, MAX_CONCURRENCY={top} fixed", routes, loads, top,
+                        JOB_ADMISSION="fixed")
     out += _worker_rows(run_dir, "worker, engine decides", ("openai",), loads, None)
     with fp.lb_worker(run_dir / "ceiling-lb.log", **ENGINE) as (lb_url, lb_pid, _):
         fp.warm_up(concurrencies[0], url=lb_url, route="openai")
-        out += [fp.measure_vllm_serve(lb_url, lb_pid, load, "worker, load-balancing (chat)")
-                for load in loads]
+        out += [{**fp.measure_vllm_serve(lb_url, lb_pid, load, "worker, load-balancing (chat)"),
+                 "kind": "chat"} for load in loads]
+    out += _worker_rows(run_dir, "floor (SDK job loop, constant handler)", ("native",), loads,
+                        top, fp.FLOOR)
     return out + _vllm_serve_rows(run_dir, loads, "last")
 
 
 def print_table(table: list[dict[str, Any]]) -> None:
-    print("\nThe one-process ceiling: streamed jobs x tokens on the demo model, MAX_NUM_SEQS "
-          "256, greedy; front = the process serving requests (CPU ms per 1,000 tokens); "
-          "x vllm serve: against the mean of its first and last rows")
+    print("\nThe one-process ceiling: jobs x tokens on the demo model, MAX_NUM_SEQS 256, greedy; "
+          "front = the process serving requests (CPU ms per 1,000 tokens); x vllm serve: "
+          "against the mean of its first and last rows of the same kind (native jobs: its "
+          "streamed chat); TTFT of a request not streamed: the time to its answer; the floor: "
+          "the SDK's job loop with a handler that yields one constant per job (its CPU per "
+          "1,000 tokens of the jobs it stands for)")
     print("| path | c | tok/s | x vllm serve | front CPU ms/1k | x vllm serve | "
           "whole-tree CPU ms/1k | TTFT p50/p95 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
-        serve = [r for r in table if r["path"].startswith("vllm serve") and r["c"] == row["c"]]
+        serve = [r for r in table if r["path"].startswith("vllm serve") and r["c"] == row["c"]
+                 and r["kind"] == row["kind"]]
         tps = statistics.mean(r["tps"] for r in serve)
         front_ref = statistics.mean(r["front_ms_per_1k"] for r in serve)
         front = row["front_ms_per_1k"]
-        print(f"| {row['path']} | {row['c']} | {row['tps']:.0f} | {row['tps'] / tps:.2f} | "
-              f"{front:.0f} | {front / front_ref:.2f} | {row['cpu_per_1k'] * 1000:.0f} | "
+        floor = row["path"].startswith("floor")
+        print(f"| {row['path']} | {row['c']} | "
+              + ("- | - |" if floor else f"{row['tps']:.0f} | {row['tps'] / tps:.2f} |")
+              + f" {front:.0f} | {front / front_ref:.2f} | {row['cpu_per_1k'] * 1000:.0f} | "
               f"{row['ttft_p50'] * 1000:.0f}/{row['ttft_p95'] * 1000:.0f} |")
 
 

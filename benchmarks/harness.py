@@ -1,6 +1,7 @@
-"""The path users run, for scripts/benchmark.py: a platform stand-in (the local endpoint, in this
-process) and a real worker process on its real runpod SDK job loop; and `vllm serve` with an
-HTTP client as the peer. Each measurement returns one row of the benchmark's table."""
+"""What every benchmark of benchmarks/run.py shares: a platform stand-in (the local endpoint, in
+this process) with a real worker process on its real runpod SDK job loop, `vllm serve` and the
+worker on a load-balancing endpoint started and stopped, the loads, and a process's CPU. Each
+measurement returns one row of a table."""
 
 from __future__ import annotations
 
@@ -108,13 +109,13 @@ def thread_cpu(native_id: int) -> float:
     return 0.0
 
 
-FLOOR = ROOT / "scripts" / "floor_worker.py"
+FLOOR = ROOT / "benchmarks" / "floor_worker.py"
 HANDLER = ROOT / "src" / "handler.py"
 
 
 class Platform:
     """The local endpoint's app on a thread of this process, with one worker process: the
-    worker (`src/handler.py`) or the floor (`scripts/floor_worker.py`), taking jobs through
+    worker (`src/handler.py`) or the floor (`benchmarks/floor_worker.py`), taking jobs through
     `intake` ("events": the worker's own; "sdk": the runpod SDK's polling loop)."""
 
     def __init__(self, stream_post_delay: float, log_path: Path, script: Path = HANDLER,
@@ -187,10 +188,10 @@ def _native_body(load: Load, i: int) -> dict[str, Any]:
                                           **_seed(load, i)}}}
 
 
-def _completion_body(load: Load, i: int) -> dict[str, Any]:
+def _completion_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
     """The native job's request as `vllm serve`'s /v1/completions takes it."""
     return {"model": DEMO_MODEL_ID, "prompt": _prompt(load, i),
-            "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": True,
+            "max_tokens": load.max_tokens(i), "ignore_eos": True, "stream": stream,
             **_seed(load, i)}
 
 
@@ -200,17 +201,52 @@ def _chat_body(load: Load, i: int, stream: bool = True) -> dict[str, Any]:
             **_seed(load, i)}
 
 
+# OpenAI requests by kind: "chat", "completions", and each not streamed ("-ns"). A platform
+# route is "native" or "openai" (streamed chat) or "openai-<kind>".
+OPENAI_KINDS = ("chat", "chat-ns", "completions", "completions-ns")
+
+
+def openai_kind(route: str) -> str:
+    return "chat" if route == "openai" else route.removeprefix("openai-")
+
+
+def openai_request(kind: str, load: Load, i: int) -> tuple[str, dict[str, Any]]:
+    """(path below /v1, body) of request i of `kind`."""
+    api, _, ns = kind.partition("-")
+    body = _chat_body if api == "chat" else _completion_body
+    return ("chat/completions" if api == "chat" else "completions"), body(load, i, not ns)
+
+
+async def _openai_call(client: httpx.AsyncClient, url: str, body: dict[str, Any]
+                       ) -> tuple[float, int]:
+    """One OpenAI request read to its end: (seconds to its first SSE event, or to the answer
+    when not streamed; the SSE events received, 1 when not streamed)."""
+    start = time.monotonic()
+    if not body["stream"]:
+        r = await client.post(url, json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {r.text[:500]}")
+        return time.monotonic() - start, 1
+    first, n = None, 0
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {(await r.aread())[:500]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                n += 1
+                first = time.monotonic() - start if first is None else first
+    return first or 0.0, n
+
+
 async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le.Job]:
     semaphore = asyncio.Semaphore(load.concurrency)
     limits = httpx.Limits(max_connections=load.concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def one(i: int) -> None:
             async with semaphore:
-                if route == "openai":  # the client reads the SSE stream to its end
-                    async with client.stream("POST", f"{platform.base}/openai/v1/chat/"
-                                             "completions", json=_chat_body(load, i)) as r:
-                        async for _ in r.aiter_bytes():
-                            pass
+                if route.startswith("openai"):  # the client reads the answer to its end
+                    path, body = openai_request(openai_kind(route), load, i)
+                    await _openai_call(client, f"{platform.base}/openai/v1/{path}", body)
                     return
                 job_id = (await client.post(f"{platform.base}/run",
                                             json=_native_body(load, i))).json()["id"]
@@ -245,8 +281,11 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         text = log_file.read()
     staleness = [float(m.group(1)) for m in STALENESS.finditer(text)]
     last_waits = [float(m.group(1)) for m in LAST_WAIT.finditer(text)]
-    ttfts = [j.chunk_times[0] - j.created for j in jobs]  # from submission
-    take_ttfts = [j.chunk_times[0] - (j.started or j.created) for j in jobs]  # from job-take
+    # The first stream message's arrival (an unstreamed job: its end), from submission and
+    # from the job-take.
+    firsts = [(j.chunk_times or [j.finished or 0.0])[0] for j in jobs]
+    ttfts = [f - j.created for f, j in zip(firsts, jobs, strict=True)]
+    take_ttfts = [f - (j.started or j.created) for f, j in zip(firsts, jobs, strict=True)]
     return {
         "path": label, "c": load.concurrency, "tokens": load.tokens, "tps": tokens / wall,
         "take_p50": pct([(j.started or j.created) - j.created for j in jobs], 0.5),
@@ -272,7 +311,8 @@ def warm_up(concurrency: int, platform: Platform | None = None, url: str | None 
     if platform is not None:
         asyncio.run(_drive_platform(platform, load, route))
     if url is not None:
-        asyncio.run(_drive_vllm_serve(url, load, "chat" if route == "openai" else "completions"))
+        asyncio.run(_drive_vllm_serve(url, load, openai_kind(route) if route.startswith("openai")
+                                      else "completions"))
 
 
 @contextlib.contextmanager
@@ -308,8 +348,10 @@ def vllm_serve(log_path: Path, **engine: Any) -> Iterator[tuple[str, int]]:
         proc.wait(timeout=120)
 
 
-async def _drive_vllm_serve(url: str, load: Load, route: str = "chat"
+async def _drive_vllm_serve(url: str, load: Load, kind: str = "chat"
                             ) -> tuple[list[float], list[int]]:
+    """`load` as OpenAI requests of `kind` (OPENAI_KINDS) to `url`: (time to the first SSE
+    event, or to the answer when not streamed; events per request)."""
     semaphore = asyncio.Semaphore(load.concurrency)
     ttfts: list[float] = []
     events: list[int] = []
@@ -317,18 +359,9 @@ async def _drive_vllm_serve(url: str, load: Load, route: str = "chat"
             max_connections=load.concurrency + 4)) as client:
         async def one(i: int) -> None:
             async with semaphore:
-                start, first, n = time.monotonic(), None, 0
-                path, body = (("/v1/chat/completions", _chat_body(load, i)) if route == "chat"
-                              else ("/v1/completions", _completion_body(load, i)))
-                async with client.stream("POST", url + path, json=body) as r:
-                    if r.status_code != 200:
-                        raise RuntimeError(f"{path}: {r.status_code} {await r.aread()!r}")
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: "):
-                            n += 1
-                            if first is None:
-                                first = time.monotonic() - start
-                ttfts.append(first or 0.0)
+                path, body = openai_request(kind, load, i)
+                first, n = await _openai_call(client, f"{url}/v1/{path}", body)
+                ttfts.append(first)
                 events.append(n)
 
         await asyncio.gather(*(one(i) for i in range(load.jobs)))
@@ -370,9 +403,9 @@ def lb_worker(log_path: Path, **extra_env: str) -> Iterator[tuple[str, int, dict
 def measure_vllm_serve(url: str, pid: int, load: Load,
                        label: str = "vllm serve, HTTP SSE", route: str = "chat"
                        ) -> dict[str, Any]:
-    """Streamed chat completions (or, `route="completions"`, completions of the native jobs'
-    prompts) over HTTP against `vllm serve` (or the worker serving vLLM's app on a
-    load-balancing endpoint)."""
+    """OpenAI requests of kind `route` (OPENAI_KINDS: streamed chat completions by default;
+    "completions": the native jobs' prompts) over HTTP against `vllm serve` (or the worker
+    serving vLLM's app on a load-balancing endpoint)."""
     cpu0 = tree_cpu(pid)
     split0 = cpu_split(pid)
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""Jobs per worker beyond the demo decoder, for scripts/benchmark.py --admission (tables D and E).
+"""Jobs per worker beyond the demo decoder, for benchmarks/run.py --admission (tables D and E).
 
 Table D, jobs shorter than a round trip: 512 embedding jobs (all-MiniLM-L6-v2, encoder-only:
 no KV cache in vLLM) and 512 native jobs of 2 tokens (the demo model) at c64 through the
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bench_full_path as fp
+import harness as fp
 import httpx
 
 ROUND_TRIP_S = 0.1

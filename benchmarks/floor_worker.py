@@ -1,8 +1,8 @@
 """The floor of the full-path benchmark: the runpod SDK's job loop with a handler that does no
 work (it yields one constant message per job). No worker on that loop can go faster.
 
-    JOB_INTAKE=events|sdk MAX_CONCURRENCY=64 python scripts/floor_worker.py
-    (with the platform's RUNPOD_WEBHOOK_* env, as scripts/bench_full_path.py sets it)
+    JOB_INTAKE=events|sdk MAX_CONCURRENCY=64 python benchmarks/floor_worker.py
+    (with the platform's RUNPOD_WEBHOOK_* env, as benchmarks/harness.py sets it)
 """
 
 from __future__ import annotations

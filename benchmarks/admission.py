@@ -1,4 +1,4 @@
-"""Jobs per worker, for scripts/benchmark.py --admission: the engine deciding against fixed
+"""Jobs per worker, for benchmarks/run.py --admission: the engine deciding against fixed
 counts and `vllm serve`, in one run.
 
 Table A, a KV-limited engine (a cache of 4 contexts of MAX_MODEL_LEN=1024 tokens, blocks of 32
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bench_full_path as fp
+import harness as fp
 import httpx
 
 # 4 contexts of 1,024 tokens: the demo model's KV cache takes 1 KiB per token. KV blocks of 32

@@ -1,6 +1,6 @@
 """Cold start, phase by phase: a worker started twice on one "network volume" directory.
 
-    .venv/bin/python scripts/measure_startup.py [--eager] [--model DIR]
+    .venv/bin/python benchmarks/run.py --startup [--eager] [--model DIR]
 
 Each start is a new worker process (local test mode, one short job) with BASE_PATH on the same
 directory and a fresh temp dir of its own, as a new container with the volume attached. The
@@ -10,7 +10,6 @@ table from the workers' own start-up summaries (STARTUP_SUMMARY_FILE).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -66,22 +65,14 @@ def table(runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eager", action="store_true", help="ENFORCE_EAGER (no compilation)")
-    parser.add_argument("--model", default=None, help="model directory (default: demo model)")
-    args = parser.parse_args()
+def run(model: str | None, eager: bool) -> None:
+    """Two starts on one volume (`model`: a model directory, default the demo model)."""
     sys.path.insert(0, str(ROOT / "src"))
     from worker_vllm.model.demo import ensure_demo_model
 
-    model = args.model or str(ensure_demo_model())
+    model = model or str(ensure_demo_model())
     volume = Path(tempfile.mkdtemp(prefix="worker-vllm-volume-"))
-    runs = [(label, start_once(volume, model, args.eager, label))
+    runs = [(label, start_once(volume, model, eager, label))
             for label in ("first start", "second start")]
     print(table(runs))
     print(f"\nvLLM cache on the volume: {runs[0][1].get('vllm_cache')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

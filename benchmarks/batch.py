@@ -1,4 +1,4 @@
-"""Batch work, for scripts/benchmark.py --batch: the same chat requests (greedy, a fixed
+"""Batch work, for benchmarks/run.py --batch: the same chat requests (greedy, a fixed
 length) as one batch job, streamed and not, as one `/run` job each (through the platform
 stand-in with its round trip), and through `vllm run-batch` on the same file with the same
 engine settings, before the worker starts and again after it stopped; at each --batch-lines
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bench_full_path as fp
+import harness as fp
 import httpx
 
 from worker_vllm.model.demo import DEMO_MODEL_ID, ENGINE_DEFAULTS, ensure_demo_model
