@@ -54,8 +54,6 @@ def test_the_sdk_names_the_results_rely_on():
     assert list(inspect.signature(rp_http._transmit).parameters) == [
         "client_session", "url", "job_data"]
     assert isinstance(rp_http.JOB_DONE_URL, str) and isinstance(rp_http.JOB_STREAM_URL, str)
-    assert inspect.isasyncgenfunction(rp_job.run_job_generator)
-    assert list(inspect.signature(rp_job.run_job_generator).parameters) == ["handler", "job"]
     # The SDK posts JSON with ensure_ascii=False, as ``encode`` does.
     assert "json.dumps(job_data, ensure_ascii=False)" in inspect.getsource(
         rp_http._handle_result)
@@ -88,6 +86,26 @@ def test_a_handler_that_raises_ends_the_job_with_the_sdks_error(posts):
     run(handle_job, handler)
     assert [(u, b.keys()) for u, b, _ in posts] == [(u, b.keys()) for u, b, _ in sdk]
     assert "broken" in posts[-1][1]["error"]
+
+
+class Formatted(dict):
+    """An output that counts the times it is turned into text (JSON encoding does not)."""
+
+    count = 0
+
+    def __repr__(self) -> str:
+        Formatted.count += 1
+        return super().__repr__()
+
+
+def test_no_output_is_turned_into_text_for_a_log_line(posts):
+    """The SDK's generator loop formats every yield into a debug line whatever the log level
+    (more CPU than encoding it, for a batch's large messages); the worker's does not."""
+    outputs = [Formatted(line=i, text="t" * 50) for i in range(3)]
+    Formatted.count = 0
+    run(handle_job, generator_of(*outputs))
+    assert [b["output"] for u, b, _ in posts] == [*outputs, outputs]
+    assert Formatted.count == 0
 
 
 # ----- weighed against the limits -----------------------------------------------------------

@@ -14,18 +14,23 @@ platform refused. Here (limits in ``worker_vllm.jobs.output_limits``):
   fails with an error that says to stream, since the platform could keep none of it.
 
 Each message's JSON is kept and the result is put together from those bytes, so no output
-is encoded twice. The SDK's ``refresh_worker`` and ``rp_debugger`` options are not used by
-the worker and not handled here.
+is encoded twice; and no output is formatted into text for a log line (the SDK's
+``run_job_generator`` does that at every yield, whatever the log level). The SDK's
+``refresh_worker`` and ``rp_debugger`` options are not used by the worker and not handled
+here.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import traceback
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import ClientError
-from runpod.serverless.modules import rp_http, rp_job
+from runpod.serverless.modules import rp_http
 
 from worker_vllm.errors import WorkerError, error_result
 from worker_vllm.jobs.output_limits import (
@@ -100,11 +105,28 @@ def _error_of(message: dict[str, Any]) -> dict[str, Any] | None:
     return {"error": message["error"]} if message.get("error") else None
 
 
+async def _messages(handler: Callable[..., Any], job: dict[str, Any]
+                    ) -> AsyncIterator[dict[str, Any]]:
+    """The SDK's ``run_job_generator`` without its debug line per yield: each output as
+    ``{"output": ...}``; a handler that raises ends with the SDK's ``{"error": ...}``."""
+    try:
+        outputs = handler(job)
+        if inspect.isasyncgen(outputs):
+            async for output in outputs:
+                yield {"output": output}
+        else:
+            for output in outputs:
+                yield {"output": output}
+    except Exception as err:
+        log.error("The job's handler raised: %s", err)
+        yield {"error": f"handler: {err} \ntraceback: {traceback.format_exc()}"}
+
+
 async def handle_job(session: Any, config: dict[str, Any], job: dict[str, Any]) -> None:
     """Run the job's handler (a generator), stream its messages and post its result."""
     result = JobResult()
     final: bytes | None = None
-    async for message in rp_job.run_job_generator(config["handler"], job):
+    async for message in _messages(config["handler"], job):
         if (error := _error_of(message)) is not None:
             final = encode(error)
             break
