@@ -9,7 +9,6 @@ lines."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import os
 import re
@@ -149,15 +148,13 @@ def floor_row(run_dir: Path, lines: list[dict[str, Any]], rtt: float) -> dict[st
             "tps": None, "runs": [], "note": "the platform's share of one job"}
 
 
-# Where a streamed batch job's main process spends its time, by the innermost frame that
-# names one of these (py-spy's raw stacks: "frame;frame;... count", root first).
+# Where a streamed batch job's main process spends its time (harness.by_place).
 PLACES = (
     ("stream messages and result: encode, POST", ("rp_http", "aiohttp",
                                                   "worker_vllm/queue/sdk/results.py")),
     ("output lines weighed", ("_weight (", "_weighed (", "ResultSize")),
-    ("output lines flushed", ("worker_vllm/jobs/flush.py", "worker_vllm/jobs/batching.py")),
-    ("batch lines: start, parse, output line", ("worker_vllm/jobs/batch/",
-                                               "worker_vllm/batch/")),
+    ("output lines flushed", ("worker_vllm/jobs/flush.py",)),
+    ("batch lines: start, parse, output line", ("worker_vllm/jobs/batch/",)),
     ("the job handler (dispatch, record)", ("worker_vllm/jobs/",)),
     ("vLLM's app: request, chat template, output", ("vllm/entrypoints", "vllm/renderers",
                                                    "starlette", "fastapi")),
@@ -167,34 +164,11 @@ PLACES = (
 )
 
 
-def _place(stack: str) -> str:
-    frames = stack.split(";")
-    for frame in reversed(frames):
-        for place, marks in PLACES:
-            if any(mark in frame for mark in marks):
-                return place
-    return "other"
-
-
 def profile_row(platform: fp.Platform, lines: list[dict[str, Any]], out: Path) -> dict[str, float]:
-    """Shares of the worker's main-process samples (py-spy, 100 Hz) during one streamed batch
-    job, by place."""
-    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
-                            str(platform.worker.pid), "--format", "raw", "--rate", "100",
-                            "--output", str(out), "--nonblocking"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)  # py-spy attaches
-    try:
-        asyncio.run(_one_batch_job(platform, lines, stream=True))
-    finally:
-        spy.send_signal(2)
-        spy.wait(timeout=60)
-    counts: collections.Counter[str] = collections.Counter()
-    for row in out.read_text().splitlines():
-        stack, _, n = row.rpartition(" ")
-        counts[_place(stack)] += int(n)
-    total = sum(counts.values()) or 1
-    return {place: n / total for place, n in counts.most_common()}
+    """Shares of the worker's main-process samples during one streamed batch job, by place."""
+    stacks = fp.profiled(platform.worker.pid, out,
+                         lambda: asyncio.run(_one_batch_job(platform, lines, stream=True)))
+    return fp.by_place(stacks, PLACES)
 
 
 def _timed(drive: Any) -> tuple[float, int]:

@@ -36,11 +36,42 @@ def _label(route: str) -> str:
         f"OpenAI {KIND_LABELS[fp.openai_kind(route)]} jobs"
 
 
+# Where the worker's main process spends its CPU on OpenAI chat jobs (harness.by_place; py-spy
+# with --gil: the samples holding the GIL), most specific first.
+PLACES = (
+    ("POSTs to the platform (the runpod SDK, aiohttp)", ("rp_http", "aiohttp",
+                                                         "worker_vllm/queue/sdk/results.py")),
+    ("middlewares of vLLM's app (error handling)", ("starlette/middleware",
+                                                    "starlette/_exception_handler")),
+    ("vLLM's chat generator, Starlette, FastAPI (vllm serve pays this too)",
+     ("vllm/entrypoints", "vllm/renderers", "starlette", "fastapi")),
+    ("relay from vLLM's app to the job loop", ("worker_vllm/loop_thread.py",)),
+    ("SSE events, weighing, stream flush", ("worker_vllm/jobs/flush.py",
+                                            "worker_vllm/jobs/vllm_app.py")),
+    ("admission, per engine step", ("worker_vllm/queue/admission", "worker_vllm/queue/projection",
+                                    "worker_vllm/engine_state", "worker_vllm/engine/load")),
+    ("job handler: dispatch, summary, log line", ("worker_vllm/jobs/", "worker_vllm/logs")),
+    ("job-take, job state file, intake", ("runpod/", "worker_vllm/queue/")),
+    ("vLLM's engine client: output handler, stats (vllm serve pays this too)", ("vllm/",)),
+    ("asyncio's loop, no caller of the worker's above", ("asyncio/",)),
+)
+
+
+def _profile(run_dir: Path, platform: fp.Platform, load: fp.Load) -> dict[str, Any]:
+    """py-spy on the worker's main process through one more round of `load` (OpenAI chat)."""
+    stacks = fp.profiled(platform.worker.pid, run_dir / "ceiling-profile.txt",
+                         lambda: fp.measure_platform(platform, load, "openai", "profiled"),
+                         rate=200, gil=True)
+    return {"samples": sum(stacks.values()), "c": load.concurrency,
+            "places": fp.by_place(stacks, PLACES), "top": fp.top_functions(stacks)}
+
+
 def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[fp.Load],
                  concurrency: int | None, script: Path = fp.HANDLER,
-                 **env: str) -> list[dict[str, Any]]:
+                 profile: dict[str, Any] | None = None, **env: str) -> list[dict[str, Any]]:
     """The queue worker (or the floor) behind the platform stand-in: each route at each load.
-    Each row's `kind` names the `vllm serve` rows it is compared with."""
+    Each row's `kind` names the `vllm serve` rows it is compared with. `profile` (a dict):
+    filled with where OpenAI chat jobs at the first load spend the main process's CPU."""
     slug = "-".join(re.findall(r"[a-z0-9]+", name.lower()))
     platform = fp.Platform(0.0, run_dir / f"ceiling-{slug}.log", script,
                            concurrency=concurrency, **ENGINE, **env)
@@ -52,6 +83,8 @@ def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[
             for load in loads:
                 row = fp.measure_platform(platform, load, route, f"{name}, {_label(route)}")
                 rows.append({**row, "kind": kind})
+            if profile is not None and route == "openai":
+                profile.update(_profile(run_dir, platform, loads[0]))
     finally:
         platform.close()
     return rows
@@ -67,9 +100,11 @@ def _vllm_serve_rows(run_dir: Path, loads: list[fp.Load], when: str) -> list[dic
 
 
 def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
-         concurrencies: tuple[int, ...] = (64, 128)) -> list[dict[str, Any]]:
+         concurrencies: tuple[int, ...] = (64, 128), profile: dict[str, Any] | None = None
+         ) -> list[dict[str, Any]]:
     """`vllm serve` before and after the worker's rows (the machine's speed drifts over the
-    minutes between them: the ratios are against the mean of the two), each path alone."""
+    minutes between them: the ratios are against the mean of the two), each path alone;
+    `profile`: see _worker_rows."""
     if smoke:
         jobs, tokens, concurrencies = 8, 8, (2,)
     loads = [fp.Load(jobs, tokens, c, greedy=True) for c in concurrencies]
@@ -78,7 +113,7 @@ def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
     routes = ("native", "openai", "openai-chat-ns", "openai-completions",
               "openai-completions-ns")
     out += _worker_rows(run_dir, f"worker, MAX_CONCURRENCY={top} fixed", routes, loads, top,
-                        JOB_ADMISSION="fixed")
+                        profile=profile, JOB_ADMISSION="fixed")
     out += _worker_rows(run_dir, "worker, engine decides", ("openai",), loads, None)
     with fp.lb_worker(run_dir / "ceiling-lb.log", **ENGINE) as (lb_url, lb_pid, _):
         fp.warm_up(concurrencies[0], url=lb_url, route="openai")
@@ -110,6 +145,19 @@ def print_table(table: list[dict[str, Any]]) -> None:
               + ("- | - |" if floor else f"{row['tps']:.0f} | {row['tps'] / tps:.2f} |")
               + f" {front:.0f} | {front / front_ref:.2f} | {row['cpu_per_1k'] * 1000:.0f} | "
               f"{row['ttft_p50'] * 1000:.0f}/{row['ttft_p95'] * 1000:.0f} |")
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    print(f"\nWhere the worker's main process spends its CPU, OpenAI chat jobs at "
+          f"c{profile['c']} (py-spy --gil, 200 Hz, {profile['samples']} samples)")
+    print("| place | share |")
+    print("| --- | --- |")
+    for place, share in profile["places"].items():
+        print(f"| {place} | {share:.1%} |")
+    print("\n| function (self time) | share |")
+    print("| --- | --- |")
+    for frame, share in profile["top"]:
+        print(f"| `{frame}` | {share:.1%} |")
 
 
 # One chat-completion chunk as vLLM's app sends it (one SSE event per body chunk).

@@ -6,6 +6,7 @@ measurement returns one row of a table."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,56 @@ def measure_platform(platform: Platform, load: Load, route: str, label: str) -> 
         "cpu_per_1k": cpu / tokens * 1000, "endpoint_cpu_share": endpoint_cpu / max(cpu, 1e-9),
         **cpu_per_1k(split0, tokens, platform.worker.pid),
     }
+
+
+def profiled(pid: int, out: Path, run: Callable[[], Any], rate: int = 100,
+             gil: bool = False) -> collections.Counter[str]:
+    """py-spy's samples of process `pid` while `run()` runs: raw stacks ("frame;frame;..."
+    root first) and their counts. `gil`: only samples holding the GIL (the CPU the process
+    itself spends, not its waits). py-spy must be installed (pip install py-spy)."""
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                            str(pid), "--format", "raw", "--rate", str(rate), "--output",
+                            str(out), "--nonblocking", *(["--gil"] if gil else [])],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        run()
+    finally:
+        spy.send_signal(2)
+        spy.wait(timeout=60)
+    stacks: collections.Counter[str] = collections.Counter()
+    for row in out.read_text().splitlines():
+        stack, _, n = row.rpartition(" ")
+        stacks[stack] += int(n)
+    return stacks
+
+
+def by_place(stacks: collections.Counter[str], places: tuple[tuple[str, tuple[str, ...]], ...]
+             ) -> dict[str, float]:
+    """Each sample's place: the first of `places` (name, marks) with a mark in the innermost
+    frame that has any; shares of all samples, largest first."""
+    counts: collections.Counter[str] = collections.Counter()
+    for stack, n in stacks.items():
+        counts[_place(stack, places)] += n
+    total = sum(counts.values()) or 1
+    return {place: n / total for place, n in counts.most_common()}
+
+
+def _place(stack: str, places: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    for frame in reversed(stack.split(";")):
+        for place, marks in places:
+            if any(mark in frame for mark in marks):
+                return place
+    return "other"
+
+
+def top_functions(stacks: collections.Counter[str], most: int = 15) -> list[tuple[str, float]]:
+    """The innermost frames with the most samples (self time): (frame, share)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for stack, n in stacks.items():
+        counts[stack.rsplit(";", 1)[-1]] += n
+    total = sum(counts.values()) or 1
+    return [(frame, n / total) for frame, n in counts.most_common(most)]
 
 
 def warm_up(concurrency: int, platform: Platform | None = None, url: str | None = None,

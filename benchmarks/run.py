@@ -4,7 +4,7 @@
         [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
     .venv/bin/python benchmarks/run.py --admission [--repeat 3] [--loads short,mixed,long]
         [--no-first-message] [--smoke]
-    .venv/bin/python benchmarks/run.py --ceiling [--smoke]
+    .venv/bin/python benchmarks/run.py --ceiling [--profile] [--smoke]
     .venv/bin/python benchmarks/run.py --batch [--batch-lines 512,2000] [--batch-tokens 64]
         [--repeat 3] [--rtt-ms 100] [--profile] [--smoke]
     .venv/bin/python benchmarks/run.py --startup [--eager] [--model DIR]
@@ -47,14 +47,17 @@ time on one line). --profile: py-spy on the worker's main process through one mo
 streamed batch job, its samples by place (line start, weighing, stream POSTs, vLLM's app, ...;
 py-spy must be installed: pip install py-spy).
 
---ceiling: the one process that serves requests, at its limit (benchmarks/ceiling.py): 256
-streamed jobs x 128 tokens at c64 and c128 (MAX_NUM_SEQS 256, greedy, the stand-in answering
-at once), each path alone: `vllm serve` (first and last, stopped while the worker's rows run;
-ratios against the mean of the two), native and OpenAI chat jobs with a fixed
-MAX_CONCURRENCY, OpenAI chat jobs with the engine deciding, the worker on a load-balancing
-endpoint; tok/s, the front process's CPU per 1,000 tokens (the worker's main process; `vllm
-serve`'s API server), the whole tree's, TTFT p50/p95. Then the relay from vLLM's app to route
-jobs alone (no engine): the job loop's CPU per SSE event.
+--ceiling: the one process that serves requests, at its limit (ceiling.py): 256 jobs x 128
+tokens at c64 and c128 (MAX_NUM_SEQS 256, greedy, the stand-in answering at once), each path
+alone: `vllm serve` answering OpenAI chat and completions, streamed and not (first and last,
+stopped while the worker's rows run; ratios against the mean of the two), the worker with a
+fixed MAX_CONCURRENCY on native jobs and on the same four OpenAI requests, OpenAI chat jobs with
+the engine deciding, the worker on a load-balancing endpoint, and the floor (the SDK's job loop
+with a constant handler); tok/s, the front process's CPU per 1,000 tokens (the worker's main
+process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95. --profile: py-spy on the
+worker's main process through one more round of OpenAI chat jobs at c64, its samples by place
+and its top functions. Then the relay from vLLM's app to route jobs alone (no engine): the job
+loop's CPU per SSE event.
 
 --startup: cold start instead (startup.py): a worker started twice on one "network volume"
 directory, the phase table from its own start-up summaries.
@@ -70,6 +73,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -113,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-tokens", type=int, default=64,
                         help="--batch: tokens per line")
     parser.add_argument("--profile", action="store_true",
-                        help="--batch: where a streamed batch job's time goes (py-spy)")
+                        help="--batch, --ceiling: where the worker's main process spends its "
+                             "time (py-spy)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     return parser
 
@@ -123,7 +128,10 @@ def main() -> None:
     if args.ceiling:
         import ceiling
 
-        ceiling.print_table(ceiling.rows(_run_dir(), args.smoke))
+        profile: dict[str, Any] | None = {} if args.profile else None
+        ceiling.print_table(ceiling.rows(_run_dir(), args.smoke, profile=profile))
+        if profile:
+            ceiling.print_profile(profile)
         ceiling.print_relay(ceiling.relay_row(args.smoke))
     elif args.batch:
         import batch
