@@ -207,3 +207,55 @@ def test_closing_returns_once_the_producer_has_ended(loop_thread, how) -> None:
         return ended.is_set()
 
     assert asyncio.run(main())
+
+
+def test_a_pushing_producer_relays_its_items_its_error_and_its_end(loop_thread) -> None:
+    """`pushed`: a producer that hands each item to a callback (how vLLM's app's ASGI `send`
+    reaches route jobs) relays like an iterated one: items in order, then its error; closing
+    cancels it and returns once it has ended. The error is the consumer's alone: the loop
+    does not report it again as a task exception never retrieved."""
+    import gc
+    import threading
+
+    ended = threading.Event()
+    reported: list[dict] = []
+    loop_thread.loop.set_exception_handler(lambda loop, context: reported.append(context))
+
+    async def finite(emit) -> None:
+        for i in range(100):
+            emit(i)
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+        raise ValueError("the app failed")
+
+    async def endless(emit) -> None:
+        try:
+            i = 0
+            while True:
+                emit(i)
+                i += 1
+                await asyncio.sleep(0.001)
+        finally:
+            await asyncio.sleep(0.2)  # the abort takes its time
+            ended.set()
+
+    async def main() -> tuple[list[int], BaseException | None, bool]:
+        got: list[int] = []
+        error: BaseException | None = None
+        try:
+            async for item in loop_thread.pushed(finite):
+                got.append(item)
+        except ValueError as exc:
+            error = exc
+        items = loop_thread.pushed(endless)
+        assert await anext(items) == 0
+        await items.aclose()
+        return got, error, ended.is_set()
+
+    got, error, closed_after_end = asyncio.run(main())
+    assert got == list(range(100))
+    assert str(error) == "the app failed"
+    assert closed_after_end
+    del error  # its traceback holds the producer's task
+    gc.collect()  # a finished task reports an exception never retrieved when collected
+    assert reported == []

@@ -63,13 +63,19 @@ class _Relay:
             call(arg)
 
 
+# A producer on the loop thread: an async iterator of items, or a coroutine function that
+# hands each item to the callback it is given (``Pushing``: no task step per item there).
+Pushing = Callable[[Callable[[T], None]], Awaitable[None]]
+Producer = Callable[[], AsyncIterator[T]] | tuple[Pushing[T]]
+
+
 class Relayed(Generic[T]):
     """The items of a producer running on the loop thread, in the caller's loop: iterated
     (``async for``), or from some point on pushed to callbacks (``push_to``: no task wakes up
     per item). ``aclose()`` cancels the producer (vLLM then aborts the request) and waits
     until it has ended."""
 
-    def __init__(self, thread: LoopThread, make: Callable[[], AsyncIterator[T]]) -> None:
+    def __init__(self, thread: LoopThread, make: Producer[T]) -> None:
         self._home = thread.loop
         self._relay = thread.relay_for(asyncio.get_running_loop())
         self._queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
@@ -83,7 +89,7 @@ class Relayed(Generic[T]):
         self._end_sent = False
         self._home.call_soon_threadsafe(self._start, make)
 
-    def _start(self, make: Callable[[], AsyncIterator[T]]) -> None:
+    def _start(self, make: Producer[T]) -> None:
         if self._stopping:
             self._send_end(asyncio.CancelledError())
             return
@@ -101,14 +107,22 @@ class Relayed(Generic[T]):
             self._end_sent = True
             self._relay.put(self._deliver, (_DONE, exc))
 
-    async def _pump(self, make: Callable[[], AsyncIterator[T]]) -> None:
+    async def _pump(self, make: Producer[T]) -> None:
         try:
-            async for item in make():
-                self._relay.put(self._deliver, (item, None))
+            if isinstance(make, tuple):
+                await make[0](self._emit)
+            else:
+                async for item in make():
+                    self._emit(item)
         except BaseException as exc:  # CancelledError too: the consumer must hear of it
             self._send_end(exc)
-            raise
+            if not isinstance(exc, Exception):
+                raise  # a cancellation goes on; an error is the consumer's (relayed), not
+                # the task's, which nothing awaits ("Task exception was never retrieved")
         self._send_end(None)
+
+    def _emit(self, item: T) -> None:
+        self._relay.put(self._deliver, (item, None))
 
     def _deliver(self, entry: tuple[Any, BaseException | None]) -> None:
         if entry[0] is _DONE:
@@ -198,6 +212,11 @@ class LoopThread:
     def relayed(self, make: Callable[[], AsyncIterator[T]]) -> Relayed[T]:
         """Run `make()` on this loop; its items reach the caller's loop (see `Relayed`)."""
         return Relayed(self, make)
+
+    def pushed(self, run: Pushing[T]) -> Relayed[T]:
+        """Run `run(emit)` on this loop; each item it emits reaches the caller's loop, as with
+        `relayed`, without a task step per item here. Cancelling it is how it is stopped."""
+        return Relayed(self, (run,))
 
     async def stream(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
         """Iterate `make()` on this loop and relay its items to the caller's loop.

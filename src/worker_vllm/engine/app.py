@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,8 +212,8 @@ class VLLMApp:
                       request_id: str) -> AppResponse:
         """Call the app; returns once the response has started. Closing its body (or
         cancelling the caller) disconnects, which makes vLLM abort the request."""
-        events: Relayed[Any] = self.runner.loop.relayed(
-            lambda: _asgi_call(self.job_stack, method, path, body, request_id))
+        events: Relayed[Any] = self.runner.loop.pushed(
+            lambda emit: _asgi_call(self.job_stack, method, path, body, request_id, emit))
         try:
             kind, status, content_type = await anext(events)
         except BaseException:
@@ -223,11 +223,11 @@ class VLLMApp:
         return AppResponse(status, content_type, events)
 
 
-async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
-                     request_id: str) -> AsyncIterator[tuple[str, Any, Any] | bytes]:
-    """Run one request through the ASGI app on this (the engine's) loop: ("start", status,
-    content type), then the bytes of each body chunk."""
-    queue: asyncio.Queue[tuple[str, Any, Any] | bytes | None] = asyncio.Queue()
+async def _asgi_call(app: Any, method: str, path: str, body: bytes | None, request_id: str,
+                     emit: Callable[[tuple[str, Any, Any] | bytes], None]) -> None:
+    """Run one request through the ASGI app on this (the engine's) loop, emitting ("start",
+    status, content type), then the bytes of each body chunk as the app sends it (no task
+    step per chunk); returns when the app has, raising what it raised."""
     disconnected = asyncio.Event()
     sent_body = False
 
@@ -242,24 +242,16 @@ async def _asgi_call(app: Any, method: str, path: str, body: bytes | None,
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             headers = {k.decode().lower(): v.decode() for k, v in message.get("headers", [])}
-            queue.put_nowait(("start", message["status"], headers.get("content-type", "")))
-        elif message["type"] == "http.response.body":
-            if message.get("body"):
-                queue.put_nowait(message["body"])
-            if not message.get("more_body", False):
-                queue.put_nowait(None)
+            emit(("start", message["status"], headers.get("content-type", "")))
+        elif message["type"] == "http.response.body" and message.get("body"):
+            emit(message["body"])
 
-    async def run() -> None:
-        try:
-            await app(_scope(method, path, body, request_id), receive, send)
-        finally:
-            queue.put_nowait(None)
-
-    task = asyncio.ensure_future(run())
+    task = asyncio.ensure_future(app(_scope(method, path, body, request_id), receive, send))
     try:
-        while (item := await queue.get()) is not None:
-            yield item
-        await task  # raises what the app raised
+        # Not `await task`: cancelling this call (the client left) must not cancel the app's
+        # task before it has heard the disconnect.
+        await asyncio.wait({task})
+        task.result()  # raises what the app raised
     finally:
         # The client leaves: the app hears a disconnect first. vLLM's JSON routes cancel their
         # work on it (`with_cancellation`); cancelling the app's task alone would leave that
