@@ -18,6 +18,7 @@ is the route's to refuse before it gets here: it leaves alone).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import math
 import time
@@ -106,10 +107,49 @@ def _one(_item: object) -> int:
 _SEPARATOR = 2
 
 
-class _Pending(Generic[T]):
-    """The batch being filled from a queue that the source's own task feeds."""
+class _Inbox(Generic[T]):
+    """The items a source has put (each with its arrival time), then its end. The consumer
+    waits for a number of them (or the end), so a source that puts an item wakes no task
+    unless that item completes what the consumer waits for: one wake-up per chunk, not one
+    per item (an SSE event, a delta)."""
 
-    def __init__(self, queue: asyncio.Queue, policy: FlushPolicy, clock: Callable[[], float],
+    def __init__(self) -> None:
+        self._entries: collections.deque[tuple[T, float] | _End] = collections.deque()
+        self._wanted = 1
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, entry: tuple[T, float] | _End) -> None:
+        self._entries.append(entry)
+        if self._waiter is not None and not self._waiter.done() and (
+                len(self._entries) >= self._wanted or isinstance(entry, _End)):
+            self._waiter.set_result(None)
+
+    def qsize(self) -> int:
+        return len(self._entries)
+
+    def empty(self) -> bool:
+        return not self._entries
+
+    def get_nowait(self) -> tuple[T, float] | _End:
+        return self._entries.popleft()
+
+    async def wait_for(self, wanted: int) -> None:
+        """Until `wanted` entries are in, or the end. Cancelling it loses no entry."""
+        if len(self._entries) >= wanted or (self._entries
+                                             and isinstance(self._entries[-1], _End)):
+            return
+        self._wanted = wanted
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+class _Pending(Generic[T]):
+    """The batch being filled from the source's inbox."""
+
+    def __init__(self, queue: _Inbox[T], policy: FlushPolicy, clock: Callable[[], float],
                  weigh: Callable[[T], int]) -> None:
         self.queue, self.policy, self.clock, self.weigh = queue, policy, clock, weigh
         self.items: list[T] = []
@@ -148,20 +188,20 @@ class _Pending(Generic[T]):
                and (limit is None or len(self.items) < limit)):
             self.take(self.queue.get_nowait())
 
-    async def wait(self) -> None:
-        """Wait for an item: as long as it takes for an empty batch, else until the oldest
-        item's flush interval is over."""
+    async def wait(self, size: int) -> None:
+        """Wait for an item: as long as it takes for an empty batch, else until the batch has
+        `size` items with those queued or the oldest item's flush interval is over."""
         if self.carry is not None:
             return
         if not self.items:
-            self.take(await self.queue.get())
+            await self.queue.wait_for(1)
+            self.take(self.queue.get_nowait())
         elif (remaining := self.oldest + self._interval() - self.clock()) > 0:
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                 # cancellation that races with a result, and a cancelled job must stop.
-                # A timed-out Queue.get loses no item.
                 async with asyncio.timeout(remaining):
-                    self.take(await self.queue.get())
+                    await self.queue.wait_for(max(1, size - len(self.items)))
             except TimeoutError:
                 pass
 
@@ -183,7 +223,7 @@ class _Pending(Generic[T]):
 class Pushed(Protocol[T]):
     """A source that hands its items to callbacks as they arrive, on the consumer's loop
     (vLLM's app's response body, relayed from the engine's loop): chunked then needs no task
-    of its own to read it, and no task wakes up per item but its own."""
+    of its own to read it, and no task wakes up per item."""
 
     def push_to(self, put: Callable[[T], None],
                 end: Callable[[BaseException | None], None]) -> None: ...
@@ -191,16 +231,16 @@ class Pushed(Protocol[T]):
     async def aclose(self) -> None: ...
 
 
-async def _feed(source: AsyncIterator[T], queue: asyncio.Queue, clock: Callable[[], float]
+async def _feed(source: AsyncIterator[T], queue: _Inbox[T], clock: Callable[[], float]
                 ) -> None:
     """Move `source`'s items (with their arrival time) into `queue`, then its end."""
     try:
         async for item in source:
-            queue.put_nowait((item, clock()))
+            queue.put((item, clock()))
     except Exception as exc:
-        queue.put_nowait(_End(exc))
+        queue.put(_End(exc))
     else:
-        queue.put_nowait(_End())
+        queue.put(_End())
 
 
 async def chunked(
@@ -217,14 +257,14 @@ async def chunked(
     items in the queue itself. Closing or cancelling this generator stops the source (cancels
     that task, or closes the pushed source) and waits for it.
     """
-    queue: asyncio.Queue[tuple[T, float] | _End] = asyncio.Queue()
+    queue: _Inbox[T] = _Inbox()
     stop = _start(source, queue, clock)
     pending: _Pending[T] = _Pending(queue, policy, clock, weigh)
     size, first, behind = policy.first_size, True, False
     _OpenStreams.count += 1
     try:
         while True:
-            await pending.wait()
+            await pending.wait(size)
             by_time = pending.due()
             # A flush takes what is already queued when the consumer (one platform round trip
             # per yield) let a backlog build up (items arrived while it held the last chunk)
@@ -252,12 +292,12 @@ async def chunked(
         await stop()
 
 
-def _start(source: AsyncIterator[T] | Pushed[T], queue: asyncio.Queue,
+def _start(source: AsyncIterator[T] | Pushed[T], queue: _Inbox[T],
            clock: Callable[[], float]) -> Callable[[], Awaitable[None]]:
     """Start moving `source`'s items into `queue`; returns how to stop it."""
     if hasattr(source, "push_to"):
-        source.push_to(lambda item: queue.put_nowait((item, clock())),
-                       lambda error: queue.put_nowait(_End(error)))
+        source.push_to(lambda item: queue.put((item, clock())),
+                       lambda error: queue.put(_End(error)))
         return source.aclose
     task = asyncio.ensure_future(_feed(source, queue, clock))  # type: ignore[arg-type]
 
