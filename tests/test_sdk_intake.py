@@ -22,6 +22,7 @@ from runpod.serverless.modules.worker_state import Job, JobsProgress
 
 from worker_vllm.engine_state import EngineCapacity, EngineLoad, RequestSize
 from worker_vllm.queue.admission import Admission, Decision, FixedAdmission
+from worker_vllm.queue.sdk import job_state
 from worker_vllm.queue.sdk.intake import EventIntake, IntakeGate
 from worker_vllm.queue.sdk.job_state import JobIds, use_private_job_state
 
@@ -325,17 +326,18 @@ async def test_while_the_engine_decides_a_take_after_the_queue_emptied_asks_for_
 
 
 class ReadingPlatform(Platform):
-    """A platform whose job-take first reads the SDK's tracker back from its file, as
-    ``rp_job.get_job`` does, and records what it listed beside the intake's running jobs."""
+    """A platform whose job-take first lists the SDK's tracker, as ``rp_job.get_job`` does
+    (``rp_job.job_progress.get_job_list``), and records what it listed beside the intake's
+    running jobs."""
 
     def __init__(self, jobs: int, take_delay: float = 0.0) -> None:
         super().__init__(jobs, take_delay)
         self.intake: EventIntake | None = None
-        self.seen: list[tuple[set[str], set[str]]] = []  # (listed in the file, running)
+        self.seen: list[tuple[set[str], set[str]]] = []  # (listed, running)
 
     async def take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
         assert self.intake is not None
-        listed = JobsProgress().get_job_list()  # what rp_job.get_job does first
+        listed = rp_job.job_progress.get_job_list()  # what rp_job.get_job does first
         self.seen.append((set(listed.split(",")) if listed else set(),
                           set(self.intake.jobs_tasks)))
         return await super().take(session, count)
@@ -347,9 +349,11 @@ def ids_in_the_file() -> set[str]:
         return {job.id for job in pickle.load(f)}
 
 
-async def test_job_ids_reach_the_file_once_per_loop_iteration_by_id_only(monkeypatch):
-    """Eight jobs taken together cost one write of the file (the SDK wrote it eight times,
-    each with every job's input); the heartbeat's reading sees them after that iteration."""
+async def test_job_ids_reach_the_file_at_most_once_per_interval_by_id_only(monkeypatch):
+    """Jobs that come and go over several loop iterations cost one write of the file within
+    its interval (the SDK wrote it at every change, each with every job's input); the
+    heartbeat's reading sees them after it."""
+    monkeypatch.setattr(job_state, "WRITE_INTERVAL_S", 0.05, raising=False)
     writes = []
     save = JobsProgress._save_state
     monkeypatch.setattr(JobsProgress, "_save_state",
@@ -357,23 +361,41 @@ async def test_job_ids_reach_the_file_once_per_loop_iteration_by_id_only(monkeyp
     ids = JobIds(JobsProgress())
     for i in range(8):
         ids.add(f"job-{i}")
-    assert writes == [] and len(JobsProgress()) == 8  # in memory at once, on file next
-    await asyncio.sleep(0)
-    assert writes == [8] and ids_in_the_file() == {f"job-{i}" for i in range(8)}
+        await asyncio.sleep(0)  # each in an iteration of its own
+    ids.remove("job-0")
+    assert writes == [] and len(JobsProgress()) == 7  # in memory at once, on file later
+    while not writes:  # the interval's end
+        await asyncio.sleep(0.01)
+    assert writes == [7] and ids_in_the_file() == {f"job-{i}" for i in range(1, 8)}
     with open(JobsProgress._STATE_FILE, "rb") as f:
         assert all(job.input is None for job in pickle.load(f))
-    for i in range(3):
+    for i in range(1, 4):
         ids.remove(f"job-{i}")
-    ids.flush()  # now, not at the next iteration
-    assert writes == [8, 5] and ids_in_the_file() == {f"job-{i}" for i in range(3, 8)}
-    await asyncio.sleep(0)
+    ids.flush()  # now, not at the interval's end
+    assert writes == [7, 4] and ids_in_the_file() == {f"job-{i}" for i in range(4, 8)}
     ids.flush()
-    assert writes == [8, 5]  # nothing new: nothing written
+    assert writes == [7, 4]  # nothing new: nothing written
 
 
-async def test_a_job_take_reads_back_every_job_in_flight():
-    """The SDK's job-take reloads the tracker from its file (``get_job_list``): a write left
-    for later would drop the jobs started since from the tracker and the heartbeat."""
+async def test_a_job_take_reads_the_jobs_in_flight_from_memory_not_the_file(monkeypatch):
+    """The SDK's job-take says whether jobs are in flight (``_job_get_url``): from this
+    process's tracker, without a file lock and a read of the file at every take."""
+    loads = []
+    monkeypatch.setattr(JobsProgress, "_load_state", lambda self: loads.append(1))
+    monkeypatch.setattr(rp_job, "JOB_GET_URL", "http://platform/job-take/w?gpu=x")
+    ids = JobIds(JobsProgress())
+    assert rp_job._job_get_url().endswith("&job_in_progress=0")
+    ids.add("job-a")  # not yet on file
+    assert rp_job._job_get_url(4).endswith("&batch_size=4&job_in_progress=1")
+    assert rp_job.job_progress.get_job_list() == "job-a"
+    ids.remove("job-a")
+    assert rp_job._job_get_url().endswith("&job_in_progress=0")
+    assert loads == []
+
+
+async def test_a_job_take_lists_every_job_in_flight():
+    """The SDK's job-take lists the tracker (``get_job_list``): every job running, none that
+    ended, while the file is written later."""
     class StaggeredJobs(Jobs):  # jobs of different lengths: slots free one by one
         async def handle(self, session: Any, config: Any, job: dict[str, Any]) -> None:
             self.seconds = 0.01 * (1 + int(job["id"].split("-")[1]) % 4)
@@ -385,14 +407,14 @@ async def test_a_job_take_reads_back_every_job_in_flight():
     assert sum(1 for _, running in platform.seen if running) >= 5, platform.seen
     for listed, running in platform.seen:
         assert listed == running
-    await asyncio.sleep(0)
+    intake.job_ids.flush()  # as at the end of its write interval
     assert ids_in_the_file() == set() and len(JobsProgress()) == 0
 
 
-async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file():
+async def test_a_job_that_ends_as_a_take_starts_is_not_listed_by_it():
     """A job ends after the intake decided to take but before the take's first step (the
-    SDK's take then reloads its tracker from the file): the file must already say so, or the
-    ended job comes back into the tracker and the heartbeat reports it for ever."""
+    SDK's own take then reloaded its tracker from the file, which brought ended jobs back for
+    ever when the file was behind): the take lists the jobs still running."""
     zero_done, asked_after = False, False
 
     class Asking(FixedAdmission):
@@ -419,7 +441,7 @@ async def test_a_job_that_ends_as_a_take_starts_does_not_come_back_from_the_file
     assert len(platform.seen) >= 2
     for listed, running in platform.seen:
         assert listed == running
-    await asyncio.sleep(0)
+    intake.job_ids.flush()  # as at the end of its write interval
     assert ids_in_the_file() == set() and len(JobsProgress()) == 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from runpod.http_client import AsyncClientSession, TooManyRequests
@@ -81,7 +80,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
         self._changed = asyncio.Event()  # a slot freed, or the intake closed
         self._taking: asyncio.Future[list[dict[str, Any]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.job_ids = JobIds(self.job_progress)  # the SDK's tracker, written once a tick
+        self.job_ids = JobIds(self.job_progress)  # the SDK's tracker, for the heartbeat
 
     # ----- the SDK's entry points ---------------------------------------------------------
     async def run(self) -> None:
@@ -136,8 +135,7 @@ class EventIntake(StopChannel, rp_scale.JobScaler):
             self.admission.arm(False)
             self.admission.asking()
             self._taking = asyncio.ensure_future(_take(
-                self.jobs_fetcher, session, free, self.jobs_fetcher_timeout,
-                self.job_ids.flush))
+                self.jobs_fetcher, session, free, self.jobs_fetcher_timeout))
             try:
                 jobs = await self._taking
             except asyncio.CancelledError:
@@ -187,14 +185,11 @@ async def _drain(tasks: list[asyncio.Task[None]], timeout: float | None) -> None
         await asyncio.wait(tasks, timeout=timeout)
 
 
-async def _take(fetch: Any, session: Any, count: int, timeout: float,
-                write_job_ids: Callable[[], None]) -> list[dict[str, Any]]:
+async def _take(fetch: Any, session: Any, count: int, timeout: float
+                ) -> list[dict[str, Any]]:
     """One job-take for up to `count` jobs: the jobs, or none once it ended without any."""
     try:
         async with asyncio.timeout(timeout):
-            # The SDK's take first reloads its job tracker from the file: written in this same
-            # step, so no job that ended since can come back from it.
-            write_job_ids()
             return list(await fetch(session, count) or [])
     except TooManyRequests:
         await asyncio.sleep(TOO_MANY_REQUESTS_S)
