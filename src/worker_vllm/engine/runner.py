@@ -18,7 +18,7 @@ from worker_vllm.engine.load import EngineLoads, LoadFeed
 from worker_vllm.engine.outputs import Step, plain_step
 from worker_vllm.engine.watchdog import watch
 from worker_vllm.engine_state import EngineCapacity
-from worker_vllm.loop_thread import LoopThread
+from worker_vllm.loop_thread import LoopThread, Relayed
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,17 @@ class EngineRunner:
         """The engine's count of unfinished requests; call on the engine loop only."""
         return self.engine.get_num_unfinished_requests()
 
-    async def generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str,
-                       **kwargs: Any) -> AsyncIterator[Step]:
-        """The request's outputs as plain steps; closing the iterator aborts the request."""
-        outputs = self.loop.stream(
-            lambda: self.engine.generate(prompt, params, request_id, **kwargs))
-        try:
-            async for output in outputs:
+    def generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str,
+                 **kwargs: Any) -> Relayed[Step]:
+        """The request's outputs as plain steps, made on the engine's loop and relayed to the
+        caller's: iterated, or pushed to a stream flush (no task step per step on the job
+        loop). Closing it (``aclose``) aborts the request: a caller that stops early must."""
+
+        async def steps() -> AsyncIterator[Step]:
+            async for output in self.engine.generate(prompt, params, request_id, **kwargs):
                 yield plain_step(output)
-        finally:
-            await outputs.aclose()
+
+        return self.loop.relayed(steps)
 
     async def num_unfinished_requests(self) -> int:
         async def count() -> int:

@@ -144,7 +144,8 @@ async def run_native(
     outputs = runner.generate({"prompt_token_ids": prompt_ids}, params, request_id,
                               lora_request=lora_request)
     if not inp.stream:
-        collected = [out async for out in outputs]
+        async with contextlib.aclosing(outputs):  # a cancelled job aborts its request
+            collected = [out async for out in outputs]
         result = choices.take(collected)
         for choice in result:
             choice["tokens"] = ["".join(choice["tokens"])]
