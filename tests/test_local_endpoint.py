@@ -20,8 +20,9 @@ def endpoint(tmp_path_factory, demo_model_dir):
     # A front-end flag set in the worker process's environment (vLLM's --chat-template).
     template = tmp / "template.jinja"
     template.write_text(CHAT_TEMPLATE)
+    # RUNPOD_PING_INTERVAL: the SDK's heartbeat every second (10 by default).
     ep = Endpoint(tmp, "--api-key", API_KEY, "--short-policies", MAX_CONCURRENCY="4",
-                  CHAT_TEMPLATE=str(template))
+                  CHAT_TEMPLATE=str(template), RUNPOD_PING_INTERVAL="1000")
     base = f"http://127.0.0.1:{ep.port}/v2"
     os.environ["RUNPOD_ENDPOINT_BASE_URL"] = base
     yield {"base": base, "headers": ep.headers, "log": ep.log, "process": ep}
@@ -268,3 +269,29 @@ def test_cancelling_a_batch_job_aborts_its_lines(rp_endpoint, endpoint):
     assert record["outcome"] == "stopped" and record["route"] == "batch/stream"
     # The engine's own count right after the batch's lines were stopped.
     assert record["engine_requests_running"] == 0
+
+
+def _heartbeats(endpoint: dict, job_id: str, key: str, at_least: int) -> dict:
+    """The job's heartbeat counts once `key` has reached `at_least` (local endpoint only)."""
+    deadline = time.time() + 120
+    while (counts := endpoint["process"].get(f"status/{job_id}").get("heartbeats", {})
+           ).get(key, 0) < at_least:
+        assert time.time() < deadline, counts
+        time.sleep(0.2)
+    return counts
+
+
+def test_the_heartbeat_lists_a_running_job_and_stops_listing_it_once_it_ended(
+        rp_endpoint, endpoint):
+    """The SDK's heartbeat (every second here) reports the jobs in progress from the worker's
+    job-state file, which the worker writes at most once a second: a running job is listed,
+    and soon after it ended it is not (a file left behind would list it at every ping)."""
+    job = rp_endpoint.run({"input": {"batch": batch_lines(32, max_tokens=1500,
+                                                          ignore_eos=True)}})
+    assert _heartbeats(endpoint, job.job_id, "listedWhileRunning", 1)
+    assert job.cancel()["status"] == "CANCELLED"
+    assert endpoint["process"].record(job.job_id)["outcome"] == "stopped"
+    counts = _heartbeats(endpoint, job.job_id, "afterItEnded", 6)
+    # Pings until the worker stopped the job, and within one write interval after it.
+    assert counts["listedAfterItEnded"] <= 3, counts
+

@@ -67,6 +67,10 @@ class Job:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each (monotonic)
     streamed: int = 0  # chunks already returned by /stream
     refused: list[str] = field(default_factory=list)  # worker posts over the limits
+    # The worker's heartbeats: those that listed the job while it ran, those after it ended,
+    # and of those, the ones that still listed it.
+    heartbeats: dict[str, int] = field(default_factory=lambda: {
+        "listedWhileRunning": 0, "afterItEnded": 0, "listedAfterItEnded": 0})
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def notify(self) -> None:
@@ -93,7 +97,17 @@ class Job:
         if self.refused:
             # Not the platform's: what it refused of the worker's posts, shown locally.
             body["refusedPosts"] = self.refused
+        if any(self.heartbeats.values()):
+            body["heartbeats"] = self.heartbeats  # not the platform's either
         return body
+
+    def heard_heartbeat(self, listed: bool) -> None:
+        """A heartbeat of the worker after the job was taken: whether it listed the job."""
+        if self.status == "IN_PROGRESS":
+            self.heartbeats["listedWhileRunning"] += listed
+        elif self.finished is not None:
+            self.heartbeats["afterItEnded"] += 1
+            self.heartbeats["listedAfterItEnded"] += listed
 
     def removal_time(self) -> float | None:
         """When an ended job's data goes: after its result retention, or at the end of its

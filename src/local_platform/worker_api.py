@@ -90,4 +90,9 @@ async def job_done(request: Request, job_id: str) -> Response:
 async def ping(request: Request) -> Response:
     endpoint: Endpoint = request.app.state.endpoint
     endpoint.last_seen = time.monotonic()
+    # The SDK's heartbeat lists the jobs in progress (comma-separated ids, absent for none).
+    listed = set(filter(None, request.query_params.get("job_id", "").split(",")))
+    for job in endpoint.jobs.values():
+        if job.started is not None:
+            job.heard_heartbeat(job.id in listed)
     return Response(status_code=200)
