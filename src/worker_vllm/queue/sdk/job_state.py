@@ -14,8 +14,8 @@ of CPU, measured with runpod 1.10.0 on a 2-core x86-64 CPU) and reads it back at
 (to say in the take's URL whether jobs are in flight). Here ``JobIds`` keeps the ids in memory
 at once and writes the file, ids only, at most once every ``WRITE_INTERVAL_S``, and the job-take
 asks this process's own set (``JobListInMemory``): the file is written for the heartbeat alone.
-With jobs of ~0.4 s each at c64 the file's writes and reads were 42% of the job loop's CPU when
-its handler does nothing (py-spy on benchmarks/floor_worker.py, same machine).
+With a handler that does nothing (benchmarks/floor_worker.py) at c64, the file's writes and
+reads were 42% of the job loop's py-spy samples, on the same 2-core x86-64 CPU.
 """
 
 from __future__ import annotations
