@@ -62,7 +62,7 @@ async def run_openai_direct(worker: Any, body: dict, rid: str) -> tuple[float, i
         return await serving.create_chat_completion(request, raw)
 
     generator = await worker.runner.loop.call(call)
-    return await timed(worker.runner.loop.stream(lambda: generator))
+    return await timed(worker.runner.loop.relayed(lambda: generator))
 
 
 def openai_runner(direct: bool):

@@ -1,4 +1,4 @@
-"""LoopThread.stream: items cross from the engine's loop to the caller's in order, with one
+"""LoopThread.relayed: items cross from the engine's loop to the caller's in order, with one
 wake-up of the caller's loop per run of items (not one per item), and a consumer that leaves
 cancels its producer."""
 
@@ -43,7 +43,7 @@ def test_items_of_many_streams_arrive_in_order_with_few_wakeups(loop_thread) -> 
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
 
         async def consume(n: int) -> list[tuple[int, int]]:
-            return [item async for item in loop_thread.stream(lambda: produce(n))]
+            return [item async for item in loop_thread.relayed(lambda: produce(n))]
 
         tasks = [asyncio.ensure_future(consume(n)) for n in range(streams)]
         await asyncio.sleep(0)  # every consumer submitted its producer
@@ -84,7 +84,7 @@ def test_a_consumer_that_leaves_cancels_its_producer(loop_thread) -> None:
 
     async def main() -> list[int]:
         got = []
-        stream = loop_thread.stream(produce)
+        stream = loop_thread.relayed(produce)
         async for item in stream:
             got.append(item)
             if len(got) == 5:
@@ -109,7 +109,7 @@ def test_a_producer_error_reaches_the_consumer_after_its_items(loop_thread) -> N
     async def main() -> list[int]:
         got = []
         with pytest.raises(ValueError, match="boom"):
-            async for item in loop_thread.stream(produce):
+            async for item in loop_thread.relayed(produce):
                 got.append(item)
         return got
 
@@ -174,7 +174,7 @@ def test_a_push_callback_that_fails_ends_the_stream_and_stops_the_producer(loop_
     assert loop_thread.submit(_is_set(stopped)).result(timeout=10)
 
 
-@pytest.mark.parametrize("how", ["stream", "relayed, pushed"])
+@pytest.mark.parametrize("how", ["iterated", "pushed"])
 def test_closing_returns_once_the_producer_has_ended(loop_thread, how) -> None:
     """vLLM's app ends a request a while after its client left (the disconnect, the abort):
     closing must wait for that, or the job's record would show the engine still running it."""
@@ -194,8 +194,8 @@ def test_closing_returns_once_the_producer_has_ended(loop_thread, how) -> None:
             ended.set()
 
     async def main() -> bool:
-        if how == "stream":
-            items = loop_thread.stream(produce)
+        if how == "iterated":
+            items = loop_thread.relayed(produce)
             await anext(items)
         else:
             items = loop_thread.relayed(produce)

@@ -3,7 +3,7 @@
 The runpod SDK runs each phase (fitness checks, the job loop, local test mode) under a fresh
 ``asyncio.run``; vLLM's ``AsyncLLM`` binds its output-handler task to the loop of its first
 request, so an engine shared between loops would break after the warm-up. The engine lives on
-this loop; callers in any loop reach it through ``call`` / ``stream``. Streamed items cross
+this loop; callers in any loop reach it through ``call`` / ``relayed``. Streamed items cross
 to the caller's loop through one relay per caller loop, which wakes that loop once per
 iteration of this one (one engine step's outputs for every request in flight), not once per
 item: each wake-up is a write to the loop's socket and a hand-over of the GIL.
@@ -63,10 +63,9 @@ class _Relay:
             call(arg)
 
 
-# A producer on the loop thread: an async iterator of items, or a coroutine function that
-# hands each item to the callback it is given (``Pushing``: no task step per item there).
+# A producer on the loop thread: a coroutine function that hands each item to the callback it
+# is given (an iterated producer is one that emits what it iterates).
 Pushing = Callable[[Callable[[T], None]], Awaitable[None]]
-Producer = Callable[[], AsyncIterator[T]] | tuple[Pushing[T]]
 
 
 class Relayed(Generic[T]):
@@ -75,7 +74,7 @@ class Relayed(Generic[T]):
     per item). ``aclose()`` cancels the producer (vLLM then aborts the request) and waits
     until it has ended."""
 
-    def __init__(self, thread: LoopThread, make: Producer[T]) -> None:
+    def __init__(self, thread: LoopThread, make: Pushing[T]) -> None:
         self._home = thread.loop
         self._relay = thread.relay_for(asyncio.get_running_loop())
         self._queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
@@ -89,7 +88,7 @@ class Relayed(Generic[T]):
         self._end_sent = False
         self._home.call_soon_threadsafe(self._start, make)
 
-    def _start(self, make: Producer[T]) -> None:
+    def _start(self, make: Pushing[T]) -> None:
         if self._stopping:
             self._send_end(asyncio.CancelledError())
             return
@@ -107,13 +106,9 @@ class Relayed(Generic[T]):
             self._end_sent = True
             self._relay.put(self._deliver, (_DONE, exc))
 
-    async def _pump(self, make: Producer[T]) -> None:
+    async def _pump(self, make: Pushing[T]) -> None:
         try:
-            if isinstance(make, tuple):
-                await make[0](self._emit)
-            else:
-                async for item in make():
-                    self._emit(item)
+            await make(self._emit)
         except BaseException as exc:  # CancelledError too: the consumer must hear of it
             self._send_end(exc)
             if not isinstance(exc, Exception):
@@ -210,26 +205,20 @@ class LoopThread:
         return await asyncio.wrap_future(self.submit(run()))
 
     def relayed(self, make: Callable[[], AsyncIterator[T]]) -> Relayed[T]:
-        """Run `make()` on this loop; its items reach the caller's loop (see `Relayed`)."""
-        return Relayed(self, make)
+        """Iterate `make()` on this loop; its items reach the caller's loop (see `Relayed`).
+        A consumer that stops early closes it (``aclose``): that cancels the producer here
+        (vLLM then aborts the request) and waits until that has happened."""
+
+        async def run(emit: Callable[[T], None]) -> None:
+            async for item in make():
+                emit(item)
+
+        return Relayed(self, run)
 
     def pushed(self, run: Pushing[T]) -> Relayed[T]:
         """Run `run(emit)` on this loop; each item it emits reaches the caller's loop, as with
         `relayed`, without a task step per item here. Cancelling it is how it is stopped."""
-        return Relayed(self, (run,))
-
-    async def stream(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
-        """Iterate `make()` on this loop and relay its items to the caller's loop.
-
-        Closing or cancelling the consumer cancels the producer here (vLLM then aborts the
-        request) and waits until that has happened before returning.
-        """
-        items = self.relayed(make)
-        try:
-            async for item in items:
-                yield item
-        finally:
-            await items.aclose()
+        return Relayed(self, run)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
