@@ -36,10 +36,8 @@ def request_lines(count: int, tokens: int) -> list[dict[str, Any]]:
 
 
 async def _until_final(platform: fp.Platform, job_id: str) -> Any:
-    while (job := platform.endpoint.jobs[job_id]).status not in fp.le.FINAL:
-        if platform.worker.poll() is not None:
-            raise RuntimeError("the worker exited: " + platform.log_path.read_text()[-3000:])
-        await asyncio.sleep(0.02)
+    """The job once final; one that did not complete fails the run."""
+    job = await fp.until_final(platform, job_id)
     if job.status != "COMPLETED":
         raise RuntimeError(f"job {job_id} ended {job.status}: {job.error}")
     return job
@@ -262,7 +260,4 @@ def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] |
         if places:
             print(f"\nWhere the worker's main process spent one streamed {count}-line job "
                   "(py-spy samples, 100 Hz):")
-            print("| place | share |")
-            print("| --- | --- |")
-            for place, share in places.items():
-                print(f"| {place} | {share:.1%} |")
+            fp.print_shares("place", places.items())

@@ -154,14 +154,10 @@ def print_table(table: list[dict[str, Any]]) -> None:
 def print_profile(profile: dict[str, Any]) -> None:
     print(f"\nWhere the worker's main process spends its CPU, OpenAI chat jobs at "
           f"c{profile['c']} (py-spy --gil, 200 Hz, {profile['samples']} samples)")
-    print("| place | share |")
-    print("| --- | --- |")
-    for place, share in profile["places"].items():
-        print(f"| {place} | {share:.1%} |")
-    print("\n| function (self time) | share |")
-    print("| --- | --- |")
-    for frame, share in profile["top"]:
-        print(f"| `{frame}` | {share:.1%} |")
+    fp.print_shares("place", profile["places"].items())
+    print()
+    fp.print_shares("function (self time)", [(f"`{frame}`", share)
+                                             for frame, share in profile["top"]])
 
 
 # One chat-completion chunk as vLLM's app sends it (one SSE event per body chunk).

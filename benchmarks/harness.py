@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,15 @@ async def _openai_call(client: httpx.AsyncClient, url: str, body: dict[str, Any]
     return first or 0.0, n
 
 
+async def until_final(platform: Platform, job_id: str) -> le.Job:
+    """The job once it is final, as the platform's side of it (this process) says."""
+    while (job := platform.endpoint.jobs[job_id]).status not in le.FINAL:
+        if platform.worker.poll() is not None:
+            raise RuntimeError("the worker exited: " + platform.log_path.read_text()[-3000:])
+        await asyncio.sleep(0.02)
+    return job
+
+
 async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le.Job]:
     semaphore = asyncio.Semaphore(load.concurrency)
     limits = httpx.Limits(max_connections=load.concurrency + 4)
@@ -251,12 +260,7 @@ async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le
                     return
                 job_id = (await client.post(f"{platform.base}/run",
                                             json=_native_body(load, i))).json()["id"]
-                # The platform's side of the job (this process) says when it is final.
-                while platform.endpoint.jobs[job_id].status not in le.FINAL:
-                    if platform.worker.poll() is not None:
-                        raise RuntimeError("the worker exited: "
-                                           + platform.log_path.read_text()[-3000:])
-                    await asyncio.sleep(0.02)
+                await until_final(platform, job_id)
 
         before = set(platform.endpoint.jobs)
         await asyncio.gather(*(one(i) for i in range(load.jobs)))
@@ -342,6 +346,14 @@ def _place(stack: str, places: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
             if any(mark in frame for mark in marks):
                 return place
     return "other"
+
+
+def print_shares(column: str, shares: Iterable[tuple[str, float]]) -> None:
+    """A table of (name, share) pairs."""
+    print(f"| {column} | share |")
+    print("| --- | --- |")
+    for name, share in shares:
+        print(f"| {name} | {share:.1%} |")
 
 
 def top_functions(stacks: collections.Counter[str], most: int = 15) -> list[tuple[str, float]]:
