@@ -80,25 +80,40 @@ async def _one_job_each(platform: fp.Platform, lines: list[dict[str, Any]],
 # batch step timed: from reading the input file to the output file written, the engine's
 # start-up excluded.
 RUN_BATCH_TIMED = """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
+import psutil
 from vllm.entrypoints.launchers import run_batch as rb
 
 untimed = rb.run_batch
 
+def cpu():
+    me = psutil.Process(os.getpid())
+    front = sum(me.cpu_times()[:2])
+    engine = 0.0
+    for child in me.children(recursive=True):
+        try:
+            engine += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return front, engine
+
 async def timed(engine_client, args):
-    started = time.perf_counter()
+    started, before = time.perf_counter(), cpu()
     await untimed(engine_client, args)
-    print("RUN_BATCH_SECONDS=" + json.dumps(time.perf_counter() - started), flush=True)
+    seconds, after = time.perf_counter() - started, cpu()
+    print("RUN_BATCH=" + json.dumps({"seconds": seconds, "front_cpu": after[0] - before[0],
+                                     "engine_cpu": after[1] - before[1]}), flush=True)
 
 if __name__ == "__main__":
     rb.run_batch = timed
     asyncio.run(rb.main(rb.parse_args()))
 """
-SECONDS = re.compile(r"RUN_BATCH_SECONDS=([0-9.]+)")
+MEASURED = re.compile(r"RUN_BATCH=(\{.*\})")
 
 
-def _run_batch(path: Path, out: Path, log: Path) -> tuple[float, float]:
-    """(seconds of `vllm run-batch`'s batch step, wall seconds with its start-up)."""
+def _run_batch(path: Path, out: Path, log: Path) -> dict[str, float]:
+    """`vllm run-batch`'s batch step: its seconds, its API process's CPU seconds (front_cpu)
+    and its engine core's (engine_cpu); `whole`: wall seconds with its start-up."""
     script = path.with_name("run_batch_timed.py")
     script.write_text(RUN_BATCH_TIMED)
     args = [sys.executable, str(script), "-i", str(path),
@@ -112,23 +127,24 @@ def _run_batch(path: Path, out: Path, log: Path) -> tuple[float, float]:
         code = subprocess.call(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     whole = time.monotonic() - started
     text = log.read_text(errors="replace")
-    if code != 0 or not (found := SECONDS.search(text)):
+    if code != 0 or not (found := MEASURED.search(text)):
         raise RuntimeError(f"vllm run-batch exited {code}: {text[-3000:]}")
-    return float(found.group(1)), whole
+    return {**json.loads(found.group(1)), "whole": whole}
 
 
-def run_batch_row(run_dir: Path, lines: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-    """`vllm run-batch` on the same lines, its batch step timed."""
+def run_batch_run(run_dir: Path, lines: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """One run of `vllm run-batch` on the lines, every line answered."""
     path = run_dir / "batch.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    seconds, whole = _run_batch(path, run_dir / "batch.out.jsonl", run_dir / "run-batch.log")
+    measured = _run_batch(path, run_dir / "batch.out.jsonl", run_dir / "run-batch.log")
     outputs = [json.loads(x) for x in (run_dir / "batch.out.jsonl").read_text().splitlines()]
     done = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in outputs
                if o.get("error") is None)
     if done != len(lines) * tokens:
         raise RuntimeError(f"vllm run-batch generated {done} tokens")
-    return {"path": "vllm run-batch (its batch step)", "seconds": seconds,
-            "tps": done / seconds, "note": f"{whole:.1f} s with its start-up"}
+    return {"seconds": measured["seconds"], "tokens": done,
+            "front_cpu": measured["front_cpu"], "engine_cpu": measured["engine_cpu"],
+            "whole": measured["whole"]}
 
 
 def floor_row(run_dir: Path, lines: list[dict[str, Any]], rtt: float) -> dict[str, Any]:
@@ -169,77 +185,89 @@ def profile_row(platform: fp.Platform, lines: list[dict[str, Any]], out: Path) -
     return fp.by_place(stacks, PLACES)
 
 
-def _timed(drive: Any) -> tuple[float, int]:
-    started = time.monotonic()
+def worker_run(platform: fp.Platform, drive: Any) -> dict[str, Any]:
+    """One run of a worker path: its seconds, tokens, and the worker's CPU seconds by
+    process (its main process: front_cpu; vLLM's engine core: engine_cpu)."""
+    before, started = fp.cpu_split(platform.worker.pid), time.monotonic()
     done = asyncio.run(drive())
-    return time.monotonic() - started, done
+    seconds, after = time.monotonic() - started, fp.cpu_split(platform.worker.pid)
+    return {"seconds": seconds, "tokens": done, "front_cpu": after[0] - before[0],
+            "engine_cpu": after[1] - before[1]}
 
 
-def _median_row(label: str, runs: list[tuple[float, int]], expected: int,
-                note: str = "") -> dict[str, Any]:
-    if any(done != expected for _, done in runs):
-        raise RuntimeError(f"{label}: {[d for _, d in runs]} tokens generated, not {expected}")
-    seconds = statistics.median(s for s, _ in runs)
-    return {"path": label, "seconds": seconds, "tps": expected / seconds,
-            "runs": [expected / s for s, _ in runs], "note": note}
+REFERENCE = "vllm run-batch (its batch step)"
 
 
-def reference_runs(run_dir: Path, count: int, tokens: int, repeat: int
-                   ) -> list[dict[str, Any]]:
-    lines = request_lines(count, tokens)
-    return [run_batch_row(run_dir, lines, tokens) for _ in range(repeat)]
-
-
-def reference_row(count: int, tokens: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """`vllm run-batch`'s row: the median of its runs before and after the worker's (the
-    machine's speed drifts over the minutes between them)."""
+def _row(label: str, runs: list[dict[str, Any]], expected: int, note: str = ""
+         ) -> dict[str, Any]:
+    """A path's runs: the median's tok/s, every run's, and the median front CPU ms per 1k
+    tokens."""
+    if any(run["tokens"] != expected for run in runs):
+        raise RuntimeError(f"{label}: {[r['tokens'] for r in runs]} tokens generated, "
+                           f"not {expected}")
     seconds = statistics.median(r["seconds"] for r in runs)
-    return {"path": "vllm run-batch (its batch step)", "seconds": seconds,
-            "tps": count * tokens / seconds, "runs": [r["tps"] for r in runs],
-            "note": f"{runs[0]['note']}; {len(runs)} runs, before and after the worker's"
-            if len(runs) > 1 else runs[0]["note"]}
+    return {"path": label, "seconds": seconds, "tps": expected / seconds,
+            "runs": [expected / r["seconds"] for r in runs],
+            "front_ms_per_1k": statistics.median(r["front_cpu"] for r in runs)
+            / expected * 1e6,
+            "engine_ms_per_1k": statistics.median(r["engine_cpu"] for r in runs)
+            / expected * 1e6, "note": note}
 
 
-def worker_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, repeat: int,
-                rtt: float, separate_jobs: bool) -> list[dict[str, Any]]:
+def ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[float]:
+    """Each round's tok/s against `vllm run-batch`'s run of the same round."""
+    return [ref["seconds"] / run["seconds"] for run, ref in zip(runs, reference, strict=True)]
+
+
+def size_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, repeat: int,
+              rtt: float, separate_jobs: bool) -> list[dict[str, Any]]:
+    """One size's rows, in rounds: `vllm run-batch`, then the streamed batch job, then the
+    job without `stream`, each round one run of each (the machine's speed drifts over
+    minutes; a round's runs are as close in time as they can be). The worker stays up, idle,
+    while `vllm run-batch` runs."""
     lines, expected = request_lines(count, tokens), count * tokens
+    reference: list[dict[str, Any]] = []
+    streamed: list[dict[str, Any]] = []
+    whole: list[dict[str, Any]] = []
+    for _ in range(repeat):
+        reference.append(run_batch_run(run_dir, lines, tokens))
+        for stream, runs in ((True, streamed), (False, whole)):
+            runs.append(worker_run(platform, lambda s=stream: _one_batch_job(platform, lines,
+                                                                              s)))
     out = [floor_row(run_dir, lines, rtt)]
-    for stream in (True, False):
-        runs = [_timed(lambda s=stream: _one_batch_job(platform, lines, s))
-                for _ in range(repeat)]
-        out.append(_median_row(f"one batch job of {count} lines"
-                               + (", streamed" if stream else ""), runs, expected))
+    for label, runs in ((f"one batch job of {count} lines, streamed", streamed),
+                        (f"one batch job of {count} lines", whole)):
+        row = _row(label, runs, expected)
+        row["ratios"] = ratios(runs, reference)
+        out.append(row)
     if separate_jobs:
-        runs = [_timed(lambda: _one_job_each(platform, lines, 32))]
-        out.append(_median_row(f"{count} /run jobs at c32", runs, expected, "one run"))
+        run = worker_run(platform, lambda: _one_job_each(platform, lines, 32))
+        out.append(_row(f"{count} /run jobs at c32", [run], expected, "one run"))
+    note = f"{statistics.median(r['whole'] for r in reference):.1f} s with its start-up"
+    out.append(_row(REFERENCE, reference, expected, note))
     return out
 
 
 def rows(run_dir: Path, smoke: bool, rtt: float = 0.1, sizes: tuple[int, ...] = (512, 2000),
          tokens: int = 64, repeat: int = 3, profile: bool = False
          ) -> list[tuple[int, list[dict[str, Any]], dict[str, float] | None]]:
-    """Per size: its rows (`vllm run-batch` last, run before the worker starts and again after
-    it stopped), and (with `profile`) where the streamed job's time went."""
+    """Per size: its rows (`vllm run-batch` last) and (with `profile`) where the streamed
+    job's time went."""
     if smoke:
         sizes, tokens, repeat = (16,), 8, 1
-    references = [reference_runs(run_dir, count, tokens, repeat) for count in sizes]
     platform = fp.Platform(rtt, run_dir / "batch-worker.log", concurrency=None)
     platform.endpoint.take_delay = rtt
     tables = []
     try:
         for i, count in enumerate(sizes):
-            table = worker_rows(run_dir, platform, count, tokens, repeat, rtt,
-                                separate_jobs=i == 0)
+            table = size_rows(run_dir, platform, count, tokens, repeat, rtt,
+                              separate_jobs=i == 0)
             places = profile_row(platform, request_lines(count, tokens),
                                  run_dir / f"profile-{count}.txt") if profile else None
             tables.append((count, table, places))
     finally:
         platform.close()
-    if not smoke:  # the smoke run checks the plumbing: once is enough
-        for runs, count in zip(references, sizes, strict=True):
-            runs += reference_runs(run_dir, count, tokens, repeat)
-    return [(count, [*table, reference_row(count, tokens, runs)], places)
-            for (count, table, places), runs in zip(tables, references, strict=True)]
+    return tables
 
 
 def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] | None]],
@@ -247,16 +275,29 @@ def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] |
     for count, table, places in tables:
         print(f"\nBatch work, {count} lines: greedy chat requests through the platform stand-in "
               f"({rtt * 1000:.0f} ms per job-take and per stream POST) and vllm run-batch, "
-              "same engine settings; tok/s of the median run (every run)")
-        print("| path | seconds | tok/s | vs vllm run-batch | runs, tok/s | note |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        reference = table[-1]["tps"]
+              "same engine settings, in rounds (one run of each per round); tok/s of the "
+              "median run (every run), x vllm run-batch: the median of the rounds' ratios "
+              "(each round's); front CPU: the serving process's (the worker's main process, "
+              "vllm run-batch's API process), engine: vLLM's engine core")
+        print("| path | seconds | tok/s (runs) | x vllm run-batch (rounds) | front CPU ms / 1k "
+              "tokens | x | engine CPU ms / 1k | note |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        reference = table[-1]
         for row in table:
-            tps, ratio = ("-", "-") if row["tps"] is None else \
-                (f"{row['tps']:.0f}", f"{row['tps'] / reference:.2f}x")
-            runs = " / ".join(f"{r:.0f}" for r in row["runs"]) or "-"
-            print(f"| {row['path']} | {row['seconds']:.2f} | {tps} | {ratio} | {runs} | "
-                  f"{row['note']} |")
+            if row["tps"] is None:
+                print(f"| {row['path']} | {row['seconds']:.2f} | - | - | - | - | - | "
+                      f"{row['note']} |")
+                continue
+            runs = " / ".join(f"{r:.0f}" for r in row["runs"])
+            if "ratios" in row:
+                ratio = (f"{statistics.median(row['ratios']):.2f}x ("
+                         + " / ".join(f"{r:.2f}" for r in row["ratios"]) + ")")
+            else:
+                ratio = f"{row['tps'] / reference['tps']:.2f}x"
+            front = row["front_ms_per_1k"] / reference["front_ms_per_1k"]
+            print(f"| {row['path']} | {row['seconds']:.2f} | {row['tps']:.0f} ({runs}) | "
+                  f"{ratio} | {row['front_ms_per_1k']:.0f} | {front:.2f}x | "
+                  f"{row['engine_ms_per_1k']:.0f} | {row['note']} |")
         if places:
             print(f"\nWhere the worker's main process spent one streamed {count}-line job "
                   "(py-spy samples, 100 Hz):")
