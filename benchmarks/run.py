@@ -124,7 +124,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if args.profile and not (Path(sys.executable).with_name("py-spy")).exists():
+        parser.error("--profile samples with py-spy: install it beside this Python first "
+                     f"({Path(sys.executable).with_name('pip')} install py-spy)")
     if args.ceiling:
         import ceiling
 

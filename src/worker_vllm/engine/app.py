@@ -166,36 +166,12 @@ class VLLMApp:
     def locate_bad_field(self, method: str, path: str, body: dict[str, Any]) -> str | None:
         """The body field an error without `param` is about, found by validating the body
         against the route's own request type (validation only: nothing runs)."""
-        from pydantic import TypeAdapter, ValidationError
-
         route = next((r for r in self.app.routes if getattr(r, "path", None) == path
                       and method in (getattr(r, "methods", None) or ())), None)
         field = getattr(route, "body_field", None)
         model = getattr(field, "type_", None) or getattr(
             getattr(field, "field_info", None), "annotation", None)
-        if model is None:
-            return None
-        adapter = TypeAdapter(model)
-
-        def fails(candidate: dict[str, Any]) -> tuple[bool, str | None]:
-            try:
-                adapter.validate_python(candidate)
-            except ValidationError as exc:
-                loc = exc.errors()[0]["loc"]
-                return True, ".".join(str(p) for p in loc) or None
-            except Exception:  # a validator that raised TypeError or the like
-                return True, None
-            return False, None
-
-        bad, where = fails(body)
-        if where:
-            return where
-        if bad:  # a validator raised: the field whose removal changes that is the culprit
-            for key in body:
-                still_bad, where = fails({k: v for k, v in body.items() if k != key})
-                if not still_bad or where:
-                    return key
-        return None
+        return None if model is None else _bad_field(model, body)
 
     def lora_request(self, model: str | None) -> Any:
         """The LoRARequest for an adapter name; None for the base model (or no name)."""
@@ -221,6 +197,49 @@ class VLLMApp:
             raise
         assert kind == "start"
         return AppResponse(status, content_type, events)
+
+    async def answered(self, method: str, path: str, body: bytes | None,
+                       request_id: str) -> tuple[int, bytes]:
+        """The whole answer (status, body) to a request, for a caller on the engine's loop
+        itself: no relay between loops. Cancelling it disconnects, as closing a body does."""
+        status, chunks = 0, []
+
+        def emit(item: tuple[str, Any, Any] | bytes) -> None:
+            nonlocal status
+            if isinstance(item, tuple):
+                status = item[1]
+            else:
+                chunks.append(item)
+
+        await _asgi_call(self.job_stack, method, path, body, request_id, emit)
+        return status, b"".join(chunks)
+
+
+def _bad_field(model: Any, body: dict[str, Any]) -> str | None:
+    """The field of `body` that fails validation against `model` (None: none found)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(model)
+
+    def fails(candidate: dict[str, Any]) -> tuple[bool, str | None]:
+        try:
+            adapter.validate_python(candidate)
+        except ValidationError as exc:
+            loc = exc.errors()[0]["loc"]
+            return True, ".".join(str(p) for p in loc) or None
+        except Exception:  # a validator that raised TypeError or the like
+            return True, None
+        return False, None
+
+    bad, where = fails(body)
+    if where:
+        return where
+    if bad:  # a validator raised: the field whose removal changes that is the culprit
+        for key in body:
+            still_bad, where = fails({k: v for k, v in body.items() if k != key})
+            if not still_bad or where:
+                return key
+    return None
 
 
 async def _asgi_call(app: Any, method: str, path: str, body: bytes | None, request_id: str,

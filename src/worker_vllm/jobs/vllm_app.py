@@ -50,12 +50,22 @@ def request_of(app: VLLMApp, inp: OpenAIInput | RouteInput) -> tuple[str, str, A
     return method, route_path(app, method, inp.route), body, "route"
 
 
+def _json_body(body: Any) -> bytes | None:
+    return None if body is None else json.dumps(body, ensure_ascii=False).encode()
+
+
 async def call(app: VLLMApp, method: str, path: str, body: Any,
                request_id: str) -> AppResponse:
-    """One request to vLLM's app, as route jobs and batch lines make it: the body as JSON,
-    the request id vLLM's own. Closing the response's body aborts the request."""
-    data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-    return await app.request(method, path, data, request_id)
+    """One request to vLLM's app from the job's loop, as route jobs make it: the body as
+    JSON, the request id vLLM's own. Closing the response's body aborts the request."""
+    return await app.request(method, path, _json_body(body), request_id)
+
+
+async def call_here(app: VLLMApp, method: str, path: str, body: Any,
+                    request_id: str) -> tuple[int, bytes]:
+    """The same request made on the engine's loop (a batch's lines run there), answered
+    whole: (status, body). Cancelling it aborts the request."""
+    return await app.answered(method, path, _json_body(body), request_id)
 
 
 async def read_all(chunks: AsyncIterator[bytes]) -> bytes:

@@ -1,5 +1,7 @@
-"""A batch job: its lines run through vLLM's app in-process, many in the engine at once
-(``LineWindow``), and come back as Batch API output lines in the order they finish.
+"""A batch job: its lines run through vLLM's app in-process, on the engine's loop (a line's
+request and answer, and the engine's step that makes room for the next lines, cross no thread),
+many in the engine at once (``LineWindow``), and come back to the job's loop as Batch API output
+lines in the order they finish.
 
 Output: with ``"stream": true`` the finished lines are streamed as they come (each message
 ``{"lines": [...]}``, within one stream message's size; a line too large for a message is an
@@ -41,7 +43,8 @@ from worker_vllm.jobs.output_limits import (
     too_large_for_a_result,
 )
 from worker_vllm.jobs.shapes import BatchInput
-from worker_vllm.jobs.vllm_app import app_error, call, read_all
+from worker_vllm.jobs.vllm_app import app_error, call_here
+from worker_vllm.loop_thread import Relayed
 
 
 class BatchTally:
@@ -99,17 +102,14 @@ async def run_line(app: VLLMApp, line: RequestLine, job_id: str) -> dict[str, An
     """One line's answer from vLLM's app as its output line. A server error with the engine
     dead is raised (it ends the batch); any other error is the line's."""
     request_id = f"{job_id}-{line.number}"
-    response = await call(app, "POST", line.path, line.body, request_id)
-    async with contextlib.aclosing(response.body) as chunks:
-        raw = await read_all(chunks)
-    if response.status < 400:
-        return output_line(job_id, line.number, line.custom_id, response.status, request_id,
+    status, raw = await call_here(app, "POST", line.path, line.body, request_id)
+    if status < 400:
+        return output_line(job_id, line.number, line.custom_id, status, request_id,
                            json.loads(raw))
-    error = app_error(app, "POST", line.path, line.body, response.status, raw)
-    if response.status >= 500 and app.runner.errored:
+    error = app_error(app, "POST", line.path, line.body, status, raw)
+    if status >= 500 and app.runner.errored:
         raise error
-    return output_line(job_id, line.number, line.custom_id, response.status, request_id,
-                       None, error)
+    return output_line(job_id, line.number, line.custom_id, status, request_id, None, error)
 
 
 class _Lines:
@@ -139,23 +139,27 @@ class _Lines:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def finished_lines(app: VLLMApp, inp: BatchInput, settings: WorkerSettings,
-                         job_id: str) -> AsyncIterator[dict[str, Any]]:
-    """The batch's output lines as they finish; lines start as the engine makes room."""
+def finished_lines(app: VLLMApp, inp: BatchInput, settings: WorkerSettings,
+                   job_id: str) -> Relayed[dict[str, Any]]:
+    """The batch's output lines as they finish, in the caller's loop; closing it stops every
+    line still running."""
+    return app.runner.loop.relayed(lambda: _lines_on_engine_loop(app, inp, settings, job_id))
+
+
+async def _lines_on_engine_loop(app: VLLMApp, inp: BatchInput, settings: WorkerSettings,
+                                job_id: str) -> AsyncIterator[dict[str, Any]]:
+    """The batch's output lines as they finish; lines start as the engine makes room. Runs on
+    the engine's loop, where vLLM reports each step (``on_step``) and answers each line."""
     window = LineWindow(app.runner.capacity().max_num_seqs)
     lines, source, seen = _Lines(), raw_lines(inp), set[str]()
-    loop = asyncio.get_running_loop()
-    # An engine step can open room: wake the batch (on this loop) when it waits for one, once
-    # per wait (each wake-up is a write to the loop's socket and a GIL hand-over: one per
-    # engine step was ~10% of the worker's main-process samples in a 2,000-line job, py-spy
-    # on a 2-core x86-64 CPU).
+    # An engine step can open room: wake the batch when it waits for one, once per wait.
     waiting_for_room = False
 
     def on_step() -> None:
         nonlocal waiting_for_room
         if waiting_for_room:
             waiting_for_room = False
-            loop.call_soon_threadsafe(lines.wake.set)
+            lines.wake.set()
 
     with app.runner.loads.watching(wake=on_step):
         try:
