@@ -158,6 +158,10 @@ class VLLMApp:
         return self.app.router.lifespan_context(self.app)
 
     def allowed(self, method: str, path: str) -> bool:
+        # A route's own path first (a dict look-up: a batch asks once per line and route),
+        # then the templated ones (`/v1/responses/{response_id}`).
+        if (methods := self.routes.get(path)) is not None and method in methods:
+            return True
         return any(p.match(path) and method in self.routes[t] for p, t in self._patterns)
 
     def route_list(self) -> list[str]:
