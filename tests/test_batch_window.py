@@ -6,9 +6,18 @@ from worker_vllm.engine.load import EngineLoad
 from worker_vllm.jobs.batch.window import KV_START_LIMIT, LineWindow
 
 
+def test_an_idle_engine_gets_as_many_lines_as_it_runs_at_once():
+    """As `vllm run-batch` hands the engine every line: no ramp from one line step by step."""
+    window = LineWindow(128)
+    assert window.room(0, EngineLoad()) == 128
+    # Until the engine shows them, no more: lines not yet in it do not show in its counts.
+    assert window.room(128, EngineLoad()) == 0
+    assert window.room(128, EngineLoad(running=100, waiting=28)) == 128
+
+
 def test_one_line_always_runs_then_the_lines_at_most_double_the_engines_requests():
     window = LineWindow(128)
-    assert window.room(0, EngineLoad(running=0)) == 1
+    assert window.room(0, EngineLoad(running=3)) == 1
     assert window.room(1, EngineLoad(running=1)) == 1
     assert window.room(2, EngineLoad(running=2)) == 2
     assert window.room(0, EngineLoad(running=40, waiting=9, kv_usage=1.0)) == 1

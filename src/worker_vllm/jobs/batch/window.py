@@ -10,7 +10,9 @@ While the engine holds other requests too, a line starts only while no request w
 scheduler and the KV cache has room, so requests of the worker's other jobs wait behind no
 batch line (the scheduler serves in arrival order). The lines in flight at most double the
 engine's requests (lines not yet in the engine do not show in its counts), and one line
-always runs.
+always runs. A batch that finds the engine idle starts as many lines as it runs at once
+(``max_num_seqs``), as `vllm run-batch` hands it every line, instead of doubling from one
+line engine step by step.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ class LineWindow:
 
     def room(self, in_flight: int, load: EngineLoad) -> int:
         """Lines that may start now, with `in_flight` of the batch's lines running."""
-        if in_flight == 0:
-            return 1
         in_engine = load.running + load.waiting
+        if in_flight == 0:
+            return self.cap if in_engine == 0 else 1
         if in_engine <= in_flight:  # nothing but this batch's lines (as far as it shows)
             limit = 2 * self.cap
         elif load.waiting > 0 or load.kv_usage >= KV_START_LIMIT:
