@@ -197,3 +197,31 @@ async def test_the_hubs_batch_test_fails_when_its_lines_fail(worker):
     (hub,) = [t["input"] for t in tests if t["name"] == "batch"]
     *_, end = await collect(worker, hub)
     assert end["error"]["type"] == "batch_lines_failed", end
+
+
+async def test_a_batchs_lines_are_asked_and_answered_on_the_engines_loop(worker, monkeypatch):
+    """No hop between the job's loop and the engine's per line (each is a wake-up of a loop
+    and a hand-over of the GIL): the lines reach vLLM's app on its own loop, and only their
+    output lines come back."""
+    import threading
+
+    from worker_vllm.engine.app import VLLMApp
+
+    hops, threads = [], set()
+    request, answered = VLLMApp.request, VLLMApp.answered
+
+    async def hop(self, *args, **kwargs):
+        hops.append(args[1])
+        return await request(self, *args, **kwargs)
+
+    async def here(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return await answered(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLLMApp, "request", hop)
+    monkeypatch.setattr(VLLMApp, "answered", here)
+    lines = [chat(f"c{i}", f"line {i}") for i in range(8)]
+    (output,) = await collect(worker, {"batch": lines})
+    assert output["request_counts"] == {"total": 8, "completed": 8, "failed": 0}
+    assert hops == []
+    assert threads == {"vllm-engine-loop"}
