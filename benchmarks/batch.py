@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,27 +251,25 @@ def size_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, rep
 
 def rows(run_dir: Path, smoke: bool, rtt: float = 0.1, sizes: tuple[int, ...] = (512, 2000),
          tokens: int = 64, repeat: int = 3, profile: bool = False
-         ) -> list[tuple[int, list[dict[str, Any]], dict[str, float] | None]]:
-    """Per size: its rows (`vllm run-batch` last) and (with `profile`) where the streamed
-    job's time went."""
+         ) -> Iterator[tuple[int, list[dict[str, Any]], dict[str, float] | None]]:
+    """Per size, as soon as it is measured: its rows (`vllm run-batch` last) and (with
+    `profile`) where the streamed job's time went."""
     if smoke:
         sizes, tokens, repeat = (16,), 8, 1
     platform = fp.Platform(rtt, run_dir / "batch-worker.log", concurrency=None)
     platform.endpoint.take_delay = rtt
-    tables = []
     try:
         for i, count in enumerate(sizes):
             table = size_rows(run_dir, platform, count, tokens, repeat, rtt,
                               separate_jobs=i == 0)
             places = profile_row(platform, request_lines(count, tokens),
                                  run_dir / f"profile-{count}.txt") if profile else None
-            tables.append((count, table, places))
+            yield count, table, places
     finally:
         platform.close()
-    return tables
 
 
-def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] | None]],
+def print_table(tables: Iterable[tuple[int, list[dict[str, Any]], dict[str, float] | None]],
                 rtt: float = 0.1) -> None:
     for count, table, places in tables:
         print(f"\nBatch work, {count} lines: greedy chat requests through the platform stand-in "
@@ -302,3 +301,4 @@ def print_table(tables: list[tuple[int, list[dict[str, Any]], dict[str, float] |
             print(f"\nWhere the worker's main process spent one streamed {count}-line job "
                   "(py-spy samples, 100 Hz):")
             fp.print_shares("place", places.items())
+        sys.stdout.flush()

@@ -323,9 +323,14 @@ def profiled(pid: int, out: Path, run: Callable[[], Any], rate: int = 100,
         spy.send_signal(2)
         spy.wait(timeout=60)
     stacks: collections.Counter[str] = collections.Counter()
+    carried = ""  # a frame's text can hold a line break: the row goes on in the next line
     for row in out.read_text().splitlines():
-        stack, _, n = row.rpartition(" ")
-        stacks[stack] += int(n)
+        stack, _, n = (carried + row).rpartition(" ")
+        if n.isdigit():
+            stacks[stack] += int(n)
+            carried = ""
+        else:
+            carried += row + " "
     return stacks
 
 
