@@ -5,7 +5,9 @@ lines in the order they finish.
 
 Output: with ``"stream": true`` the finished lines are streamed as they come (each message
 ``{"lines": [...]}``, within one stream message's size; a line too large for a message is an
-error line that says so), then ``{"request_counts", "usage", "seconds"}``; without, one output
+error line that says so), the last of them with ``{"request_counts", "usage", "seconds"}``
+(alone in a message of its own where the batch fails on its failed lines or its messages pass
+the platform's limit for a result); without, one output
 holds all of it, and a batch whose output would pass the platform's limit for a result fails
 with an error that says to stream it, as soon as that shows. Stopping the job (cancel,
 timeout) aborts every line in the engine at once; an engine death ends the job as it ends any
@@ -79,9 +81,13 @@ class BatchTally:
         }
 
 
+    @property
+    def too_many_failed(self) -> bool:
+        return self.max_failed is not None and self.failed > self.max_failed
+
     def check_failed(self) -> None:
         """Raise once more lines failed than ``max_failed_lines`` allows."""
-        if self.max_failed is None or self.failed <= self.max_failed:
+        if not self.too_many_failed:
             return
         line = self.first_failed or {}
         number = int(line.get("id", "_0").rsplit("_", 1)[1])
@@ -255,12 +261,33 @@ async def run_batch(app: VLLMApp, inp: BatchInput, settings: WorkerSettings, job
                 tally.check_failed()
             yield {"lines": done, **tally.summary()}
             return
+        total, streamed = line_count(inp), 0
         weighed = _weighed(lines, job_id)
         async with contextlib.aclosing(chunked(weighed, policy, weigh=_second)) as chunks:
             async for chunk in chunks:
-                yield {"lines": [tally.took(line) for line, _ in chunk.items]}
+                message: dict[str, Any] = {"lines": [tally.took(line) for line, _ in
+                                                     chunk.items]}
+                streamed += sum(weight for _, weight in chunk.items)
+                if last := _ends_the_batch(tally, total, streamed):
+                    message.update(tally.summary())
+                yield message
                 tally.check_failed()  # after the client has the failed lines
+                if last:
+                    return
     yield tally.summary()
+
+
+def _ends_the_batch(tally: BatchTally, total: int, streamed: int) -> bool:
+    """Whether the message with the batch's last lines carries its counts and usage too (one
+    stream message, one platform round trip, fewer): not when the batch fails on its failed
+    lines, nor when its messages pass the result's limit, where the result is the last
+    message alone and must be the counts alone (docs/api.md)."""
+    return (tally.completed + tally.failed == total and not tally.too_many_failed
+            and streamed + SUMMARY_ROOM <= RESULT_BUDGET)
+
+
+# Room left in the result for the summary and the messages' framing (bytes).
+SUMMARY_ROOM = 64_000
 
 
 def _second(item: tuple[Any, int]) -> int:
