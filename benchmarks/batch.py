@@ -215,9 +215,12 @@ def _row(label: str, runs: list[dict[str, Any]], expected: int, note: str = ""
             / expected * 1e6, "note": note}
 
 
-def ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[float]:
-    """Each round's tok/s against `vllm run-batch`'s run of the same round."""
-    return [ref["seconds"] / run["seconds"] for run, ref in zip(runs, reference, strict=True)]
+def ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]], floor: float = 0.0
+           ) -> list[float]:
+    """Each round's tok/s against `vllm run-batch`'s run of the same round; `floor`: seconds
+    of each run that are the platform's (its job-take and result), left out."""
+    return [ref["seconds"] / (run["seconds"] - floor)
+            for run, ref in zip(runs, reference, strict=True)]
 
 
 def size_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, repeat: int,
@@ -240,6 +243,7 @@ def size_rows(run_dir: Path, platform: fp.Platform, count: int, tokens: int, rep
                         (f"one batch job of {count} lines", whole)):
         row = _row(label, runs, expected)
         row["ratios"] = ratios(runs, reference)
+        row["net_ratios"] = ratios(runs, reference, out[0]["seconds"])
         out.append(row)
     if separate_jobs:
         run = worker_run(platform, lambda: _one_job_each(platform, lines, 32))
@@ -276,29 +280,32 @@ def print_table(tables: Iterable[tuple[int, list[dict[str, Any]], dict[str, floa
               f"({rtt * 1000:.0f} ms per job-take and per stream POST) and vllm run-batch, "
               "same engine settings, in rounds (one run of each per round); tok/s of the "
               "median run (every run), x vllm run-batch: the median of the rounds' ratios "
-              "(each round's); front CPU: the serving process's (the worker's main process, "
+              "(each round's), and net of the floor (the platform's share of a job, left out "
+              "of each run); front CPU: the serving process's (the worker's main process, "
               "vllm run-batch's API process), engine: vLLM's engine core")
-        print("| path | seconds | tok/s (runs) | x vllm run-batch (rounds) | front CPU ms / 1k "
-              "tokens | x | engine CPU ms / 1k | note |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| path | seconds | tok/s (runs) | x vllm run-batch (rounds) | net of the floor "
+              "| front CPU ms / 1k tokens | x | engine CPU ms / 1k | note |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         reference = table[-1]
         for row in table:
             if row["tps"] is None:
-                print(f"| {row['path']} | {row['seconds']:.2f} | - | - | - | - | - | "
+                print(f"| {row['path']} | {row['seconds']:.2f} | - | - | - | - | - | - | "
                       f"{row['note']} |")
                 continue
             runs = " / ".join(f"{r:.0f}" for r in row["runs"])
-            if "ratios" in row:
-                ratio = (f"{statistics.median(row['ratios']):.2f}x ("
-                         + " / ".join(f"{r:.2f}" for r in row["ratios"]) + ")")
-            else:
-                ratio = f"{row['tps'] / reference['tps']:.2f}x"
+            ratio = _ratios(row["ratios"]) if "ratios" in row else \
+                f"{row['tps'] / reference['tps']:.2f}x"
+            net = _ratios(row["net_ratios"]) if "net_ratios" in row else "-"
             front = row["front_ms_per_1k"] / reference["front_ms_per_1k"]
             print(f"| {row['path']} | {row['seconds']:.2f} | {row['tps']:.0f} ({runs}) | "
-                  f"{ratio} | {row['front_ms_per_1k']:.0f} | {front:.2f}x | "
+                  f"{ratio} | {net} | {row['front_ms_per_1k']:.0f} | {front:.2f}x | "
                   f"{row['engine_ms_per_1k']:.0f} | {row['note']} |")
         if places:
             print(f"\nWhere the worker's main process spent one streamed {count}-line job "
                   "(py-spy samples, 100 Hz):")
             fp.print_shares("place", places.items())
         sys.stdout.flush()
+
+
+def _ratios(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f}x (" + " / ".join(f"{r:.2f}" for r in ratios) + ")"
