@@ -267,7 +267,7 @@ async def run_batch(app: VLLMApp, inp: BatchInput, settings: WorkerSettings, job
             async for chunk in chunks:
                 message: dict[str, Any] = {"lines": [tally.took(line) for line, _ in
                                                      chunk.items]}
-                streamed += sum(weight for _, weight in chunk.items)
+                streamed += sum(weight for _, weight in chunk.items) + MESSAGE_FRAMING
                 if last := _ends_the_batch(tally, total, streamed):
                     message.update(tally.summary())
                 yield message
@@ -286,8 +286,10 @@ def _ends_the_batch(tally: BatchTally, total: int, streamed: int) -> bool:
             and streamed + SUMMARY_ROOM <= RESULT_BUDGET)
 
 
-# Room left in the result for the summary and the messages' framing (bytes).
+# Room left in the result for the summary (bytes), and what each message adds to it beyond
+# its lines' weights (`{"lines": [...]}` and the separator between messages).
 SUMMARY_ROOM = 64_000
+MESSAGE_FRAMING = 16
 
 
 def _second(item: tuple[Any, int]) -> int:
