@@ -29,11 +29,14 @@ def posts(monkeypatch) -> list[tuple[str, Any, str]]:
     """Every POST the SDK's or the worker's ``handle_job`` makes: (url, JSON body, request id)."""
     sent: list[tuple[str, Any, str]] = []
 
-    async def transmit(session, url, data):
-        text = data.decode() if isinstance(data, bytes) else data
-        sent.append((url, json.loads(text), session.headers["X-Request-ID"]))
+    async def sdk_transmit(session, url, data):
+        sent.append((url, json.loads(data), session.headers["X-Request-ID"]))
 
-    monkeypatch.setattr(rp_http, "_transmit", transmit)
+    async def transmit(session, url, body, request_id):
+        sent.append((url, json.loads(body), request_id))
+
+    monkeypatch.setattr(rp_http, "_transmit", sdk_transmit)
+    monkeypatch.setattr(results, "transmit", transmit)
     return sent
 
 
@@ -57,6 +60,10 @@ def test_the_sdk_names_the_results_rely_on():
     # The SDK posts JSON with ensure_ascii=False, as ``encode`` does.
     assert "json.dumps(job_data, ensure_ascii=False)" in inspect.getsource(
         rp_http._handle_result)
+    # ``transmit`` retries as the SDK's _transmit does: 3 attempts, FibonacciRetry's waits.
+    assert "FibonacciRetry(attempts=3)" in inspect.getsource(rp_http._transmit)
+    waits = rp_http.FibonacciRetry(attempts=3)
+    assert (waits.get_timeout(1), waits.get_timeout(2)) == results.RETRY_WAITS
 
 
 # ----- the same posts as the SDK within the limits -----------------------------------------
@@ -151,21 +158,76 @@ def test_the_result_keeps_no_copy_once_it_cannot_be_sent(monkeypatch):
     assert json.loads(result.body()) == {"output": [{"i": 9, "pad": "p" * 20}]}
 
 
+# ----- the POSTs on the wire, against the SDK's ---------------------------------------------
+class Platform:
+    """A real HTTP server that records each POST and answers with the next status of
+    ``answers`` for its path (200 once they run out)."""
+
+    def __init__(self, answers: dict[str, list[int]]) -> None:
+        self.answers = {path: list(statuses) for path, statuses in answers.items()}
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    async def answer(self, request):
+        from aiohttp import web
+
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items()
+                   if k in ("Content-Type", "charset", "X-Request-ID")}
+        self.seen.append((request.method, request.path_qs, headers, body))
+        statuses = self.answers.get(request.path, [])
+        return web.Response(status=statuses.pop(0) if statuses else 200, text="ok")
+
+
+def on_the_wire(monkeypatch, answers: dict[str, list[int]], job_handler, handler) -> Platform:
+    """``job_handler`` run against a real server through the SDK's own aiohttp session."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+    from runpod.http_client import AsyncClientSession
+
+    platform = Platform(answers)
+    app = web.Application()
+    app.router.add_post("/{path:.*}", platform.answer)
+
+    async def main():
+        async with TestServer(app) as server:
+            base = str(server.make_url(""))
+            monkeypatch.setattr(rp_http, "JOB_STREAM_URL", f"{base}/stream?id=$ID")
+            monkeypatch.setattr(rp_http, "JOB_DONE_URL", f"{base}/done?id=$ID")
+            async with AsyncClientSession() as session:
+                await job_handler(session, {"handler": handler, "return_aggregate_stream": True},
+                                  {"id": "job-7", "input": {}})
+    asyncio.run(main())
+    return platform
+
+
+@pytest.mark.parametrize(("answers", "stream_posts"), [
+    ({}, 2),  # every POST taken
+    ({"/stream": [503, 502]}, 4),  # the first message taken at its third attempt
+    ({"/stream": [503, 503, 503], "/done": [500]}, 4),  # the first lost after 3 attempts
+    ({"/stream": [413]}, 2),  # refused: not tried again
+])
+def test_the_posts_on_the_wire_are_the_sdks(monkeypatch, answers, stream_posts):
+    """Method, URL, form headers, the job's id, body and retries as the SDK's ``_transmit``
+    makes them (its waits shortened in both)."""
+    from functools import partial
+
+    monkeypatch.setattr(rp_http, "FibonacciRetry",
+                        partial(rp_http.FibonacciRetry, multiplier=0.001))
+    monkeypatch.setattr(results, "RETRY_WAITS", (0.002, 0.003))
+    handler = generator_of({"text": "Hello"}, {"text": " wörld ✓"})
+    sdk = on_the_wire(monkeypatch, answers, rp_job.handle_job, handler)
+    ours = on_the_wire(monkeypatch, answers, handle_job, handler)
+    assert [(m, u, h, json.loads(b)) for m, u, h, b in ours.seen] == [
+        (m, u, h, json.loads(b)) for m, u, h, b in sdk.seen]
+    assert ours.seen[0][2] == {"Content-Type": "application/x-www-form-urlencoded",
+                               "charset": "utf-8", "X-Request-ID": "job-7"}
+    assert [u for _, u, _, _ in ours.seen].count("/stream?id=job-7&isStream=false") == (
+        stream_posts)
+
+
 def test_a_refused_post_is_logged_and_the_job_goes_on(monkeypatch, caplog):
-    from aiohttp import ClientResponseError, RequestInfo
-    from multidict import CIMultiDict, CIMultiDictProxy
-    from yarl import URL
-
-    sent = []
-
-    async def transmit(session, url, data):
-        sent.append(url)
-        if url.startswith(rp_http.JOB_STREAM_URL):
-            info = RequestInfo(URL("http://platform/stream"), "POST",
-                               CIMultiDictProxy(CIMultiDict()), URL("http://platform/stream"))
-            raise ClientResponseError(info, (), status=413, message="Payload Too Large")
-
-    monkeypatch.setattr(rp_http, "_transmit", transmit)
-    run(handle_job, generator_of({"n": 1}, {"n": 2}))
-    assert len(sent) == 3 and sent[-1].startswith(rp_http.JOB_DONE_URL)
+    platform = on_the_wire(monkeypatch, {"/stream": [413]}, handle_job,
+                           generator_of({"n": 1}, {"n": 2}))
+    assert [u.split("?")[0] for _, u, _, _ in platform.seen] == ["/stream", "/stream", "/done"]
+    assert json.loads(platform.seen[-1][3]) == {"output": [{"n": 1}, {"n": 2}]}
     assert "refused a" in caplog.text and "stream message" in caplog.text
