@@ -16,6 +16,13 @@ pytestmark = pytest.mark.slow
 SEEDED = {"temperature": 1.0, "seed": 11, "max_tokens": 12}
 
 
+def test_the_engine_runs_on_uvloop(worker):
+    """vLLM's output handler and app run on uvloop's loop, as under vllm serve."""
+    import uvloop
+
+    assert isinstance(worker.runner.loop.loop, uvloop.Loop)
+
+
 def tokens_of(yields: list[dict], choice: int = 0) -> list[str]:
     return [t for y in yields for t in y["choices"][choice]["tokens"]]
 

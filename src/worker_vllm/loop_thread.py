@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class LoopThread:
     """A private event loop running on its own daemon thread."""
 
     def __init__(self, name: str, uvloop: bool = False) -> None:
-        """`uvloop`: run uvloop's event loop, as `vllm serve` does (for an HTTP server)."""
+        """`uvloop`: run uvloop's event loop, as `vllm serve` runs its server and engine client."""
         self.loop = _uvloop() if uvloop else asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
@@ -231,3 +231,20 @@ def _uvloop() -> asyncio.AbstractEventLoop:
     except ImportError:  # vLLM's server depends on it; without it, asyncio's own loop
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+@contextlib.contextmanager
+def uvloop_policy() -> Iterator[None]:
+    """New event loops (``asyncio.run``'s among them) are uvloop's within this block, where
+    uvloop is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        yield
+        return
+    before = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(before)

@@ -72,7 +72,7 @@ class EngineRunner:
     def __init__(self, args: AsyncEngineArgs, loop: LoopThread | None = None) -> None:
         """`loop`: a loop thread that already serves something (an HTTP server): the engine
         is then built on another thread, so that loop keeps serving while the model loads."""
-        self.loop = loop or LoopThread("vllm-engine-loop")
+        self.loop = loop or LoopThread("vllm-engine-loop", uvloop=True)  # as vllm serve's
         self.closing = False
         # The engine's load after each step (vLLM's scheduler statistics).
         self.loads = EngineLoads()
