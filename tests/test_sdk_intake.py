@@ -459,26 +459,5 @@ def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):
     assert frozen_at_start and frozen_at_start[0] >= before + len(start_up_heap)
 
 
-def test_the_job_loop_runs_on_uvloop(monkeypatch):
-    """The SDK's loop, which makes every job's POSTs, runs on uvloop's loop as vllm serve's
-    server does; the process's loop policy is as before once the loop has ended."""
-    import uvloop
-
-    from worker_vllm.queue.sdk import job_loop
-
-    loops: list[type] = []
-
-    def start(config):
-        async def which() -> None:
-            loops.append(type(asyncio.get_running_loop()))
-        asyncio.run(which())  # as the SDK's JobScaler.start does
-
-    monkeypatch.setattr(runpod.serverless, "start", start)
-    before = asyncio.get_event_loop_policy()
-    job_loop.serve_jobs(_nothing_handler, 1, intake="sdk")
-    assert loops == [uvloop.Loop]
-    assert asyncio.get_event_loop_policy() is before
-
-
 async def _nothing_handler(job: dict[str, Any]) -> Any:
     yield job["id"]

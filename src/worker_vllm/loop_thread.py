@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -232,19 +232,3 @@ def _uvloop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
 
-
-@contextlib.contextmanager
-def uvloop_policy() -> Iterator[None]:
-    """New event loops (``asyncio.run``'s among them) are uvloop's within this block, where
-    uvloop is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        yield
-        return
-    before = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop_policy(before)

@@ -6,7 +6,6 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from worker_vllm.loop_thread import uvloop_policy
 from worker_vllm.queue.admission import Admission, FixedAdmission
 from worker_vllm.queue.sdk.intake import IntakeGate, install
 from worker_vllm.queue.sdk.job_state import use_private_job_state
@@ -51,7 +50,4 @@ def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurre
     # off by decoding a large job input, stops the job loop for a quarter of a second or more.
     gc.collect()
     gc.freeze()
-    # The SDK's job loop (its asyncio.run) on uvloop's loop, as vllm serve's server runs: the
-    # loop that makes every job's POSTs (benchmarks/run.py --ceiling, docs/performance.md).
-    with uvloop_policy():
-        runpod.serverless.start(config)
+    runpod.serverless.start(config)
