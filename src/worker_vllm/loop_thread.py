@@ -231,4 +231,3 @@ def _uvloop() -> asyncio.AbstractEventLoop:
     except ImportError:  # vLLM's server depends on it; without it, asyncio's own loop
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
