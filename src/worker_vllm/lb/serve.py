@@ -28,6 +28,9 @@ log = logging.getLogger("worker_vllm.lb")
 DEFAULT_PORT = 80
 
 
+SIGNAL_POLL_S = 0.5
+
+
 def lb_ports(env: Mapping[str, str]) -> tuple[int, int]:
     """(PORT, PORT_HEALTH): the app's port (default 80) and /ping's (default PORT)."""
     ports = []
@@ -118,7 +121,11 @@ class Shutdown:
 
     def wait(self) -> None:
         self.serving = True
-        self._event.wait()
+        # Timed: Python runs a signal's handler in the main thread only, and a signal the
+        # kernel hands to another thread (vLLM's, uvicorn's) waits until this thread next runs
+        # Python code; an untimed wait slept through a SIGINT to the process group for minutes.
+        while not self._event.wait(SIGNAL_POLL_S):
+            pass
 
 
 def _serve_startup_error(servers: HTTPServers, failure: StartupFailure,
