@@ -19,6 +19,19 @@ def loop_thread():
     thread.stop()
 
 
+def count_wakeups(loop: asyncio.AbstractEventLoop) -> list[tuple]:
+    """Records every `call_soon_threadsafe` on `loop` from now on (a wake-up of it)."""
+    calls: list[tuple] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    return calls
+
+
 def test_items_of_many_streams_arrive_in_order_with_few_wakeups(loop_thread) -> None:
     streams, items = 16, 50
     # Every producer waits for this, then yields all its items in one iteration of the
@@ -32,15 +45,7 @@ def test_items_of_many_streams_arrive_in_order_with_few_wakeups(loop_thread) -> 
 
     async def main() -> tuple[list[list[tuple[int, int]]], int]:
         loop = asyncio.get_running_loop()
-        wakeups = 0
-        original = loop.call_soon_threadsafe
-
-        def counting(*args, **kwargs):
-            nonlocal wakeups
-            wakeups += 1
-            return original(*args, **kwargs)
-
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        wakeups = count_wakeups(loop)
 
         async def consume(n: int) -> list[tuple[int, int]]:
             return [item async for item in loop_thread.relayed(lambda: produce(n))]
@@ -49,7 +54,7 @@ def test_items_of_many_streams_arrive_in_order_with_few_wakeups(loop_thread) -> 
         await asyncio.sleep(0)  # every consumer submitted its producer
         await loop_thread.call(lambda: _wait_then_set(go))
         results = await asyncio.gather(*tasks)
-        return results, wakeups
+        return results, len(wakeups)
 
     results, wakeups = asyncio.run(main())
     for n, got in enumerate(results):
@@ -259,3 +264,40 @@ def test_a_pushing_producer_relays_its_items_its_error_and_its_end(loop_thread) 
     del error  # its traceback holds the producer's task
     gc.collect()  # a finished task reports an exception never retrieved when collected
     assert reported == []
+
+
+def test_a_consumer_on_the_loop_thread_gets_its_items_without_wakeups(loop_thread) -> None:
+    """The job loop runs on the engine's loop: its streams need no cross-thread wake-up."""
+    cancelled = asyncio.Event()
+
+    async def produce(n: int) -> AsyncIterator[tuple[int, int]]:
+        for i in range(50):
+            yield n, i
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+
+    async def main() -> tuple[list[list[tuple[int, int]]], list[int], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = count_wakeups(loop)
+        try:
+            async def consume(n: int) -> list[tuple[int, int]]:
+                return [item async for item in loop_thread.relayed(lambda: produce(n))]
+
+            results = await asyncio.gather(*(consume(n) for n in range(8)))
+            got: list[int] = []
+            stream = loop_thread.relayed(lambda: _endless(cancelled))
+            async for item in stream:
+                got.append(item)
+                if len(got) == 3:
+                    break
+            await stream.aclose()
+            assert await loop_thread.call(lambda: _is_set(cancelled))
+        finally:
+            del loop.call_soon_threadsafe
+        return results, got, len(wakeups)
+
+    results, got, wakeups = loop_thread.submit(main()).result(timeout=30)
+    for n, items in enumerate(results):
+        assert items == [(n, i) for i in range(50)]
+    assert got == [0, 1, 2]
+    assert wakeups <= 1, wakeups  # the close asks its producer to stop (one call)

@@ -9,6 +9,7 @@ import gc
 import inspect
 import pickle
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -39,7 +40,14 @@ def test_runpod_version_is_the_pinned_one():
 
 def test_the_sdk_builds_its_scaler_where_install_replaces_it():
     assert "rp_scale.JobScaler(config)" in inspect.getsource(sdk_worker.run_worker)
-    assert "asyncio.run(self.run())" in inspect.getsource(SDK_SCALER.start)
+    start = inspect.getsource(SDK_SCALER.start)
+    assert "asyncio.run(self.run())" in start
+    # What EventIntake.start keeps of the SDK's when it runs the loop on the engine's loop.
+    for kept in ("sys.excepthook = _handle_uncaught_exception",
+                 "signal.signal(signal.SIGTERM, self.handle_shutdown)",
+                 "signal.signal(signal.SIGINT, self.handle_shutdown)"):
+        assert kept in start, kept
+    assert callable(rp_scale._handle_uncaught_exception)
     assert EventIntake.__bases__[-1] is SDK_SCALER
     assert SDK_SCALER.__module__ == "runpod.serverless.modules.rp_scale"
 
@@ -443,6 +451,44 @@ async def test_a_job_that_ends_as_a_take_starts_is_not_listed_by_it():
         assert listed == running
     intake.job_ids.flush()  # as at the end of its write interval
     assert ids_in_the_file() == set() and len(JobsProgress()) == 0
+
+
+def test_given_the_engines_loop_jobs_run_there_and_a_signal_to_another_thread_ends_it():
+    """On the engine's loop (a thread of its own), the job loop's messages need no crossing
+    between loops; the main thread, where Python runs signal handlers, waits in steps, so a
+    SIGTERM the kernel hands to another thread still ends the loop."""
+    from worker_vllm.loop_thread import LoopThread
+
+    engine_loop = LoopThread("engine-loop", uvloop=True)
+    platform, jobs = Platform(3), Jobs()
+    threads: set[int] = set()
+
+    async def handle(session: Any, config: Any, job: dict[str, Any]) -> None:
+        threads.add(threading.get_ident())
+        await jobs.handle(session, config, job)
+
+    intake = make(EventIntake, platform, jobs, concurrency=2, job_loop=engine_loop.loop)
+    intake.jobs_handler = handle
+
+    def signal_when_done() -> None:
+        while len(jobs.ran) < 3 or jobs.running:
+            time.sleep(0.01)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # to this thread, not main
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signaller = threading.Thread(target=signal_when_done, daemon=True)
+    try:
+        signaller.start()
+        started = time.monotonic()
+        intake.start()
+        assert time.monotonic() - started < 30
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        engine_loop.stop()
+    assert sorted(jobs.ran) == ["job-0", "job-1", "job-2"]
+    assert threads == {engine_loop._thread.ident}
+    assert not intake.is_alive()
 
 
 def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):

@@ -51,7 +51,9 @@ class _Relay:
 
     def _wake(self) -> None:
         self._waking = False
-        if not self._scheduled:
+        if self._caller is self._home:  # a caller on the loop thread: no wake-up to send
+            self._deliver()
+        elif not self._scheduled:
             self._scheduled = True
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed
                 self._caller.call_soon_threadsafe(self._deliver)
@@ -86,7 +88,10 @@ class Relayed(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._end_sent = False
-        self._home.call_soon_threadsafe(self._start, make)
+        if self._home is asyncio.get_running_loop():
+            self._home.call_soon(self._start, make)
+        else:
+            self._home.call_soon_threadsafe(self._start, make)
 
     def _start(self, make: Pushing[T]) -> None:
         if self._stopping:
@@ -198,6 +203,8 @@ class LoopThread:
 
     async def call(self, make: Callable[[], Awaitable[T]]) -> T:
         """Await `make()` on this loop; cancelling the caller cancels it there."""
+        if asyncio.get_running_loop() is self.loop:
+            return await make()
 
         async def run() -> T:
             return await make()

@@ -82,7 +82,8 @@ def serve_until_stopped(core: Core) -> int:
 
     try:
         serve_jobs(handler, admission.limit, intake=core.settings.job_intake, gate=gate,
-                   fitness_check=engine_is_healthy, admission=admission)
+                   fitness_check=engine_is_healthy, admission=admission,
+                   loop=core.runner.loop.loop)
     finally:
         if gate.closed is not None:
             exit_now(1)  # the engine is dead: no clean shutdown to wait for

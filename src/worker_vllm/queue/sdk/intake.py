@@ -27,6 +27,7 @@ from runpod.serverless.modules import rp_scale
 
 from worker_vllm.queue.admission import Admission, FixedAdmission
 from worker_vllm.queue.sdk.job_state import JobIds
+from worker_vllm.queue.sdk.start import StartOnLoop
 from worker_vllm.queue.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,13 @@ class IntakeGate:
             self._loop.call_soon_threadsafe(self._intake.stop_taking)
 
 
-class EventIntake(StopChannel, rp_scale.JobScaler):
+class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
     """The SDK's JobScaler with its polling replaced by waits on events (see the module doc).
 
     Its extra config keys: ``intake_gate`` (an IntakeGate), ``admission`` (an Admission: how
-    many jobs to take, from the engine's load; without it, the constant concurrency) and
-    ``drain_timeout`` (seconds to let running jobs end after the gate closed).
+    many jobs to take, from the engine's load; without it, the constant concurrency),
+    ``drain_timeout`` (seconds to let running jobs end after the gate closed) and
+    ``job_loop`` (see ``StartOnLoop``).
     """
 
     def __init__(self, config: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -15,13 +16,15 @@ from worker_vllm.queue.sdk.results import handle_job
 def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurrency: int, *,
                intake: Literal["events", "sdk"] = "events", gate: IntakeGate | None = None,
                fitness_check: Callable[[], Awaitable[None]] | None = None,
-               admission: Admission | FixedAdmission | None = None) -> None:
+               admission: Admission | FixedAdmission | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Run ``runpod.serverless.start`` until SIGTERM or until ``gate`` closes.
 
     ``intake="events"`` takes jobs through ``EventIntake``, as many as ``admission`` says (or
     ``concurrency`` at once without it); ``"sdk"`` keeps the SDK's own polling intake with
     ``concurrency`` jobs at once (its 1 s and 0.1 s waits; no gate, stops before start are
-    lost).
+    lost). ``loop``: the engine's running loop (on its own thread), where the events intake
+    then runs the job loop.
     """
     import runpod
     from runpod.serverless.modules import rp_scale
@@ -41,6 +44,7 @@ def serve_jobs(handler: Callable[[dict[str, Any]], AsyncIterator[Any]], concurre
         install()  # reads config["jobs_handler"]
         config["intake_gate"] = gate if gate is not None else IntakeGate()
         config["admission"] = admission
+        config["job_loop"] = loop
     else:
         # The SDK's own scaler reads config["jobs_handler"] in local test mode only: in
         # production it takes rp_scale's handle_job.
