@@ -267,7 +267,33 @@ async def _drive_platform(platform: Platform, load: Load, route: str) -> list[le
     return [j for k, j in platform.endpoint.jobs.items() if k not in before]
 
 
+def again_on_a_dropped_connection(measure: Callable[[], dict[str, Any]],
+                                  settle: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """`measure()`, run once more (after `settle()`) when a server dropped one of its HTTP
+    connections (httpx.ReadError while reading an answer's headers: seen now and then at
+    c64-c128 on long runs, from the platform stand-in and from vLLM's own server alike; the
+    cause is not found). Said on stderr; a second drop ends the run."""
+    try:
+        return measure()
+    except httpx.TransportError as exc:
+        print(f"A connection was dropped ({type(exc).__name__}); the round runs again",
+              file=sys.stderr, flush=True)
+        settle()
+        return measure()
+
+
 def measure_platform(platform: Platform, load: Load, route: str, label: str) -> dict[str, Any]:
+    return again_on_a_dropped_connection(
+        lambda: _measure_platform(platform, load, route, label),
+        lambda: asyncio.run(_all_final(platform)))
+
+
+async def _all_final(platform: Platform) -> None:
+    for job_id in list(platform.endpoint.jobs):
+        await until_final(platform, job_id)
+
+
+def _measure_platform(platform: Platform, load: Load, route: str, label: str) -> dict[str, Any]:
     log_mark = platform.log_path.stat().st_size
     cpu0 = tree_cpu(platform.worker.pid)
     split0 = cpu_split(platform.worker.pid)
@@ -474,6 +500,11 @@ def measure_vllm_serve(url: str, pid: int, load: Load,
     """OpenAI requests of kind `route` (OPENAI_KINDS: streamed chat completions by default;
     "completions": the native jobs' prompts) over HTTP against `vllm serve` (or the worker
     serving vLLM's app on a load-balancing endpoint)."""
+    return again_on_a_dropped_connection(lambda: _measure_vllm_serve(url, pid, load, label, route))
+
+
+def _measure_vllm_serve(url: str, pid: int, load: Load, label: str, route: str
+                        ) -> dict[str, Any]:
     cpu0 = tree_cpu(pid)
     split0 = cpu_split(pid)
     started = time.monotonic()
