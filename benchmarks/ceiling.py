@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import re
 import statistics
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -166,12 +165,11 @@ _EVENT = (b'data: {"id":"chatcmpl-0123456789abcdef","object":"chat.completion.ch
           b'" tok"},"logprobs":null,"finish_reason":null}]}\n\n')
 
 
-async def _relay_round(streams: int, events: int) -> tuple[float, float]:
-    """CPU seconds per event of this thread (the job loop's) and of the engine's loop thread,
-    for `streams` requests to an ASGI app on the engine's loop (Starlette's StreamingResponse,
-    as vLLM's app streams: `events` SSE events 2 ms apart), called and flushed as route jobs
-    call vLLM's app and flush its events."""
-    engine = LoopThread("bench-relay")
+async def _relay_round(streams: int, events: int) -> float:
+    """CPU seconds per event of the engine's loop thread, for `streams` requests to an ASGI app
+    on it (Starlette's StreamingResponse, as vLLM's app streams: `events` SSE events 2 ms
+    apart), called and flushed there as route jobs call vLLM's app and flush its events (the
+    SDK's job loop runs on the engine's loop)."""
 
     async def sse_app(scope: Any, receive: Any, send: Any) -> None:
         async def body() -> AsyncIterator[bytes]:
@@ -181,6 +179,7 @@ async def _relay_round(streams: int, events: int) -> tuple[float, float]:
 
         await StreamingResponse(body(), media_type="text/event-stream")(scope, receive, send)
 
+    engine = LoopThread("bench-relay", uvloop=True)
     app = SimpleNamespace(runner=SimpleNamespace(loop=engine), job_stack=sse_app)
 
     async def job(i: int) -> int:
@@ -190,37 +189,32 @@ async def _relay_round(streams: int, events: int) -> tuple[float, float]:
         async with contextlib.aclosing(chunked(body, FlushPolicy(), weigh=_event_weight)) as out:
             return sum([len(chunk.items) async for chunk in out])
 
-    async def native_id() -> int:
-        return threading.get_native_id()
+    async def all_jobs() -> tuple[int, float]:
+        started = time.thread_time()
+        done = sum(await asyncio.gather(*[job(i) for i in range(streams)]))
+        return done, time.thread_time() - started
 
     try:
-        engine_thread = await engine.call(native_id)
-        started, engine_started = time.thread_time(), fp.thread_cpu(engine_thread)
-        done = sum(await asyncio.gather(*[job(i) for i in range(streams)]))
+        done, cpu = await asyncio.wrap_future(engine.submit(all_jobs()))
         if done != streams * events:
             raise RuntimeError(f"{done} SSE events reached the jobs, not {streams * events}")
-        return ((time.thread_time() - started) / done,
-                (fp.thread_cpu(engine_thread) - engine_started) / done)
+        return cpu / done
     finally:
         engine.stop()
 
 
 def relay_row(smoke: bool) -> dict[str, Any]:
-    """The relay from vLLM's app (on the engine's loop) to a route job's stream flush (on the
-    job loop), without an engine: each loop's CPU per SSE event, median of 5 rounds after one
-    unmeasured."""
+    """vLLM's app's stream to a route job's stream flush, both on the engine's loop, without
+    an engine: that loop's CPU per SSE event, median of 5 rounds after one unmeasured."""
     streams, events = (4, 20) if smoke else (64, 200)
     runs = [asyncio.run(_relay_round(streams, events)) for _ in range(6)][1:]
     return {"streams": streams, "events": events,
-            "us_per_event": statistics.median(r[0] for r in runs) * 1e6,
-            "engine_us_per_event": statistics.median(r[1] for r in runs) * 1e6,
-            "runs": [r[0] * 1e6 for r in runs], "engine_runs": [r[1] * 1e6 for r in runs]}
+            "us_per_event": statistics.median(runs) * 1e6, "runs": [r * 1e6 for r in runs]}
 
 
 def print_relay(row: dict[str, Any]) -> None:
-    print(f"\nThe relay alone (no engine): {row['streams']} streams x {row['events']} SSE events "
-          "from an ASGI app on the engine's loop to route jobs' stream flush: "
-          f"{row['us_per_event']:.1f} us of the job loop's CPU per event (median of 5: "
-          + " / ".join(f"{r:.1f}" for r in row["runs"]) + f"), {row['engine_us_per_event']:.1f} "
-          "us of the engine loop's (" + " / ".join(f"{r:.1f}" for r in row["engine_runs"])
+    print(f"\nThe app's stream to route jobs alone (no engine): {row['streams']} streams x "
+          f"{row['events']} SSE events from an ASGI app on the engine's loop to route jobs' "
+          f"stream flush on the same loop: {row['us_per_event']:.1f} us of its CPU per event "
+          "(median of 5: " + " / ".join(f"{r:.1f}" for r in row["runs"])
           + "), the app's own share included")

@@ -56,8 +56,8 @@ the engine deciding, the worker on a load-balancing endpoint, and the floor (the
 with a constant handler); tok/s, the front process's CPU per 1,000 tokens (the worker's main
 process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95. --profile: py-spy on the
 worker's main process through one more round of OpenAI chat jobs at c64, its samples by place
-and its top functions. Then the relay from vLLM's app to route jobs alone (no engine): the job
-loop's CPU per SSE event.
+and its top functions. Then vLLM's app's stream to route jobs alone (no engine, both on the
+engine's loop, as in the worker): that loop's CPU per SSE event.
 
 --startup: cold start instead (startup.py): a worker started twice on one "network volume"
 directory, the phase table from its own start-up summaries.
