@@ -491,6 +491,30 @@ def test_given_the_engines_loop_jobs_run_there_and_a_signal_to_another_thread_en
     assert not intake.is_alive()
 
 
+def test_the_production_worker_gives_the_intake_the_engines_loop(monkeypatch):
+    """The wiring of the test above: queue/serve.py hands the engine's loop to the job loop
+    (the worker-process tests run jobs through it; this names where it is chosen)."""
+    from types import SimpleNamespace
+
+    from worker_vllm.queue import serve
+
+    given: dict[str, Any] = {}
+    monkeypatch.setattr(serve, "serve_jobs", lambda handler, limit, **kw: given.update(kw))
+    monkeypatch.setattr(serve, "job_admission", lambda settings, runner: FixedAdmission(2))
+    monkeypatch.setattr(serve, "JobHandler", lambda *args, **kw: SimpleNamespace())
+    monkeypatch.setattr(serve, "on_engine_death", lambda *args, **kw: None)
+    monkeypatch.setattr(serve, "end_children", lambda: None)
+    engine_loop = asyncio.new_event_loop()
+    try:
+        core = SimpleNamespace(runner=SimpleNamespace(loop=SimpleNamespace(loop=engine_loop)),
+                               settings=SimpleNamespace(job_intake="events"), app=None,
+                               chat_template=None, close=lambda: None)
+        assert serve.serve_until_stopped(core) == 0  # type: ignore[arg-type]
+    finally:
+        engine_loop.close()
+    assert given["loop"] is engine_loop and given["intake"] == "events"
+
+
 def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):
     """A full garbage collection of the start-up heap, set off by decoding a large job input,
     would stop the job loop for a quarter of a second or more (a batch job's first message)."""
