@@ -25,6 +25,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
 
+# How often the main thread, waiting on other threads, looks up: Python runs a signal's handler
+# in the main thread only, and a signal the kernel hands to another thread (vLLM's, uvicorn's,
+# the engine loop's) waits until the main thread next runs Python code; an untimed wait slept
+# through a SIGINT to the process group for minutes.
+SIGNAL_POLL_S = 0.5
+
+
+def wait_handling_signals(wait: Callable[[float], bool]) -> None:
+    """Block the main thread until ``wait(timeout)`` returns True, running signal handlers
+    between its timed waits."""
+    while not wait(SIGNAL_POLL_S):
+        pass
+
 
 class _Relay:
     """Calls on one caller loop, made from the loop thread: they run together at the end of

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from worker_vllm.config.settings import WorkerSettings, is_unset, load_worker_settings
 from worker_vllm.errors import ConfigError, WorkerError
 from worker_vllm.lb.server import HTTPServers
-from worker_vllm.loop_thread import LoopThread
+from worker_vllm.loop_thread import LoopThread, wait_handling_signals
 from worker_vllm.process_tree import end_children, exit_now
 from worker_vllm.startup.errors import StartupFailure, startup_failure_action
 from worker_vllm.startup.phases import StartupPhases
@@ -26,9 +26,6 @@ log = logging.getLogger("worker_vllm.lb")
 
 # RunPod's default port of a load-balancing worker (vLLM's own default, 8000, is not used).
 DEFAULT_PORT = 80
-
-
-SIGNAL_POLL_S = 0.5
 
 
 def lb_ports(env: Mapping[str, str]) -> tuple[int, int]:
@@ -121,11 +118,7 @@ class Shutdown:
 
     def wait(self) -> None:
         self.serving = True
-        # Timed: Python runs a signal's handler in the main thread only, and a signal the
-        # kernel hands to another thread (vLLM's, uvicorn's) waits until this thread next runs
-        # Python code; an untimed wait slept through a SIGINT to the process group for minutes.
-        while not self._event.wait(SIGNAL_POLL_S):
-            pass
+        wait_handling_signals(self._event.wait)
 
 
 def _serve_startup_error(servers: HTTPServers, failure: StartupFailure,

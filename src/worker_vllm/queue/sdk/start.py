@@ -11,9 +11,7 @@ from typing import Any
 
 from runpod.serverless.modules import rp_scale
 
-# How often the main thread, waiting for a job loop that runs on another thread, looks up: a
-# signal the kernel hands to another thread is handled only once the main thread runs Python.
-SIGNAL_POLL_S = 0.5
+from worker_vllm.loop_thread import wait_handling_signals
 
 
 class StartOnLoop:
@@ -38,9 +36,5 @@ class StartOnLoop:
         signal.signal(signal.SIGTERM, self.handle_shutdown)
         signal.signal(signal.SIGINT, self.handle_shutdown)
         done = asyncio.run_coroutine_threadsafe(self.run(), loop)
-        while True:
-            try:
-                done.result(timeout=SIGNAL_POLL_S)
-                return
-            except concurrent.futures.TimeoutError:
-                continue
+        wait_handling_signals(lambda timeout: bool(concurrent.futures.wait([done], timeout).done))
+        done.result()  # raises what the job loop raised
