@@ -218,3 +218,88 @@ def print_relay(row: dict[str, Any]) -> None:
           f"stream flush on the same loop: {row['us_per_event']:.1f} us of its CPU per event "
           "(median of 5: " + " / ".join(f"{r:.1f}" for r in row["runs"])
           + "), the app's own share included")
+
+
+# The platform stand-in of the POST row: an aiohttp server answering every POST at once.
+_POST_SERVER = """
+import sys
+import uvloop
+from aiohttp import web
+async def answer(request):
+    await request.read()
+    return web.Response(text="ok")
+app = web.Application()
+app.router.add_post("/{path:.*}", answer)
+uvloop.install()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+async def _posts_round(url: str, client: str, posts: int, at_once: int) -> float:
+    """CPU seconds of this (uvloop) thread per 1 KB POST, `at_once` POSTs in flight: through
+    the SDK's aiohttp session as it posts ("aiohttp"), or through the worker's Poster."""
+    from runpod.http_client import AsyncClientSession
+
+    from worker_vllm.queue.sdk.poster import Poster
+    from worker_vllm.queue.sdk.results import _FORM
+
+    body = b'{"output": "' + b"x" * 1000 + b'"}'
+    headers = {**_FORM, "X-Request-ID": "job-1"}
+    async with AsyncClientSession() as session:
+        poster = Poster(session.headers)
+
+        async def one() -> None:
+            if client == "Poster":
+                status, _ = await poster.post(url, body, headers)
+            else:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+            if status != 200:
+                raise RuntimeError(f"the stand-in answered {status}")
+
+        async def task() -> None:
+            for _ in range(posts // at_once):
+                await one()
+
+        await asyncio.gather(*[task() for _ in range(at_once)])  # connections opened
+        started = time.thread_time()
+        await asyncio.gather(*[task() for _ in range(at_once)])
+        cpu = time.thread_time() - started
+        poster.close()
+    return cpu / (posts // at_once * at_once)
+
+
+def posts_row(smoke: bool) -> dict[str, Any]:
+    """The client's CPU per POST to the platform: the SDK's aiohttp session against the
+    worker's Poster, rounds alternated, median of 3 each."""
+    import subprocess
+    import sys
+
+    import uvloop
+
+    posts, at_once = (200, 8) if smoke else (4000, 64)
+    port = fp.free_port()
+    server = subprocess.Popen([sys.executable, "-c", _POST_SERVER, str(port)])
+    url = f"http://127.0.0.1:{port}/stream?id=job-1&isStream=false"
+    try:
+        fp.wait_for_port(port)
+        runs: dict[str, list[float]] = {"aiohttp": [], "Poster": []}
+        for _ in range(3):
+            for client, seen in runs.items():
+                seen.append(uvloop.run(_posts_round(url, client, posts, at_once)) * 1e6)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"posts": posts, "at_once": at_once, "runs": runs,
+            "us_per_post": {client: statistics.median(r) for client, r in runs.items()}}
+
+
+def print_posts(row: dict[str, Any]) -> None:
+    print(f"\nPOSTs to the platform alone: {row['posts']} POSTs of 1 KB, {row['at_once']} at "
+          "once, to a local aiohttp server; CPU of the client's loop thread per POST (median "
+          "of 3, rounds alternated):")
+    for client, us in row["us_per_post"].items():
+        label = "the SDK's aiohttp session" if client == "aiohttp" else "the worker's Poster"
+        print(f"  {label}: {us:.1f} us (" + " / ".join(f"{r:.1f}" for r in row["runs"][client])
+              + ")")

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --admission [--repeat 3] [--loads short,mixed,long]
         [--no-first-message] [--smoke]
     .venv/bin/python benchmarks/run.py --ceiling [--profile] [--smoke]
+    .venv/bin/python benchmarks/run.py --posts [--smoke]
     .venv/bin/python benchmarks/run.py --batch [--batch-lines 512,2000] [--batch-tokens 64]
         [--repeat 3] [--rtt-ms 100] [--profile] [--smoke]
     .venv/bin/python benchmarks/run.py --startup [--eager] [--model DIR]
@@ -57,7 +58,11 @@ with a constant handler); tok/s, the front process's CPU per 1,000 tokens (the w
 process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95. --profile: py-spy on the
 worker's main process through one more round of OpenAI chat jobs at c64, its samples by place
 and its top functions. Then vLLM's app's stream to route jobs alone (no engine, both on the
-engine's loop, as in the worker): that loop's CPU per SSE event.
+engine's loop, as in the worker): that loop's CPU per SSE event; and the POST row (--posts).
+
+--posts: POSTs to the platform alone (ceiling.py): 4,000 POSTs of 1 KB, 64 at once, to a local
+aiohttp server, through the SDK's aiohttp session and through the worker's Poster (the client
+its results go out on), rounds alternated: the client loop thread's CPU per POST.
 
 --startup: cold start instead (startup.py): a worker started twice on one "network volume"
 directory, the phase table from its own start-up summaries.
@@ -106,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="only the batch-work table (batch.py)")
     parser.add_argument("--ceiling", action="store_true",
                         help="only the one-process ceiling table (ceiling.py)")
+    parser.add_argument("--posts", action="store_true",
+                        help="only the POST row: the client's CPU per POST to the platform")
     parser.add_argument("--startup", action="store_true",
                         help="only cold start, phase by phase (startup.py)")
     parser.add_argument("--eager", action="store_true",
@@ -137,6 +144,11 @@ def main() -> None:
         if profile:
             ceiling.print_profile(profile)
         ceiling.print_relay(ceiling.relay_row(args.smoke))
+        ceiling.print_posts(ceiling.posts_row(args.smoke))
+    elif args.posts:
+        import ceiling
+
+        ceiling.print_posts(ceiling.posts_row(args.smoke))
     elif args.batch:
         import batch
 

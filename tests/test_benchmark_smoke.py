@@ -62,3 +62,15 @@ def test_the_ceiling_benchmarks_relay_row_measures_every_event() -> None:
     row = ceiling.relay_row(smoke=True)
     assert row["streams"] == 4 and row["events"] == 20
     assert len(row["runs"]) == 5 and all(r > 0 for r in row["runs"])
+
+
+def test_the_post_row_measures_both_clients() -> None:
+    """`benchmarks/run.py --posts` (no engine: fast), at its smoke size: every POST answered
+    200 (the round raises otherwise), CPU measured for both clients."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ceiling
+
+    row = ceiling.posts_row(smoke=True)
+    assert row["posts"] == 200 and row["at_once"] == 8
+    assert set(row["runs"]) == {"aiohttp", "Poster"}
+    assert all(len(runs) == 3 and all(r > 0 for r in runs) for runs in row["runs"].values())

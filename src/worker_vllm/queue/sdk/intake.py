@@ -27,6 +27,8 @@ from runpod.serverless.modules import rp_scale
 
 from worker_vllm.queue.admission import Admission, FixedAdmission
 from worker_vllm.queue.sdk.job_state import JobIds
+from worker_vllm.queue.sdk.poster import Poster
+from worker_vllm.queue.sdk.results import handle_job
 from worker_vllm.queue.sdk.start import StartOnLoop
 from worker_vllm.queue.sdk.stops import TOO_MANY_REQUESTS_S, StopChannel
 
@@ -70,7 +72,7 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         # The SDK reads config["jobs_handler"] in local test mode only; in production too here.
-        self.jobs_handler = config.get("jobs_handler") or self.jobs_handler
+        self.jobs_handler = config.get("jobs_handler") or handle_job
         # The SDK's concurrency is a constant: read once, never resized.
         self.admission: Admission | FixedAdmission = (
             config.get("admission") or FixedAdmission(int(self.concurrency_modifier(1))))
@@ -86,11 +88,11 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
 
     # ----- the SDK's entry points ---------------------------------------------------------
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.gate.bind(self, self._loop)
-        loop = self._loop
+        self._loop = loop = asyncio.get_running_loop()
+        self.gate.bind(self, loop)
         self.admission.wake_when_room(lambda: loop.call_soon_threadsafe(self._changed.set))
         async with AsyncClientSession() as session:
+            self.poster = Poster(session.headers)  # results; job-takes on the SDK's session
             stops = asyncio.create_task(self.monitor_stop_signals(session))
             try:
                 await self.get_jobs(session)
@@ -99,6 +101,7 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
             finally:
                 stops.cancel()
                 await asyncio.gather(stops, return_exceptions=True)
+                self.poster.close()
 
     def kill_worker(self) -> None:
         """SIGTERM: take no more jobs; the jobs running (and any a job-take in flight brings)
@@ -148,9 +151,9 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
                 self._taking = None
             self.admission.took(free, len(jobs))
             for job in jobs:
-                self._start(session, job)
+                self._start(job)
 
-    def _start(self, session: Any, job: dict[str, Any]) -> None:
+    def _start(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
         if self.stopped_early.pop(job_id, None) is not None:
             log.info("Job %s was stopped before it started: not run", job_id)
@@ -162,11 +165,11 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
             return
         self.job_ids.add(job_id)  # the heartbeat reports these ids
         self.jobs.start(job_id)
-        self.jobs_tasks[job_id] = asyncio.create_task(self.handle_job(session, job))
+        self.jobs_tasks[job_id] = asyncio.create_task(self.handle_job(self.poster, job))
 
-    async def handle_job(self, session: Any, job: dict[str, Any]) -> None:
+    async def handle_job(self, poster: Poster, job: dict[str, Any]) -> None:
         try:
-            await self.jobs_handler(session, self.config, job)
+            await self.jobs_handler(poster, self.config, job)
         except asyncio.CancelledError:
             log.info("Job %s stopped", job["id"])
         except Exception as exc:
