@@ -23,6 +23,18 @@ def test_the_engine_runs_on_uvloop(worker):
     assert isinstance(worker.runner.loop.loop, uvloop.Loop)
 
 
+def test_the_engine_keeps_no_prometheus_metrics(worker):
+    """No route of the worker serves vLLM's `/metrics`: its Prometheus logger (which vLLM adds
+    unless given one of its type) is the stand-in that records nothing."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    from worker_vllm.engine.load import NoPrometheus
+
+    loggers = worker.runner.engine.logger_manager.stat_loggers
+    prometheus = [type(x) for x in loggers if isinstance(x, PrometheusStatLogger)]
+    assert prometheus == [NoPrometheus]
+
+
 def tokens_of(yields: list[dict], choice: int = 0) -> list[str]:
     return [t for y in yields for t in y["choices"][choice]["tokens"]]
 

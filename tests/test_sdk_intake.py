@@ -499,7 +499,10 @@ def test_the_production_worker_gives_the_intake_the_engines_loop(monkeypatch):
     from worker_vllm.queue import serve
 
     given: dict[str, Any] = {}
-    monkeypatch.setattr(serve, "serve_jobs", lambda handler, limit, **kw: given.update(kw))
+    calls: list[str] = []
+    monkeypatch.setattr(serve, "serve_jobs",
+                        lambda handler, limit, **kw: (calls.append("jobs"), given.update(kw)))
+    monkeypatch.setattr(serve, "freeze_vllm_env", lambda: calls.append("freeze"))
     monkeypatch.setattr(serve, "job_admission", lambda settings, runner: FixedAdmission(2))
     monkeypatch.setattr(serve, "JobHandler", lambda *args, **kw: SimpleNamespace())
     monkeypatch.setattr(serve, "on_engine_death", lambda *args, **kw: None)
@@ -513,6 +516,7 @@ def test_the_production_worker_gives_the_intake_the_engines_loop(monkeypatch):
     finally:
         engine_loop.close()
     assert given["loop"] is engine_loop and given["intake"] == "events"
+    assert calls == ["freeze", "jobs"]  # vLLM's settings read once before jobs run
 
 
 def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):

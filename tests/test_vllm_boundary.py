@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 
 from conftest import ROOT
 
@@ -51,8 +52,29 @@ async def test_the_engine_is_built_as_vllm_serve_builds_it(monkeypatch):
     seen: dict = {}
     monkeypatch.setattr(runner.AsyncLLMEngine, "from_engine_args",
                         lambda args, **kwargs: seen.update(kwargs))
-    await runner.EngineRunner._build(AsyncEngineArgs(model="m"), LoadFeed(EngineLoads()))
+    await runner.EngineRunner._build(AsyncEngineArgs(model="m"),
+                                     runner._engine_kwargs(LoadFeed(EngineLoads())))
     assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
     defaults = AsyncEngineArgs.get_batch_defaults(1)
     assert UsageContext.OPENAI_API_SERVER in defaults[1]
     assert UsageContext.ENGINE_CONTEXT not in defaults[1]
+
+
+def test_freezing_vllms_env_turns_on_vllms_own_cache():
+    """`freeze_vllm_env` (a serving process, once started) makes vLLM read each variable once:
+    a change after it is not seen. In a process of its own: the test session's env stays live."""
+    import subprocess
+    import sys
+
+    code = ("import os\n"
+            "from vllm import envs\n"
+            "from worker_vllm.engine import freeze_vllm_env\n"
+            "assert not envs._is_envs_cache_enabled()\n"
+            "freeze_vllm_env()\n"
+            "assert envs._is_envs_cache_enabled()\n"
+            "before = envs.VLLM_COMPUTE_NANS_IN_LOGITS\n"
+            "os.environ['VLLM_COMPUTE_NANS_IN_LOGITS'] = str(int(not before))\n"
+            "assert envs.VLLM_COMPUTE_NANS_IN_LOGITS == before\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from worker_vllm.engine.app import AppResponse, VLLMApp
 from worker_vllm.engine.core_log import EngineCoreLog
 from worker_vllm.engine.outputs import Completion, Step
-from worker_vllm.engine.runner import EngineRunner, cache_key
+from worker_vllm.engine.runner import EngineRunner, cache_key, freeze_vllm_env
 from worker_vllm.engine.sampling import (
     SamplingParamsError,
     make_sampling_params,
@@ -43,6 +43,7 @@ __all__ = [
     "cache_key",
     "chat_template_text",
     "engine_args_from",
+    "freeze_vllm_env",
     "make_sampling_params",
     "parse_serve_args",
     "sampling_param_names",

@@ -14,13 +14,24 @@ from typing import Any
 
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
-from worker_vllm.engine.load import EngineLoads, LoadFeed
+from worker_vllm.engine.load import EngineLoads, LoadFeed, NoPrometheus
 from worker_vllm.engine.outputs import Step, plain_step
 from worker_vllm.engine.watchdog import watch
 from worker_vllm.engine_state import EngineCapacity
 from worker_vllm.loop_thread import LoopThread, Relayed
 
 log = logging.getLogger(__name__)
+
+
+def freeze_vllm_env() -> None:
+    """vLLM reads its environment variables from here on once each (its own cache, which its
+    engine core turns on once started): its output path reads one per output of every request
+    (`VLLM_COMPUTE_NANS_IN_LOGITS`), 2.7% of the worker's main-process samples under 64
+    streamed completion jobs (py-spy, 2-core x86-64). For a serving process only: the
+    environment must not change after this."""
+    from vllm import envs
+
+    envs.enable_envs_cache()
 
 
 def cache_key() -> str:
@@ -40,10 +51,12 @@ def cache_key() -> str:
 def _engine_kwargs(feed: LoadFeed) -> dict[str, Any]:
     """As `vllm serve` builds its engine: vLLM picks the defaults of `max_num_seqs` and
     `max_num_batched_tokens` by usage context and device (an H100 runs 1024 sequences as an API
-    server; the engine's own context would give 128 on every GPU)."""
+    server; the engine's own context would give 128 on every GPU). No Prometheus metrics: no
+    route of either front-end serves `/metrics`."""
     from vllm.usage.usage_lib import UsageContext
 
-    return {"usage_context": UsageContext.OPENAI_API_SERVER, "stat_loggers": [feed.factory()]}
+    return {"usage_context": UsageContext.OPENAI_API_SERVER,
+            "stat_loggers": [feed.factory(), NoPrometheus]}
 
 
 def unmodelled_cache(model_config: Any, kv_tokens: int) -> str | None:
@@ -77,7 +90,8 @@ class EngineRunner:
         # The engine's load after each step (vLLM's scheduler statistics).
         self.loads = EngineLoads()
         feed = LoadFeed(self.loads)
-        build = self._build_beside(args, feed) if loop is not None else self._build(args, feed)
+        kwargs = _engine_kwargs(feed)
+        build = self._build_beside(args, kwargs) if loop is not None else self._build(args, kwargs)
         try:
             self.engine = self.loop.submit(build).result()
         except BaseException:
@@ -93,13 +107,12 @@ class EngineRunner:
         )
 
     @staticmethod
-    async def _build(args: AsyncEngineArgs, feed: LoadFeed) -> Any:
-        return AsyncLLMEngine.from_engine_args(args, **_engine_kwargs(feed))
+    async def _build(args: AsyncEngineArgs, kwargs: dict[str, Any]) -> Any:
+        return AsyncLLMEngine.from_engine_args(args, **kwargs)
 
     @staticmethod
-    async def _build_beside(args: AsyncEngineArgs, feed: LoadFeed) -> Any:
-        engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args,
-                                         **_engine_kwargs(feed))
+    async def _build_beside(args: AsyncEngineArgs, kwargs: dict[str, Any]) -> Any:
+        engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args, **kwargs)
         # Built off the loop, vLLM defers its output handler to the first request; start it
         # now, as a build on the loop does, so an engine core failure is seen at once.
         engine._run_output_handler()

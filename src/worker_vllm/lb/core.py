@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 
 from worker_vllm.config.serve_env import LB_SERVER_FLAGS
+from worker_vllm.engine import freeze_vllm_env
 from worker_vllm.lb.server import HTTPServers
 from worker_vllm.loop_thread import LoopThread
 from worker_vllm.startup.build import Core, build_core
@@ -21,6 +22,7 @@ def start_core(env: Mapping[str, str], phases: StartupPhases, loop: LoopThread,
     """The engine warmed up on `loop` and served by `servers`; StartupFailure if it cannot."""
     core = build_core(env, read_engine_log=True, phases=phases, loop=loop,
                       server=LB_SERVER_FLAGS)
+    freeze_vllm_env()
     servers.apply(core.args)
     for app in servers.apps:
         app.ready(core.app, core.runner)

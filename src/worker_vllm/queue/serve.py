@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from worker_vllm import local_run
 from worker_vllm.config.settings import WorkerSettings, load_worker_settings
-from worker_vllm.engine import EngineRunner
+from worker_vllm.engine import EngineRunner, freeze_vllm_env
 from worker_vllm.errors import InvalidInput, WorkerError, error_result
 from worker_vllm.jobs.dispatch import JobHandler
 from worker_vllm.jobs.validate import validate_job
@@ -67,6 +67,7 @@ def _reported(failure: StartupFailure) -> WorkerError:
 
 def serve_until_stopped(core: Core) -> int:
     """Production: the SDK's job loop until SIGTERM (exit 0) or the engine's death (exit 1)."""
+    freeze_vllm_env()
     admission = job_admission(core.settings, core.runner)
     jobs = JobHandler(core.runner, core.settings, core.app, core.chat_template,
                       on_results_end=admission.jobs.results_ended)
