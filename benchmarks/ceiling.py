@@ -42,8 +42,8 @@ def _label(route: str) -> str:
 # Where the worker's main process spends its CPU on OpenAI chat jobs (harness.by_place; py-spy
 # with --gil: the samples holding the GIL), most specific first.
 PLACES = (
-    ("POSTs to the platform (the runpod SDK, aiohttp)", ("rp_http", "aiohttp",
-                                                         "worker_vllm/queue/sdk/results.py")),
+    ("POSTs to the platform (the worker's Poster)", ("worker_vllm/queue/sdk/poster.py",
+                                                     "worker_vllm/queue/sdk/results.py")),
     ("middlewares of vLLM's app (error handling)", ("starlette/middleware",
                                                     "starlette/_exception_handler")),
     ("vLLM's chat generator, Starlette, FastAPI (vllm serve pays this too)",
@@ -54,7 +54,8 @@ PLACES = (
     ("admission, per engine step", ("worker_vllm/queue/admission", "worker_vllm/queue/projection",
                                     "worker_vllm/engine_state", "worker_vllm/engine/load")),
     ("job handler: dispatch, summary, log line", ("worker_vllm/jobs/", "worker_vllm/logs")),
-    ("job-take, job state file, intake", ("runpod/", "worker_vllm/queue/")),
+    ("job-take (the SDK's aiohttp session), job state file, intake",
+     ("runpod/", "aiohttp/", "worker_vllm/queue/")),
     ("vLLM's engine client: output handler, stats (vllm serve pays this too)", ("vllm/",)),
     ("asyncio's loop, no caller of the worker's above", ("asyncio/",)),
 )

@@ -127,3 +127,40 @@ def test_cancel_of_a_running_job_reaches_the_stop_channel(client):
 def test_unknown_job_is_404(client):
     assert client.get("/v2/e/status/nope").status_code == 404
     assert client.post("/v2/e/cancel/nope").status_code == 404
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_openai_request_hears_its_job_end_while_it_checks_its_client(monkeypatch, endpoint,
+                                                                         stream):
+    """The job ends while the request awaits its client check (`is_disconnected`): the answer
+    comes at once, not after the next check (made an hour away here)."""
+    from starlette.requests import Request
+
+    from local_platform import openai_api
+
+    monkeypatch.setattr(openai_api, "DISCONNECT_CHECK_S", 3600.0)
+    checks = 0
+
+    async def job_ends_during_the_check(request: Request) -> bool:
+        nonlocal checks
+        checks += 1
+        (job,) = endpoint.jobs.values()
+        if stream:
+            job.chunks.append("data: {}\n\n")
+        endpoint.finish(job, "COMPLETED", output=[{"answer": 42}] if not stream else [])
+        return False
+
+    monkeypatch.setattr(Request, "is_disconnected", job_ends_during_the_check)
+    answers: list = []
+    with TestClient(create_app(endpoint, api_key=None, worker_key=WORKER_KEY)) as c:
+        ask = threading.Thread(target=lambda: answers.append(c.post(
+            "/v2/e/openai/v1/chat/completions", json={"messages": [], "stream": stream})))
+        ask.start()
+        ask.join(timeout=60)
+        hung = ask.is_alive()
+        if hung:  # wake the request, so the client can close
+            c.portal.call(lambda: next(iter(endpoint.jobs.values())).notify())
+            ask.join()
+    assert not hung, "the answer waited for the next client check"
+    assert checks == 1 and answers[0].status_code == 200
+    assert answers[0].json() == {"answer": 42} if not stream else "data: {}" in answers[0].text

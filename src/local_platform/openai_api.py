@@ -41,6 +41,9 @@ def _sse_text(chunk: Any) -> str:
 
 router = APIRouter()
 
+# How often a request waiting for its job checks that its client is still there.
+DISCONNECT_CHECK_S = 1.0
+
 @router.api_route("/v2/{endpoint_id}/openai/v1/{path:path}", methods=["GET", "POST"])
 async def openai_route(request: Request, path: str) -> Response:
     endpoint: Endpoint = request.app.state.endpoint
@@ -59,11 +62,12 @@ async def openai_route(request: Request, path: str) -> Response:
     if body is not None and body.get("stream"):
         return await _stream(endpoint, job, request)
     while job.status not in FINAL:
+        change = job.change()  # before the await below: a change during it is not missed
         if await request.is_disconnected():
             # vLLM's own server aborts a request whose client went away; so does this.
             endpoint.stop(job, "CANCELLED")
             return Response(status_code=499)
-        await job.wait_change(1.0)
+        await job.wait_change(DISCONNECT_CHECK_S, change)
     if job.status != "COMPLETED":
         return job_error_response(job.error or f"The job ended {job.status}")
     outputs = job.output if isinstance(job.output, list) else [job.output]
@@ -73,10 +77,11 @@ async def openai_route(request: Request, path: str) -> Response:
 async def _stream(endpoint: Endpoint, job: Job, request: Request) -> Response:
     # Wait for the first chunk (or the end) so an error can still get its HTTP status.
     while not job.chunks and job.status not in FINAL:
+        change = job.change()
         if await request.is_disconnected():
             endpoint.stop(job, "CANCELLED")
             return Response(status_code=499)
-        await job.wait_change(1.0)
+        await job.wait_change(DISCONNECT_CHECK_S, change)
     if not job.chunks and job.status != "COMPLETED":
         return job_error_response(job.error or f"The job ended {job.status}")
     return StreamingResponse(_relay(endpoint, job), media_type="text/event-stream")

@@ -77,10 +77,15 @@ class Job:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_change(self, timeout: float) -> None:
+    def change(self) -> asyncio.Event:
+        """The next change, to wait on later (``wait_change(..., change)``) without missing
+        one that happens in between."""
+        return self._changed
+
+    async def wait_change(self, timeout: float, change: asyncio.Event | None = None) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._changed.wait()
+                await (change or self._changed).wait()
 
     def view(self) -> dict[str, Any]:
         now = time.monotonic()
