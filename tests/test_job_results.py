@@ -231,3 +231,12 @@ def test_a_refused_post_is_logged_and_the_job_goes_on(monkeypatch, caplog):
     assert [u.split("?")[0] for _, u, _, _ in platform.seen] == ["/stream", "/stream", "/done"]
     assert json.loads(platform.seen[-1][3]) == {"output": [{"n": 1}, {"n": 2}]}
     assert "refused a" in caplog.text and "stream message" in caplog.text
+
+
+def test_a_redirect_is_a_refused_post_not_followed(monkeypatch, caplog):
+    """The platform never redirects a POST: one that does has not taken it (logged, not
+    followed, not tried again)."""
+    platform = on_the_wire(monkeypatch, {"/stream": [307]}, handle_job,
+                           generator_of({"n": 1}, {"n": 2}))
+    assert [u.split("?")[0] for _, u, _, _ in platform.seen] == ["/stream", "/stream", "/done"]
+    assert "refused a" in caplog.text and "307" in caplog.text

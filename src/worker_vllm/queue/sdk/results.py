@@ -98,9 +98,9 @@ async def transmit(poster: Poster, url: str, body: bytes, request_id: str) -> No
     headers = {**_FORM, "X-Request-ID": request_id}
     for wait in (*RETRY_WAITS, None):
         status, answer = await poster.post(url, body, headers)
-        if status < 400:
+        if status < 300:
             return
-        if status < 500 or wait is None:
+        if status < 500 or wait is None:  # a redirect too: the platform never sends one
             raise PostError(status, f"{answer[:200].decode('utf-8', 'replace')!r}, url={url!r}")
         await asyncio.sleep(wait)
 
