@@ -264,3 +264,18 @@ def test_https_checks_the_platforms_certificate():
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_a_header_beyond_latin_1_is_sent_as_utf_8():
+    server = RawServer()
+
+    async def main() -> tuple[int, bytes]:
+        async with server as url:
+            poster = Poster({"Authorization": "kéy ✓"})
+            try:
+                return await poster.post(url, b"x", {"X-Request-ID": "jöb-✓"})
+            finally:
+                poster.close()
+
+    assert asyncio.run(main()) == (200, b"ok")
+    assert server.requests == [(1, 1, b"x")]

@@ -130,7 +130,7 @@ class Poster:
     def __init__(self, headers: Mapping[str, str], timeout: float = POST_TIMEOUT_S,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self._headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items()
-                                if k.lower() not in _PER_POST).encode("latin-1")
+                                if k.lower() not in _PER_POST).encode()
         self._timeout = timeout
         self._ssl = ssl_context
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
@@ -144,7 +144,7 @@ class Poster:
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
             raise PostError(0, f"a header holds a line break: {headers!r}")
-        request = b"".join((target.head, self._headers, extra.encode("latin-1"),
+        request = b"".join((target.head, self._headers, extra.encode(),
                             b"Content-Length: %d\r\n\r\n" % len(body), body))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
