@@ -240,3 +240,12 @@ def test_a_redirect_is_a_refused_post_not_followed(monkeypatch, caplog):
                            generator_of({"n": 1}, {"n": 2}))
     assert [u.split("?")[0] for _, u, _, _ in platform.seen] == ["/stream", "/stream", "/done"]
     assert "refused a" in caplog.text and "307" in caplog.text
+
+
+def test_a_post_that_failed_without_a_message_is_logged_by_its_kind(monkeypatch, caplog):
+    async def no_answer(poster, url, body, request_id):
+        raise TimeoutError()
+
+    monkeypatch.setattr(results, "transmit", no_answer)
+    run(handle_job, generator_of({"n": 1}))
+    assert "refused a" in caplog.text and ": TimeoutError" in caplog.text

@@ -199,7 +199,7 @@ class Poster:
         idle = self._idle.get(target.key)
         while idle:
             connection = idle.pop()
-            if not connection.closed and not connection.transport.is_closing():  # type: ignore[union-attr]
+            if not connection.closed:  # closed by either side, or lost
                 return connection
         return None
 

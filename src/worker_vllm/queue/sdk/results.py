@@ -116,7 +116,7 @@ async def post(poster: Poster, url_template: str, job: dict[str, Any], body: byt
     except (PostError, OSError, TimeoutError) as exc:
         log.error("The platform refused a %d-byte %s for job %s: %s", len(body),
                   "result" if url_template == rp_http.JOB_DONE_URL else "stream message",
-                  job["id"], exc or type(exc).__name__)
+                  job["id"], str(exc) or type(exc).__name__)
 
 
 def _error_of(message: dict[str, Any]) -> dict[str, Any] | None:
