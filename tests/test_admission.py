@@ -613,3 +613,30 @@ def test_after_a_take_that_emptied_the_queue_the_next_fits_jobs_as_long_as_the_c
     assert a.ramp.most(0) == min(blind, 20)
     a.took(10, 10)
     assert a.ramp.most(0) == 20
+
+
+def test_no_step_reads_the_requests_in_flight_while_a_job_take_is_in_flight():
+    """The intake asked the platform for jobs (a long-poll that spans many engine steps at
+    high concurrency): reading the requests in flight is a pass over all of them at every
+    step, for a decision nobody asks for until the take returns. The step after it returns
+    reads them again, and the log says what the intake does meanwhile."""
+    a = admission()
+    woken: list[int] = []
+    a.wake_when_room(lambda: woken.append(1))
+    a.jobs.start("job-a")
+    a.jobs.start("job-b")
+    step(a, [SHORT] * 2, finished=[SHORT])
+    a.arm()
+    free = a.room()
+    assert free > 0
+    a.arm(False)  # as the intake does when it found room
+    a.asking()
+    assert not a.wants_sizes(EngineLoad(running=2))
+    a.observe(EngineLoad(running=2, kv_usage=0.04))  # a step during the take: sizes not read
+    assert describe(a, a._decide().regime).startswith("a job-take is in flight")
+    a.took(free, 0)  # the platform's queue was empty
+    a.arm()
+    assert a.wants_sizes(EngineLoad(running=2))
+    assert a.room() == 0 and woken == []  # the last step's sizes are not this step's
+    step(a, [SHORT] * 2)
+    assert woken == [1] and a.room() > 0

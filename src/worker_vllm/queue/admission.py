@@ -316,7 +316,7 @@ class Admission:
         self.ramp = Ramp(capacity, self.jobs)
         self.load = EngineLoad()
         self._wake: Callable[[], None] | None = None
-        self._armed = False
+        self._armed = self._asking = False
         # Engine steps seen, and how many had been seen at the latest take that brought
         # jobs: a take waits for a step after it, so it never sizes jobs by a load that
         # predates them.
@@ -327,9 +327,10 @@ class Admission:
 
     def wants_sizes(self, load: EngineLoad) -> bool:
         """Whether this step's requests in flight can matter: a pass over all of them, so
-        not while requests wait in the engine, the jobs are at the limit or nothing models
-        the cache."""
-        return (load.waiting == 0 and self.jobs.taken < self.limit
+        only while the intake waits for room (armed: not while a take it asked for is in
+        flight, which at high concurrency is most steps), and not while requests wait in the
+        engine, the jobs are at the limit or nothing models the cache."""
+        return (self._armed and load.waiting == 0 and self.jobs.taken < self.limit
                 and self.capacity.unmodelled is None)
 
     def observe(self, load: EngineLoad) -> None:
@@ -362,10 +363,12 @@ class Admission:
         return decision.free
 
     def asking(self) -> None:
+        self._asking = True
         self.ramp.asking()
 
     def took(self, asked: int, brought: int) -> None:
         """A take asked for `asked` jobs and brought `brought`."""
+        self._asking = False
         self.ramp.took(asked, brought)
         if brought:
             self._steps_at_take = self._steps
@@ -374,6 +377,8 @@ class Admission:
         jobs = self.jobs
         if jobs.taken >= self.limit:
             return Decision(0, "at the limit")
+        if self._asking:  # what the log says meanwhile (the intake asks nothing then)
+            return Decision(0, "a job-take is in flight")
         active = jobs.active
         if active <= 0:
             return self._idle()
