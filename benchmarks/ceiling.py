@@ -1,11 +1,12 @@
 """The one-process ceiling, for benchmarks/run.py --ceiling: jobs at high concurrency on the demo
-model, each path alone, with the CPU time of the process that serves requests ("front": the
-worker's main process; `vllm serve`'s API server) per 1,000 tokens beside its tokens/s. OpenAI
-chat and completions, streamed and not, against `vllm serve` answering the same requests;
-native jobs against its streamed chat. `vllm serve` runs first and last with the same engine
-settings, stopped while the worker's rows run; the platform stand-in answers at once; greedy
-sampling. Then the floor (the SDK's job loop with a handler that yields one constant) and the
-relay from vLLM's app to route jobs alone, without an engine."""
+model, with the CPU time of the process that serves requests ("front": the worker's main
+process; `vllm serve`'s API server) per 1,000 tokens beside its tokens/s. OpenAI chat and
+completions, streamed and not, against `vllm serve` answering the same requests; native jobs
+against its streamed chat. `vllm serve` stays up through the run with the same engine settings,
+and every round of the worker runs beside one of its rounds, one server idle while the other
+works; the platform stand-in answers at once; greedy sampling. Then the floor (the SDK's job
+loop with a handler that yields one constant) and the relay from vLLM's app to route jobs
+alone, without an engine."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import contextlib
 import re
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,23 +71,69 @@ def _profile(run_dir: Path, platform: fp.Platform, load: fp.Load) -> dict[str, A
             "places": fp.by_place(stacks, PLACES), "top": fp.top_functions(stacks)}
 
 
-def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[fp.Load],
-                 concurrency: int | None, script: Path = fp.HANDLER,
+class Serve:
+    """`vllm serve`, up through the whole run with the worker's engine settings: idle while the
+    worker's rounds run (its CPU then is measured: `idle`), as the worker is idle through its."""
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url, self.pid = url, pid
+        self.rounds: list[dict[str, Any]] = []
+
+    def measure(self, kind: str, load: fp.Load) -> dict[str, Any]:
+        row = {**fp.measure_vllm_serve(self.url, self.pid, load, f"vllm serve "
+                                       f"({KIND_LABELS[kind]})", route=kind), "kind": kind}
+        self.rounds.append(row)
+        return row
+
+
+# A row's figures that are the medians of its rounds.
+MEDIANS = ("tps", "front_ms_per_1k", "cpu_per_1k", "ttft_p50", "ttft_p95")
+
+
+def _paired(serve: Serve, kind: str, load: fp.Load, measure: Callable[[], dict[str, Any]],
+            worker_pid: int,
+            rounds: int) -> dict[str, Any]:
+    """`rounds` pairs of rounds, a `vllm serve` round of `kind` beside each of the worker's
+    (`measure()`), which of the two goes first alternating: the worker's row, its figures the
+    medians of its rounds, its ratios the medians of the pairs' ratios."""
+    pairs = []
+    for i in range(rounds):
+        cpu0 = fp.tree_cpu(serve.pid), fp.tree_cpu(worker_pid)
+        if i % 2:
+            worker, ref = measure(), serve.measure(kind, load)
+        else:
+            ref, worker = serve.measure(kind, load), measure()
+        # Each one's CPU through the other's round: the pair's less its own round's.
+        idle = [(fp.tree_cpu(pid) - before) * 1e6 / load.total() - own["cpu_per_1k"] * 1000
+                for pid, before, own in zip((serve.pid, worker_pid), cpu0, (ref, worker),
+                                            strict=True)]
+        pairs.append((worker, ref, idle))
+    row = {key: statistics.median(w[key] for w, _, _ in pairs) for key in MEDIANS}
+    ratios = {key: [w[key] / r[key] for w, r, _ in pairs] for key in ("tps", "front_ms_per_1k")}
+    return {**pairs[0][0], **row, "kind": kind, "ratios": ratios,
+            "idle_ms_per_1k": [max(idle[n] for _, _, idle in pairs) for n in (0, 1)]}
+
+
+def _worker_rows(run_dir: Path, serve: Serve, name: str, routes: tuple[str, ...],
+                 loads: list[fp.Load], rounds: int, concurrency: int | None,
                  profile: dict[str, Any] | None = None, **env: str) -> list[dict[str, Any]]:
-    """The queue worker (or the floor) behind the platform stand-in: each route at each load.
-    Each row's `kind` names the `vllm serve` rows it is compared with. `profile` (a dict):
-    filled with where OpenAI chat jobs at the first load spend the main process's CPU."""
+    """The queue worker behind the platform stand-in: each route at each load, paired with
+    `vllm serve`'s rounds. Each row's `kind` names the `vllm serve` requests it is compared
+    with (native jobs: streamed chat). `profile` (a dict): filled with where OpenAI chat jobs
+    at the first load spend the main process's CPU."""
     slug = "-".join(re.findall(r"[a-z0-9]+", name.lower()))
-    platform = fp.Platform(0.0, run_dir / f"ceiling-{slug}.log", script,
-                           concurrency=concurrency, **ENGINE, **env)
+    platform = fp.Platform(0.0, run_dir / f"ceiling-{slug}.log", concurrency=concurrency,
+                           **ENGINE, **env)
     rows = []
     try:
         for route in routes:
             fp.warm_up(loads[0].concurrency, platform=platform, route=route)
             kind = "chat" if route == "native" else fp.openai_kind(route)
+            label = f"{name}, {_label(route)}"
             for load in loads:
-                row = fp.measure_platform(platform, load, route, f"{name}, {_label(route)}")
-                rows.append({**row, "kind": kind})
+                rows.append(_paired(serve, kind, load, lambda load=load, route=route, label=label:
+                                    fp.measure_platform(platform, load, route, label),
+                                    platform.worker.pid, rounds))
             if profile is not None and route == "openai":
                 profile.update(_profile(run_dir, platform, loads[0]))
     finally:
@@ -94,60 +141,100 @@ def _worker_rows(run_dir: Path, name: str, routes: tuple[str, ...], loads: list[
     return rows
 
 
-def _vllm_serve_rows(run_dir: Path, loads: list[fp.Load], when: str) -> list[dict[str, Any]]:
-    with fp.vllm_serve(run_dir / f"ceiling-vllm-serve-{when}.log",
-                       max_num_seqs=int(ENGINE["MAX_NUM_SEQS"])) as (url, pid):
+def _lb_rows(run_dir: Path, serve: Serve, loads: list[fp.Load], rounds: int
+             ) -> list[dict[str, Any]]:
+    with fp.lb_worker(run_dir / "ceiling-lb.log", **ENGINE) as (url, pid, _):
         fp.warm_up(loads[0].concurrency, url=url, route="openai")
-        return [{**fp.measure_vllm_serve(url, pid, load, f"vllm serve ({KIND_LABELS[kind]}), "
-                                         f"{when}", route=kind), "kind": kind}
-                for kind in fp.OPENAI_KINDS for load in loads]
+        return [_paired(serve, "chat", load, lambda load=load: fp.measure_vllm_serve(
+            url, pid, load, "worker, load-balancing (chat)"), pid, rounds) for load in loads]
 
 
-def rows(run_dir: Path, smoke: bool, jobs: int = 256, tokens: int = 128,
+def _floor_rows(run_dir: Path, loads: list[fp.Load], concurrency: int) -> list[dict[str, Any]]:
+    """The SDK's job loop with a handler that yields one constant: one round a load."""
+    name = "floor (SDK job loop, constant handler)"
+    platform = fp.Platform(0.0, run_dir / "ceiling-floor.log", fp.FLOOR,
+                           concurrency=concurrency, **ENGINE)
+    try:
+        fp.warm_up(loads[0].concurrency, platform=platform)
+        return [{**fp.measure_platform(platform, load, "native", f"{name}, native jobs"),
+                 "kind": "chat"} for load in loads]
+    finally:
+        platform.close()
+
+
+def rows(run_dir: Path, smoke: bool, rounds: int = 3, jobs: int = 256, tokens: int = 128,
          concurrencies: tuple[int, ...] = (64, 128), profile: dict[str, Any] | None = None
          ) -> list[dict[str, Any]]:
-    """`vllm serve` before and after the worker's rows (the machine's speed drifts over the
-    minutes between them: the ratios are against the mean of the two), each path alone;
+    """Every row of the worker paired with `vllm serve`'s rounds (see _paired): the machine's
+    speed drifts by tens of percent over minutes, so rounds minutes apart compare badly.
     `profile`: see _worker_rows."""
     if smoke:
-        jobs, tokens, concurrencies = 8, 8, (2,)
+        jobs, tokens, concurrencies, rounds = 8, 8, (2,), 1
     loads = [fp.Load(jobs, tokens, c, greedy=True) for c in concurrencies]
-    out = _vllm_serve_rows(run_dir, loads, "first")
     top = max(concurrencies)
     routes = ("native", "openai", "openai-chat-ns", "openai-completions",
               "openai-completions-ns")
-    out += _worker_rows(run_dir, f"worker, MAX_CONCURRENCY={top} fixed", routes, loads, top,
-                        profile=profile, JOB_ADMISSION="fixed")
-    out += _worker_rows(run_dir, "worker, engine decides", ("openai",), loads, None)
-    with fp.lb_worker(run_dir / "ceiling-lb.log", **ENGINE) as (lb_url, lb_pid, _):
-        fp.warm_up(concurrencies[0], url=lb_url, route="openai")
-        out += [{**fp.measure_vllm_serve(lb_url, lb_pid, load, "worker, load-balancing (chat)"),
-                 "kind": "chat"} for load in loads]
-    out += _worker_rows(run_dir, "floor (SDK job loop, constant handler)", ("native",), loads,
-                        top, fp.FLOOR)
-    return out + _vllm_serve_rows(run_dir, loads, "last")
+    with fp.vllm_serve(run_dir / "ceiling-vllm-serve.log",
+                       max_num_seqs=int(ENGINE["MAX_NUM_SEQS"])) as (url, pid):
+        serve = Serve(url, pid)
+        fp.warm_up(loads[0].concurrency, url=url, route="openai")
+        out = _worker_rows(run_dir, serve, f"worker, MAX_CONCURRENCY={top} fixed", routes,
+                           loads, rounds, top, profile=profile, JOB_ADMISSION="fixed")
+        out += _worker_rows(run_dir, serve, "worker, engine decides", ("openai",), loads,
+                            rounds, None)
+        out += _lb_rows(run_dir, serve, loads, rounds)
+    out += _floor_rows(run_dir, loads, top)
+    return _serve_rows(serve.rounds) + out
+
+
+def _serve_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`vllm serve`'s rounds of each kind and load as one row: the medians."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rounds:
+        groups.setdefault((row["kind"], row["c"]), []).append(row)
+    return [{**group[0], "rounds": len(group),
+             **{key: statistics.median(r[key] for r in group) for key in MEDIANS}}
+            for group in groups.values()]
+
+
+def _ratio(row: dict[str, Any], key: str, ref: dict[str, Any] | None) -> str:
+    """A worker row's median ratio to `vllm serve` with the range of its pairs; the floor's
+    against `vllm serve`'s median row."""
+    if "rounds" in row:
+        return "1.00"
+    if "ratios" not in row:
+        return "-" if ref is None else f"{row[key] / ref[key]:.2f}"
+    seen = row["ratios"][key]
+    spread = f" ({min(seen):.2f}-{max(seen):.2f})" if len(seen) > 1 else ""
+    return f"{statistics.median(seen):.2f}{spread}"
 
 
 def print_table(table: list[dict[str, Any]]) -> None:
-    print("\nThe one-process ceiling: jobs x tokens on the demo model, MAX_NUM_SEQS 256, greedy; "
-          "front = the process serving requests (CPU ms per 1,000 tokens); x vllm serve: "
-          "against the mean of its first and last rows of the same kind (native jobs: its "
-          "streamed chat); TTFT of a request not streamed: the time to its answer; the floor: "
-          "the SDK's job loop with a handler that yields one constant per job (its CPU per "
-          "1,000 tokens of the jobs it stands for)")
+    serve = {(r["kind"], r["c"]): r for r in table if "rounds" in r}
+    paired = [r for r in table if "ratios" in r]
+    rounds = max((len(r["ratios"]["tps"]) for r in paired), default=0)
+    idle = [max((r["idle_ms_per_1k"][n] for r in paired), default=0.0) for n in (0, 1)]
+    print(f"\nThe one-process ceiling: jobs x tokens on the demo model, MAX_NUM_SEQS 256, greedy; "
+          "front = the process serving requests (CPU ms per 1,000 tokens). Each row of the "
+          f"worker: {rounds} round(s), each beside a round of `vllm serve` (up through the run, "
+          "idle during the worker's rounds: at most "
+          f"{idle[0]:.1f} ms of its CPU per 1,000 of the worker's tokens; the worker's through "
+          f"its rounds: at most {idle[1]:.1f}) answering the same "
+          "requests (native jobs: its streamed chat); figures: the medians of the rounds; "
+          "x vllm serve: the median of the pairs' ratios (their range); `vllm serve`'s rows: "
+          "the medians of all its rounds; TTFT of a request not streamed: the time to its "
+          "answer; the floor: the SDK's job loop with a handler that yields one constant per "
+          "job (its CPU per 1,000 tokens of the jobs it stands for; one round)")
     print("| path | c | tok/s | x vllm serve | front CPU ms/1k | x vllm serve | "
           "whole-tree CPU ms/1k | TTFT p50/p95 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in table:
-        serve = [r for r in table if r["path"].startswith("vllm serve") and r["c"] == row["c"]
-                 and r["kind"] == row["kind"]]
-        tps = statistics.mean(r["tps"] for r in serve)
-        front_ref = statistics.mean(r["front_ms_per_1k"] for r in serve)
-        front = row["front_ms_per_1k"]
+        ref = None if "rounds" in row else serve.get((row["kind"], row["c"]))
         floor = row["path"].startswith("floor")
-        print(f"| {row['path']} | {row['c']} | "
-              + ("- | - |" if floor else f"{row['tps']:.0f} | {row['tps'] / tps:.2f} |")
-              + f" {front:.0f} | {front / front_ref:.2f} | {row['cpu_per_1k'] * 1000:.0f} | "
+        tps = "- | - |" if floor else f"{row['tps']:.0f} | {_ratio(row, 'tps', ref)} |"
+        label = f"{row['path']}, {row['rounds']} round(s)" if "rounds" in row else row["path"]
+        print(f"| {label} | {row['c']} | {tps} {row['front_ms_per_1k']:.0f} | "
+              f"{_ratio(row, 'front_ms_per_1k', ref)} | {row['cpu_per_1k'] * 1000:.0f} | "
               f"{row['ttft_p50'] * 1000:.0f}/{row['ttft_p95'] * 1000:.0f} |")
 
 

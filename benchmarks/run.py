@@ -4,7 +4,7 @@
         [--full-path] [--path-jobs 64] [--path-tokens 128] [--rtt-ms 100] [--smoke]
     .venv/bin/python benchmarks/run.py --admission [--repeat 3] [--loads short,mixed,long]
         [--no-first-message] [--smoke]
-    .venv/bin/python benchmarks/run.py --ceiling [--profile] [--smoke]
+    .venv/bin/python benchmarks/run.py --ceiling [--repeat 3] [--profile] [--smoke]
     .venv/bin/python benchmarks/run.py --posts [--smoke]
     .venv/bin/python benchmarks/run.py --batch [--batch-lines 512,2000] [--batch-tokens 64]
         [--repeat 3] [--rtt-ms 100] [--profile] [--smoke]
@@ -49,16 +49,18 @@ streamed batch job, its samples by place (line start, weighing, stream POSTs, vL
 py-spy must be installed: pip install py-spy).
 
 --ceiling: the one process that serves requests, at its limit (ceiling.py): 256 jobs x 128
-tokens at c64 and c128 (MAX_NUM_SEQS 256, greedy, the stand-in answering at once), each path
-alone: `vllm serve` answering OpenAI chat and completions, streamed and not (first and last,
-stopped while the worker's rows run; ratios against the mean of the two), the worker with a
-fixed MAX_CONCURRENCY on native jobs and on the same four OpenAI requests, OpenAI chat jobs with
-the engine deciding, the worker on a load-balancing endpoint, and the floor (the SDK's job loop
-with a constant handler); tok/s, the front process's CPU per 1,000 tokens (the worker's main
-process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95. --profile: py-spy on the
-worker's main process through one more round of OpenAI chat jobs at c64, its samples by place
-and its top functions. Then vLLM's app's stream to route jobs alone (no engine, both on the
-engine's loop, as in the worker): that loop's CPU per SSE event; and the POST row (--posts).
+tokens at c64 and c128 (MAX_NUM_SEQS 256, greedy, the stand-in answering at once): the worker
+with a fixed MAX_CONCURRENCY on native jobs and on OpenAI chat and completions, streamed and
+not, OpenAI chat jobs with the engine deciding, and the worker on a load-balancing endpoint,
+each round of each beside a round of `vllm serve` answering the same requests (native jobs: its
+streamed chat), up through the run and idle while the worker works (--repeat pairs a row, the
+first server alternating; ratios: the medians of the pairs'); then the floor (the SDK's job loop
+with a constant handler, one round). Tok/s, the front process's CPU per 1,000 tokens (the
+worker's main process; `vllm serve`'s API server), the whole tree's, TTFT p50/p95. --profile:
+py-spy on the worker's main process through one more round of OpenAI chat jobs at c64, its
+samples by place and its top functions. Then vLLM's app's stream to route jobs alone (no
+engine, both on the engine's loop, as in the worker): that loop's CPU per SSE event; and the
+POST row (--posts).
 
 --posts: POSTs to the platform alone (ceiling.py): 4,000 POSTs of 1 KB, 64 at once, to a local
 aiohttp server, through the SDK's aiohttp session and through the worker's Poster (the client
@@ -140,7 +142,8 @@ def main() -> None:
         import ceiling
 
         profile: dict[str, Any] | None = {} if args.profile else None
-        ceiling.print_table(ceiling.rows(_run_dir(), args.smoke, profile=profile))
+        ceiling.print_table(ceiling.rows(_run_dir(), args.smoke, args.repeat,
+                                               profile=profile))
         if profile:
             ceiling.print_profile(profile)
         ceiling.print_relay(ceiling.relay_row(args.smoke))

@@ -74,3 +74,43 @@ def test_the_post_row_measures_both_clients() -> None:
     assert row["posts"] == 200 and row["at_once"] == 8
     assert set(row["runs"]) == {"aiohttp", "Poster"}
     assert all(len(runs) == 3 and all(r > 0 for r in runs) for runs in row["runs"].values())
+
+
+def test_the_ceilings_rows_are_paired_rounds_with_vllm_serve(capsys) -> None:
+    """Each of the worker's rounds runs beside one of `vllm serve`'s, which goes first
+    alternating; the row's ratios are the medians of the pairs' ratios (not a ratio of
+    medians), and `vllm serve`'s row the medians of all its rounds."""
+    import os
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ceiling
+    import harness
+
+    order: list[str] = []
+    serve_front = iter([100.0, 50.0, 200.0])
+    worker_front = iter([90.0, 60.0, 180.0])
+
+    def row(who: str, front: float) -> dict:
+        order.append(who)
+        return {"path": who, "c": 2, "tps": 1000.0, "front_ms_per_1k": front,
+                "cpu_per_1k": 0.0, "ttft_p50": 0.01, "ttft_p95": 0.02}
+
+    class FakeServe(ceiling.Serve):
+        def measure(self, kind: str, load: harness.Load) -> dict:
+            measured = {**row("vllm serve (chat)", next(serve_front)), "kind": kind}
+            self.rounds.append(measured)
+            return measured
+
+    serve = FakeServe("http://unused", os.getpid())
+    paired = ceiling._paired(serve, "chat", harness.Load(2, 2, 2), lambda: row(
+        "worker", next(worker_front)), os.getpid(), 3)
+    assert order == ["vllm serve (chat)", "worker", "worker", "vllm serve (chat)",
+                     "vllm serve (chat)", "worker"]
+    assert paired["ratios"]["front_ms_per_1k"] == [0.9, 1.2, 0.9]
+    assert paired["front_ms_per_1k"] == 90.0  # the median of the worker's rounds
+    served = ceiling._serve_rows(serve.rounds)
+    assert len(served) == 1 and served[0]["rounds"] == 3 and served[0]["front_ms_per_1k"] == 100
+    ceiling.print_table(served + [paired])
+    out = capsys.readouterr().out
+    assert "| worker | 2 | 1000 | 1.00 (1.00-1.00) | 90 | 0.90 (0.90-1.20) |" in out, out
+    assert "| vllm serve (chat), 3 round(s) | 2 | 1000 | 1.00 | 100 | 1.00 |" in out, out
