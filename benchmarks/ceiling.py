@@ -91,23 +91,27 @@ MEDIANS = ("tps", "front_ms_per_1k", "cpu_per_1k", "ttft_p50", "ttft_p95")
 
 
 def _paired(serve: Serve, kind: str, load: fp.Load, measure: Callable[[], dict[str, Any]],
-            worker_pid: int,
-            rounds: int) -> dict[str, Any]:
+            worker_pid: int, rounds: int) -> dict[str, Any]:
     """`rounds` pairs of rounds, a `vllm serve` round of `kind` beside each of the worker's
     (`measure()`), which of the two goes first alternating: the worker's row, its figures the
     medians of its rounds, its ratios the medians of the pairs' ratios."""
+
+    def beside(run: Callable[[], dict[str, Any]], idle_pid: int) -> tuple[dict[str, Any], float]:
+        """A round, and the idle server's CPU through it (ms per 1,000 of the round's tokens)."""
+        before = fp.tree_cpu(idle_pid)
+        row = run()
+        return row, (fp.tree_cpu(idle_pid) - before) * 1e6 / load.total()
+
+    def serve_round() -> tuple[dict[str, Any], float]:
+        return beside(lambda: serve.measure(kind, load), worker_pid)
+
     pairs = []
     for i in range(rounds):
-        cpu0 = fp.tree_cpu(serve.pid), fp.tree_cpu(worker_pid)
         if i % 2:
-            worker, ref = measure(), serve.measure(kind, load)
+            (worker, serve_idle), (ref, worker_idle) = beside(measure, serve.pid), serve_round()
         else:
-            ref, worker = serve.measure(kind, load), measure()
-        # Each one's CPU through the other's round: the pair's less its own round's.
-        idle = [(fp.tree_cpu(pid) - before) * 1e6 / load.total() - own["cpu_per_1k"] * 1000
-                for pid, before, own in zip((serve.pid, worker_pid), cpu0, (ref, worker),
-                                            strict=True)]
-        pairs.append((worker, ref, idle))
+            (ref, worker_idle), (worker, serve_idle) = serve_round(), beside(measure, serve.pid)
+        pairs.append((worker, ref, [serve_idle, worker_idle]))
     row = {key: statistics.median(w[key] for w, _, _ in pairs) for key in MEDIANS}
     ratios = {key: [w[key] / r[key] for w, r, _ in pairs] for key in ("tps", "front_ms_per_1k")}
     return {**pairs[0][0], **row, "kind": kind, "ratios": ratios,
