@@ -535,3 +535,18 @@ def test_the_job_loop_starts_with_the_start_up_heap_frozen(monkeypatch):
 
 async def _nothing_handler(job: dict[str, Any]) -> Any:
     yield job["id"]
+
+
+async def test_a_take_abandoned_as_the_gate_closes_is_not_left_in_flight():
+    """The gate closes during a job-take (cancelled: the engine is gone): the admission hears
+    that the take ended, as after any other, and answers as for an idle engine (one job), not
+    'a job-take is in flight' for the rest of the process's life."""
+    admission, gate = Admission(EngineCapacity(128, 4096, 16)), IntakeGate()
+    platform, jobs = Platform(0), Jobs()  # an empty queue: every take waits
+    intake = make(EventIntake, platform, jobs, concurrency=1, admission=admission,
+                  intake_gate=gate, drain_timeout=0.1)
+    task = asyncio.ensure_future(intake.run())
+    await until(lambda: len(platform.asked) >= 2)
+    gate.close("the engine died")  # the intake's one await is its take: cancelled
+    await asyncio.wait_for(task, 5)
+    assert admission.room() == 1

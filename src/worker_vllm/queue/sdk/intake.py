@@ -141,6 +141,7 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
             self.admission.asking()
             self._taking = asyncio.ensure_future(_take(
                 self.jobs_fetcher, session, free, self.jobs_fetcher_timeout))
+            jobs: list[dict[str, Any]] = []
             try:
                 jobs = await self._taking
             except asyncio.CancelledError:
@@ -149,7 +150,7 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
                 return
             finally:
                 self._taking = None
-            self.admission.took(free, len(jobs))
+                self.admission.took(free, len(jobs))  # an abandoned take ended too
             for job in jobs:
                 self._start(job)
 
