@@ -72,8 +72,8 @@ def _profile(run_dir: Path, platform: fp.Platform, load: fp.Load) -> dict[str, A
 
 
 class Serve:
-    """`vllm serve`, up through the whole run with the worker's engine settings: idle while the
-    worker's rounds run (its CPU then is measured: `idle`), as the worker is idle through its."""
+    """`vllm serve`, up through the whole run with the worker's engine settings, idle while the
+    worker's rounds run (as the worker is through its): its rounds, kept for its rows."""
 
     def __init__(self, url: str, pid: int) -> None:
         self.url, self.pid = url, pid

@@ -142,8 +142,7 @@ def main() -> None:
         import ceiling
 
         profile: dict[str, Any] | None = {} if args.profile else None
-        ceiling.print_table(ceiling.rows(_run_dir(), args.smoke, args.repeat,
-                                               profile=profile))
+        ceiling.print_table(ceiling.rows(_run_dir(), args.smoke, args.repeat, profile=profile))
         if profile:
             ceiling.print_profile(profile)
         ceiling.print_relay(ceiling.relay_row(args.smoke))
