@@ -86,7 +86,6 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.job_ids = JobIds(self.job_progress)  # the SDK's tracker, for the heartbeat
 
-    # ----- the SDK's entry points ---------------------------------------------------------
     async def run(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
         self.gate.bind(self, loop)
@@ -116,7 +115,6 @@ class EventIntake(StopChannel, StartOnLoop, rp_scale.JobScaler):
     def current_occupancy(self) -> int:
         return len(self.jobs_tasks)
 
-    # ----- intake ---------------------------------------------------------------------------
     def stop_taking(self) -> None:
         """The gate closed: abandon a job-take in flight (the engine is gone; what it would
         bring is left to the platform) and stop waiting for slots."""
