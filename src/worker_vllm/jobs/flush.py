@@ -6,8 +6,8 @@ by count alone makes slow streams choppy. A chunk is flushed when it reaches the
 (min -> x growth -> max) OR when its oldest item has waited `flush_interval` seconds; the very
 first item leaves at once, so time-to-first-token is not delayed. With many streams open in the
 process, the interval stretches so that together they send at most `messages_per_s` messages a
-second: each message costs the worker's one process a POST (30 us of CPU for the POST alone on
-a 2-core x86-64 CPU: `benchmarks/run.py --posts`; more with the message's encoding and
+second: each message costs the worker's one process a POST (18-26 us of CPU for the POST alone
+on a 2-core x86-64 CPU: `benchmarks/run.py --posts`; more with the message's encoding and
 weighing), a cost that grows with the number of streams while the tokens per second do not. A
 stream that fell behind (its consumer, one platform round trip per message, was slower than the
 generation) sends its whole backlog in one message. Every item is weighed as it joins a chunk:
